@@ -1,0 +1,59 @@
+"""`jaxpar.load`: the Python entry point."""
+from __future__ import annotations
+
+import os
+
+from jaxpar.config import ModelConfig, load_config, shipped_model_dir
+from jaxpar.errors import CheckpointError, JaxparError
+from jaxpar.layout.mesh_file import MeshConfig, load_mesh_file
+from jaxpar.layout.plan import plan_layout
+from jaxpar.tokenizer import ByteTokenizer
+
+DEFAULT_MODEL = "tiny-add"
+DTYPES = ("float32", "bfloat16")
+
+
+def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", seed: int = 0, devices=None):
+    """Build an Engine: a model laid out on a mesh.
+
+    mesh: a mesh file path, a shipped mesh name (`tp4`), or a MeshConfig.
+    model: None (the embedded default, or the config stored with `checkpoint`), a config path, a shipped model
+    name, or a ModelConfig. A model with no checkpoint gets random weights from `seed`.
+    """
+    from jaxpar.engine import checkpoint as ckpt
+    from jaxpar.engine import params as P
+    from jaxpar.engine.engine import Engine
+
+    if dtype not in DTYPES:
+        raise JaxparError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if hf is not None:
+        raise JaxparError(f"--hf {hf}: Hugging Face checkpoints are not supported by this version of jaxpar yet")
+    mesh_cfg = mesh if isinstance(mesh, MeshConfig) else load_mesh_file(str(mesh))
+    if checkpoint is None and model is None:
+        checkpoint = os.path.join(shipped_model_dir(DEFAULT_MODEL), "checkpoint")
+    elif checkpoint is None and isinstance(model, str) and not os.path.exists(model):
+        d = shipped_model_dir(model)
+        if d and os.path.isdir(os.path.join(d, "checkpoint")):
+            checkpoint = os.path.join(d, "checkpoint")
+    if checkpoint is not None:
+        cfg = ckpt.read_config(checkpoint)
+        if model is not None:
+            other = model if isinstance(model, ModelConfig) else load_config(model)
+            if other.replace(dtype=cfg.dtype) != cfg:
+                raise CheckpointError(f"{checkpoint}: the checkpoint's config.yaml differs from the model config "
+                                      f"given ({_diff(cfg, other)})")
+    else:
+        cfg = model if isinstance(model, ModelConfig) else load_config(model)
+    cfg = cfg.replace(dtype=dtype)
+    ml = plan_layout(mesh_cfg, cfg, devices)
+    if checkpoint is not None:
+        params = ckpt.restore(checkpoint, cfg, ml.layout, ml.kv_repeat)
+    else:
+        params = P.init_params(cfg, ml.layout, ml.kv_repeat, seed)
+    return Engine(cfg, ml, params, ByteTokenizer())
+
+
+def _diff(a: ModelConfig, b: ModelConfig) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    keys = [k for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k) and k != "dtype"]
+    return ", ".join(f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in keys[:4])

@@ -1,0 +1,188 @@
+"""Model configuration, with Hugging Face `config.json` field names so a HF config maps one-to-one."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import yaml
+
+from jaxpar.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False  # Qwen3-style RMSNorm on q and k per head (not a HF field: implied by architecture)
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        if e is None:
+            return ()
+        return tuple(e) if isinstance(e, (list, tuple)) else (e,)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+ALIASES = {"num_experts": "num_local_experts", "torch_dtype": "dtype"}
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def config_from_dict(d: dict, source: str = "<config>", ignore: tuple = ()) -> ModelConfig:
+    """Build and validate a ModelConfig. `ignore` lists extra field names the caller tolerates."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of config fields, got {type(d).__name__}")
+    kw: dict[str, Any] = {}
+    unknown = []
+    for k, v in d.items():
+        k2 = ALIASES.get(k, k)
+        if k2 in FIELDS:
+            kw[k2] = v
+        elif k not in ignore:
+            unknown.append(k)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}; "
+                          f"known fields: {', '.join(sorted(FIELDS | set(ALIASES)))}")
+    missing = [k for k in REQUIRED if k not in kw]
+    if missing:
+        raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+    cfg = ModelConfig(**kw)
+    validate_config(cfg, source)
+    return cfg
+
+
+def _int(cfg, name, source, lo=1, allow_none=False):
+    v = getattr(cfg, name)
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(f"{source}: field {name} must be an integer >= {lo}, got {v!r}")
+
+
+def validate_config(cfg: ModelConfig, source: str) -> None:
+    for name in REQUIRED:
+        _int(cfg, name, source)
+    _int(cfg, "num_key_value_heads", source, allow_none=True)
+    _int(cfg, "head_dim", source, allow_none=True)
+    _int(cfg, "max_position_embeddings", source)
+    _int(cfg, "num_local_experts", source, lo=0)
+    _int(cfg, "num_experts_per_tok", source, lo=0)
+    for name in ("tie_word_embeddings", "attention_bias", "qk_norm"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{source}: field {name} must be true or false, got {getattr(cfg, name)!r}")
+    for name in ("rope_theta", "rms_norm_eps"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"{source}: field {name} must be a positive number, got {v!r}")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"{source}: field dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.hidden_act not in ("silu", "swish"):
+        raise ConfigError(f"{source}: field hidden_act {cfg.hidden_act!r} is not supported (silu only)")
+    h, kv = cfg.num_attention_heads, cfg.kv_heads
+    if h % kv:
+        raise ConfigError(f"{source}: num_attention_heads={h} is not a multiple of num_key_value_heads={kv}")
+    if cfg.head_dim is None and cfg.hidden_size % h:
+        raise ConfigError(f"{source}: hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={h} "
+                          f"and no head_dim is given")
+    if cfg.head_size % 2:
+        raise ConfigError(f"{source}: head_dim={cfg.head_size} must be even for rotary embeddings")
+    for name in ("bos_token_id", "pad_token_id"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or not 0 <= v < cfg.vocab_size):
+            raise ConfigError(f"{source}: field {name}={v!r} is outside the vocabulary [0, {cfg.vocab_size})")
+    for e in cfg.eos_ids:
+        if not isinstance(e, int) or not 0 <= e < cfg.vocab_size:
+            raise ConfigError(f"{source}: field eos_token_id={e!r} is outside the vocabulary [0, {cfg.vocab_size})")
+    _validate_rope_scaling(cfg, source)
+    if cfg.num_local_experts:
+        if cfg.num_experts_per_tok < 1 or cfg.num_experts_per_tok > cfg.num_local_experts:
+            raise ConfigError(f"{source}: num_experts_per_tok={cfg.num_experts_per_tok} must be between 1 and "
+                              f"num_local_experts={cfg.num_local_experts}")
+        raise ConfigError(f"{source}: mixture-of-experts models (num_local_experts={cfg.num_local_experts}) "
+                          f"are not supported by this version of jaxpar yet")
+
+
+def _validate_rope_scaling(cfg: ModelConfig, source: str) -> None:
+    rs = cfg.rope_scaling
+    if rs is None:
+        return
+    if not isinstance(rs, dict):
+        raise ConfigError(f"{source}: field rope_scaling must be a mapping, got {rs!r}")
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    need = {"linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}.get(kind, ())
+    for k in need:
+        v = rs.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ConfigError(f"{source}: rope_scaling.{k} must be a positive number for rope_type {kind}, got {v!r}")
+    if kind == "llama3" and rs["high_freq_factor"] <= rs["low_freq_factor"]:
+        raise ConfigError(f"{source}: rope_scaling.high_freq_factor={rs['high_freq_factor']} must exceed "
+                          f"low_freq_factor={rs['low_freq_factor']}")
+
+
+PACKAGE_MODELS = os.path.join(os.path.dirname(__file__), "models")
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+
+
+def shipped_model_dir(name: str) -> str | None:
+    d = os.path.join(PACKAGE_MODELS, name.replace("-", "_"))
+    return d if os.path.isfile(os.path.join(d, "config.yaml")) else None
+
+
+def load_config(path_or_name: str) -> ModelConfig:
+    """A config YAML/JSON path, or the name of a shipped model (e.g. `tiny-add`)."""
+    path = path_or_name
+    if not os.path.exists(path):
+        d = shipped_model_dir(path_or_name)
+        if d:
+            path = os.path.join(d, "config.yaml")
+        elif os.path.isfile(os.path.join(CONFIGS_DIR, path_or_name + ".yaml")):
+            path = os.path.join(CONFIGS_DIR, path_or_name + ".yaml")
+        else:
+            raise ConfigError(f"{path_or_name}: no such model config file or shipped model name")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read model config: {str(e).splitlines()[0]}") from None
+    return config_from_dict(data, path)

@@ -1,0 +1,1 @@
+"""The engine: parameters, KV cache, prefill/decode steps, sampling, checkpoints."""

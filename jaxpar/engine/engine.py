@@ -1,0 +1,147 @@
+"""The inference engine: logits, batched prefill + decode with a sharded, donated KV cache, streaming."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxpar.config import ModelConfig
+from jaxpar.errors import GenerationError
+from jaxpar.engine import params as P
+from jaxpar.engine.buckets import batch_bucket, seq_bucket
+from jaxpar.engine.steps import Steps
+from jaxpar.layout.plan import ModelLayout
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    """Validate generation options; the messages name the option as the CLI spells it."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0 \
+            or math.isinf(temperature):
+        raise GenerationError(f"--temperature must be a finite number >= 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise GenerationError(f"--top-k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or math.isnan(top_p) or not 0 < top_p <= 1:
+        raise GenerationError(f"--top-p must be in (0, 1], got {top_p!r}")
+
+
+class Engine:
+    def __init__(self, cfg: ModelConfig, model_layout: ModelLayout, params: dict, tokenizer):
+        self.config = cfg
+        self.tokenizer = tokenizer
+        self.model_layout = model_layout
+        self.layout = model_layout.layout
+        self.mesh = model_layout.mesh
+        self.kv_repeat = model_layout.kv_repeat
+        self.params = params
+        self.steps = Steps(cfg, self.layout, self.kv_repeat)
+        self._caches: dict = {}  # (batch, length) -> KV cache, allocated once per bucket and reused
+        self.eos_ids = tuple(getattr(tokenizer, "eos_ids", ())) or cfg.eos_ids
+
+    # ---- sizes -------------------------------------------------------------------------------------------
+    @property
+    def batch_multiple(self) -> int:
+        return self.layout.size("batch")
+
+    def params_bytes_per_device(self) -> int:
+        return P.bytes_per_device(self.params)
+
+    def cache_struct(self, batch: int, length: int):
+        shape = self.steps.cache_shape(batch, length)
+        s = jax.ShapeDtypeStruct(shape, np.dtype(self.config.dtype), sharding=self.steps.cache_sh)
+        return (s, s)
+
+    # ---- full forward ------------------------------------------------------------------------------------
+    def logits(self, tokens) -> np.ndarray:
+        """int [B, S] -> float32 [B, S, vocab]: the full causal forward pass."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[1] < 1:
+            raise GenerationError(f"tokens must be a 2-D [batch, seq] array of ids, got shape {tokens.shape}")
+        self._check_ids(tokens)
+        b, s = tokens.shape
+        if s > self.config.max_position_embeddings:
+            raise GenerationError(f"sequence of {s} tokens is longer than the context window of "
+                                  f"{self.config.max_position_embeddings} (max_position_embeddings)")
+        bp = -(-b // self.batch_multiple) * self.batch_multiple
+        padded = np.zeros((bp, s), np.int32)
+        padded[:b] = tokens
+        return np.asarray(self.steps.logits(self.params, padded))[:b]
+
+    def _check_ids(self, tokens) -> None:
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise GenerationError(f"token ids must be in [0, {self.config.vocab_size}), got "
+                                  f"min {int(tokens.min())} max {int(tokens.max())}")
+
+    # ---- generation --------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], **kw) -> list[str]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        return [self.tokenizer.decode(t) for t in self.generate_tokens(ids, **kw)]
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                        on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """Prompts of token ids (any lengths) -> the new tokens of each, without the end-of-sequence token.
+        on_token(row, token) is called for each token as soon as it is known (streaming)."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if not prompts:
+            raise GenerationError("no prompts given")
+        ctx = self.config.max_position_embeddings
+        lens = np.array([len(p) for p in prompts], np.int32)
+        for i, n in enumerate(lens):
+            if n < 1:
+                raise GenerationError(f"prompt {i} is empty")
+            if n > ctx:
+                raise GenerationError(f"prompt {i} has {n} tokens, longer than the context window of {ctx} "
+                                      f"tokens (max_position_embeddings)")
+        b = len(prompts)
+        bp = batch_bucket(b, self.batch_multiple)
+        s = seq_bucket(int(lens.max()), ctx)
+        t = seq_bucket(int(lens.max()) + max_new_tokens, ctx)
+        tokens = np.zeros((bp, s), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+        self._check_ids(tokens)
+        lengths = np.ones(bp, np.int32)
+        lengths[:b] = lens
+        row_ids = np.arange(bp, dtype=np.int32)
+        key = jax.random.PRNGKey(seed)
+        sargs = (key, np.float32(max(temperature, 1e-6)), np.int32(top_k), np.float32(top_p), temperature == 0)
+
+        cache = self._caches.pop((bp, t), None) or self.steps.new_cache(bp, t)()
+        tok, cache = self.steps.prefill(self.params, cache, tokens, lengths, row_ids, *sargs)
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = np.zeros(bp, bool)
+        done[b:] = True
+        eos = np.array(self.eos_ids or [-1])
+        for step in range(max_new_tokens):
+            pos = lengths + step  # where the token just sampled will be written
+            last = step == max_new_tokens - 1
+            nxt = None
+            if not last and not np.all(done | (pos >= t)):
+                # dispatch the next step before reading this token back, so host and device overlap
+                nxt = self.steps.decode(self.params, cache, tok, np.minimum(pos, t - 1), row_ids,
+                                        np.int32(step + 1), *sargs)
+            host = np.asarray(tok)
+            for i in range(b):
+                if done[i]:
+                    continue
+                if host[i] in eos:
+                    done[i] = True
+                    continue
+                out[i].append(int(host[i]))
+                if on_token:
+                    on_token(i, int(host[i]))
+                if pos[i] >= t:  # no cache slot left for this token: the context window is full
+                    done[i] = True
+            if nxt is None or np.all(done):
+                if nxt is not None:
+                    cache = nxt[1]
+                break
+            tok, cache = nxt
+        self._caches[(bp, t)] = cache
+        return out

@@ -1,0 +1,86 @@
+"""The compiled programs: full forward (logits), prefill, and one decode step. Each is traced under the
+engine's layout; shardings of inputs and outputs come from the logical-axis table."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxpar.layout.rules import activate, constrain
+from jaxpar.engine import params as P
+from jaxpar.engine.sampling import row_keys, sample
+
+CACHE_NAMES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+class InLayout:
+    """A jitted function that traces (and lowers) under its layout, so model code sees the mesh."""
+
+    def __init__(self, fn, layout):
+        self.fn, self.layout = fn, layout
+
+    def __call__(self, *args, **kwargs):
+        with activate(self.layout):
+            return self.fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with activate(self.layout):
+            return self.fn.lower(*args, **kwargs)
+
+
+class Steps:
+    def __init__(self, cfg, layout, kv_repeat):
+        self.cfg, self.layout, self.kv_repeat = cfg, layout, kv_repeat
+        lay = layout
+        self.param_sh = P.shardings(cfg, lay, kv_repeat)
+        self.cache_sh = lay.sharding(CACHE_NAMES)
+        tok2 = lay.sharding(("batch", "seq"))
+        row = lay.sharding(("batch",))
+        rep = lay.sharding(())
+        self.logits = InLayout(jax.jit(self._logits, in_shardings=(self.param_sh, tok2),
+                              out_shardings=lay.sharding(("batch", "seq", "vocab"))), lay)
+        samp = (rep, rep, rep, rep)  # key, temperature, top_k, top_p
+        self.prefill = InLayout(jax.jit(self._prefill, static_argnums=(9,), donate_argnums=(1,),
+                               in_shardings=(self.param_sh, (self.cache_sh,) * 2, tok2, row, row) + samp,
+                               out_shardings=(row, (self.cache_sh,) * 2)), lay)
+        self.decode = InLayout(jax.jit(self._decode, static_argnums=(10,), donate_argnums=(1,),
+                              in_shardings=(self.param_sh, (self.cache_sh,) * 2, row, row, row, rep) + samp,
+                              out_shardings=(row, (self.cache_sh,) * 2)), lay)
+        self.new_cache = functools.lru_cache(maxsize=8)(self._cache_fn)
+
+    def _model(self, params):
+        return P.bind(self.cfg, self.kv_repeat, params)
+
+    def cache_shape(self, batch: int, length: int):
+        c = self.cfg
+        return (c.num_hidden_layers, batch, length, c.kv_heads * self.kv_repeat, c.head_size)
+
+    def _cache_fn(self, batch: int, length: int):
+        shape, dt = self.cache_shape(batch, length), jnp.dtype(self.cfg.dtype)
+        return jax.jit(lambda: (jnp.zeros(shape, dt), jnp.zeros(shape, dt)),
+                       out_shardings=(self.cache_sh,) * 2)
+
+    def _logits(self, params, tokens):
+        model = self._model(params)
+        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        h, _ = model(tokens, pos)
+        return model.logits(h)
+
+    def _sample(self, logits, row_ids, key, step, temperature, top_k, top_p, greedy):
+        logits = constrain(logits, ("batch", None))  # gather the vocab shards once, then sample locally
+        return sample(logits, row_keys(key, row_ids, step), temperature, top_k, top_p, greedy)
+
+    def _prefill(self, params, cache, tokens, lengths, row_ids, key, temperature, top_k, top_p, greedy):
+        model = self._model(params)
+        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        h, cache = model(tokens, pos, cache=cache)
+        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
+        logits = model.logits(last)[:, 0]
+        return self._sample(logits, row_ids, key, 0, temperature, top_k, top_p, greedy), cache
+
+    def _decode(self, params, cache, tokens, pos, row_ids, step, key, temperature, top_k, top_p, greedy):
+        model = self._model(params)
+        h, cache = model(tokens[:, None], pos[:, None], cache=cache, decode_pos=pos)
+        logits = model.logits(h)[:, 0]
+        return self._sample(logits, row_ids, key, step, temperature, top_k, top_p, greedy), cache

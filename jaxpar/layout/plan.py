@@ -1,0 +1,74 @@
+"""Turn a mesh file into a Layout for a given model, refusing what the model cannot take before compiling."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from jaxpar.config import ModelConfig
+from jaxpar.errors import LayoutError
+from jaxpar.layout.mesh_file import MeshConfig
+from jaxpar.layout.rules import Layout, make_rules
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLayout:
+    layout: Layout
+    mesh_cfg: MeshConfig  # resolved (no -1)
+    kv_repeat: int  # each kv head stored this many times so kv heads split over the tensor axes
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.layout.mesh
+
+
+def _axes_desc(mesh_cfg: MeshConfig, rules: dict, logical: str) -> str:
+    axes = [a for a in rules.get(logical, ()) if mesh_cfg.size(a) > 1]
+    return " x ".join(f"{a}={mesh_cfg.size(a)}" for a in axes)
+
+
+def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLayout:
+    devices = list(devices if devices is not None else jax.devices())
+    mesh_cfg = mesh_cfg.resolved(len(devices))
+    rules = make_rules(mesh_cfg.rules)
+    src = mesh_cfg.source
+
+    def size(logical):
+        return int(np.prod([mesh_cfg.size(a) for a in rules.get(logical, ())]))
+
+    # a mesh axis may serve only one dimension of any one tensor
+    for group in (("vocab", "embed"), ("batch", "seq", "embed"), ("embed", "heads", "head_dim"),
+                  ("embed", "kv_heads", "head_dim"), ("embed", "mlp"), ("layers", "embed")):
+        seen = {}
+        for lg in group:
+            for a in rules.get(lg, ()):
+                if mesh_cfg.size(a) > 1 and a in seen:
+                    raise LayoutError(f"{src}: rules: mesh axis {a} is used by both {seen[a]} and {lg}, "
+                                      f"which are dimensions of the same tensor")
+                seen[a] = lg
+    checks = [("heads", cfg.num_attention_heads, "num_attention_heads"),
+              ("mlp", cfg.intermediate_size, "intermediate_size"),
+              ("vocab", cfg.vocab_size, "vocab_size"),
+              ("embed", cfg.hidden_size, "hidden_size"),
+              ("head_dim", cfg.head_size, "head_dim"),
+              ("layers", cfg.num_hidden_layers, "num_hidden_layers")]
+    for logical, n, field in checks:
+        s = size(logical)
+        if n % s:
+            raise LayoutError(f"{src}: axes {_axes_desc(mesh_cfg, rules, logical)}: model {field}={n} "
+                              f"(logical axis {logical}) is not divisible by {s}")
+    kv, s = cfg.kv_heads, size("kv_heads")
+    if kv % s == 0:
+        rep = 1
+    elif s % kv == 0:
+        rep = s // kv  # replicate kv heads: each device holds one copy of the kv head its query heads use
+    else:
+        raise LayoutError(f"{src}: axes {_axes_desc(mesh_cfg, rules, 'kv_heads')}: model num_key_value_heads={kv} "
+                          f"neither divides by {s} nor divides {s}, so kv heads cannot be split or replicated "
+                          f"evenly")
+    names = list(mesh_cfg.axes) or ["data"]
+    shape = [mesh_cfg.axes[a] for a in mesh_cfg.axes] or [1]
+    mesh = Mesh(np.array(devices[:mesh_cfg.device_count]).reshape(shape), tuple(names), axis_types=(AxisType.Auto,) * len(names))
+    return ModelLayout(Layout(mesh, rules), mesh_cfg, rep)

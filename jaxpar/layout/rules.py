@@ -1,0 +1,87 @@
+"""The one table that decides layout: logical axis names -> mesh axes.
+
+Model code names logical axes only (`constrain(x, ("batch", "seq", "embed"))`); this module turns them
+into PartitionSpecs for the active mesh. A mesh file's `rules:` overrides entries of the default table.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
+                "experts", "cache_seq")
+
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data",),
+    "seq": (),
+    "embed": (),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "layers": (),
+    "experts": ("expert",),
+    "cache_seq": (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh plus the resolved logical->mesh table."""
+    mesh: Mesh
+    rules: dict
+
+    def axes(self, logical: str | None) -> tuple[str, ...]:
+        if logical is None:
+            return ()
+        return tuple(a for a in self.rules.get(logical, ()) if self.mesh.shape.get(a, 1) > 1)
+
+    def size(self, logical: str | None) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.axes(logical))
+
+    def spec(self, names) -> P:
+        parts = []
+        for n in names:
+            ax = self.axes(n)
+            parts.append(None if not ax else ax[0] if len(ax) == 1 else ax)
+        return P(*parts)
+
+    def sharding(self, names) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(names))
+
+
+def make_rules(overrides: dict | None = None) -> dict:
+    rules = dict(DEFAULT_RULES)
+    rules.update(overrides or {})
+    return rules
+
+
+_ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("jaxpar_layout", default=None)
+
+
+@contextlib.contextmanager
+def activate(layout: Layout):
+    """Trace model code under this layout: `constrain` and the parallel kernels read it."""
+    tok = _ACTIVE.set(layout)
+    try:
+        yield layout
+    finally:
+        _ACTIVE.reset(tok)
+
+
+def active() -> Layout | None:
+    return _ACTIVE.get()
+
+
+def constrain(x, names):
+    """Pin an activation's layout by logical axis names; a no-op when no layout is active."""
+    lay = _ACTIVE.get()
+    if lay is None or lay.mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, lay.sharding(names))

@@ -1,0 +1,1 @@
+"""The model: what is computed (a Llama-family decoder in Flax NNX)."""

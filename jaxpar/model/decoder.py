@@ -1,0 +1,60 @@
+"""A Llama-family decoder, written once. Layers are stacked on a leading `layers` axis and scanned, so the
+compiled program (and compile time) does not grow with depth."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpar.config import ModelConfig
+from jaxpar.layout.rules import constrain
+from jaxpar.model.layers import Block, RMSNorm, param
+from jaxpar.model.rope import inv_frequencies, rope_tables
+from jaxpar.parallel.embedding import embed_lookup
+
+
+class Decoder(nnx.Module):
+    """`kv_repeat` > 1 stores each kv head that many times, so kv heads can be split over more devices than
+    the model has kv heads (GQA/MQA under wide tensor parallelism)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kv_repeat: int = 1):
+        self.cfg = cfg
+        self.kv_repeat = kv_repeat
+        dt = cfg.dtype
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(r):
+            return Block(cfg, cfg.kv_heads * kv_repeat, r)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), dt, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
+
+    def __call__(self, tokens, positions, cache=None, decode_pos=None):
+        """tokens, positions [B, S] -> hidden [B, S, embed] (before the final norm) and the updated cache.
+
+        cache None: plain causal forward. cache (k, v) [layers, B, T, kv_heads, head_dim] and decode_pos None:
+        prefill, the prompt's K/V written at positions 0..S-1. decode_pos [B]: one new token per row."""
+        cfg = self.cfg
+        x = constrain(embed_lookup(self.embed[...], tokens), ("batch", "seq", "embed"))
+        cos, sin = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
+        graph, state = nnx.split(self.layers)
+
+        def body(h, xs):
+            layer_state, layer_cache = xs
+            return nnx.merge(graph, layer_state)(h, cos, sin, layer_cache, decode_pos)
+
+        x, cache = jax.lax.scan(body, x, (state, cache))
+        return x, cache
+
+    def logits(self, h):
+        """Final norm and LM head; logits are vocab-sharded, float32."""
+        h = self.norm(h)
+        if self.cfg.tie_word_embeddings:
+            out = jnp.einsum("bsd,vd->bsv", h, self.embed[...], preferred_element_type=jnp.float32)
+        else:
+            out = jnp.einsum("bsd,dv->bsv", h, self.lm_head[...], preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "seq", "vocab"))

@@ -1,0 +1,123 @@
+"""The decoder block's parts, in Flax NNX. Parameters carry logical axis names only."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpar.config import ModelConfig
+from jaxpar.layout.rules import constrain
+from jaxpar.model.rope import apply_rope
+
+INIT = nnx.initializers.normal(0.02)
+NEG_INF = -1e30
+
+
+def param(rngs, shape, names, dtype, init=INIT):
+    return nnx.Param(init(rngs.params(), shape, dtype), sharding=names)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, names: tuple, dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = param(rngs, (dim,), names, dtype, nnx.initializers.ones)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+def attend(q, k, v, mask):
+    """Grouped-query attention. q [B,S,H,D]; k, v [B,T,KV,D]; mask [B,S,T] (True = may attend)."""
+    b, s, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, s, kv, h // kv, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h, d)
+
+
+class Attention(nnx.Module):
+    """Column-parallel Q/K/V (heads sharded), row-parallel O: one all-reduce after O under tensor parallelism."""
+
+    def __init__(self, cfg: ModelConfig, kv_heads: int, rngs: nnx.Rngs):
+        d, h, hd, dt = cfg.hidden_size, cfg.num_attention_heads, cfg.head_size, cfg.dtype
+        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt)
+        self.wk = param(rngs, (d, kv_heads, hd), ("embed", "kv_heads", "head_dim"), dt)
+        self.wv = param(rngs, (d, kv_heads, hd), ("embed", "kv_heads", "head_dim"), dt)
+        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt)
+        zeros = nnx.initializers.zeros
+        self.bias = cfg.attention_bias
+        if self.bias:
+            self.bq = param(rngs, (h, hd), ("heads", "head_dim"), dt, zeros)
+            self.bk = param(rngs, (kv_heads, hd), ("kv_heads", "head_dim"), dt, zeros)
+            self.bv = param(rngs, (kv_heads, hd), ("kv_heads", "head_dim"), dt, zeros)
+            self.bo = param(rngs, (d,), ("embed",), dt, zeros)
+        self.qk_norm = cfg.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
+
+    def __call__(self, x, cos, sin, cache, decode_pos):
+        q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...])
+        k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...])
+        v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...])
+        if self.bias:
+            q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+        s = x.shape[1]
+        if decode_pos is None:
+            causal = jnp.tril(jnp.ones((s, s), bool))[None]
+            out = attend(q, k, v, causal)
+            if cache is not None:  # prefill: the prompt's keys and values land at the start of the cache
+                cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), 0, axis=1)
+                              for c, n in zip(cache, (k, v)))
+        else:  # decode one token per row at position decode_pos[b], attending over the cache
+            write = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), p, axis=0))
+            cache = tuple(constrain(write(c, n, decode_pos), ("batch", "cache_seq", "kv_heads", "head_dim"))
+                          for c, n in zip(cache, (k, v)))
+            t = cache[0].shape[1]
+            mask = (jnp.arange(t)[None, :] <= decode_pos[:, None])[:, None, :]
+            out = attend(q, cache[0].astype(q.dtype), cache[1].astype(q.dtype), mask)
+        out = constrain(out, ("batch", "seq", "heads", "head_dim"))
+        y = jnp.einsum("bshk,hkd->bsd", out, self.wo[...])
+        if self.bias:
+            y = y + self.bo[...]
+        return constrain(y, ("batch", "seq", "embed")), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: column-parallel gate/up, row-parallel down: one all-reduce under tensor parallelism."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, dt = cfg.hidden_size, cfg.intermediate_size, cfg.dtype
+        self.w_gate = param(rngs, (d, f), ("embed", "mlp"), dt)
+        self.w_up = param(rngs, (d, f), ("embed", "mlp"), dt)
+        self.w_down = param(rngs, (f, d), ("mlp", "embed"), dt)
+
+    def __call__(self, x):
+        g = jnp.einsum("bsd,df->bsf", x, self.w_gate[...])
+        u = jnp.einsum("bsd,df->bsf", x, self.w_up[...])
+        hmid = constrain(jax.nn.silu(g) * u, ("batch", "seq", "mlp"))
+        return constrain(jnp.einsum("bsf,fd->bsd", hmid, self.w_down[...]), ("batch", "seq", "embed"))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, kv_heads: int, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
+        self.attn = Attention(cfg, kv_heads, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, cos, sin, cache, decode_pos):
+        a, cache = self.attn(self.attn_norm(x), cos, sin, cache, decode_pos)
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "seq", "embed")), cache

@@ -1,0 +1,28 @@
+"""Vocab-parallel embedding lookup: each device looks up the tokens in its slice of the vocabulary and one
+all-reduce (psum) over the vocab axes assembles the rows (Megatron-style). A plain gather on a vocab-sharded
+table would make XLA all-gather the whole table instead."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpar.layout.rules import active
+
+
+def embed_lookup(table, tokens):
+    """table [vocab, embed], tokens [B, S] int -> [B, S, embed]."""
+    lay = active()
+    if lay is None or lay.size("vocab") == 1:
+        return jnp.take(table, tokens, axis=0)
+    axes = lay.axes("vocab")
+
+    def local(tbl, tok):
+        n = tbl.shape[0]
+        rel = tok - jax.lax.axis_index(axes) * n
+        ok = (rel >= 0) & (rel < n)
+        rows = jnp.take(tbl, jnp.where(ok, rel, 0), axis=0)
+        return jax.lax.psum(jnp.where(ok[..., None], rows, jnp.zeros((), rows.dtype)), axes)
+
+    return jax.shard_map(local, mesh=lay.mesh,
+                         in_specs=(lay.spec(("vocab", "embed")), lay.spec(("batch", "seq"))),
+                         out_specs=lay.spec(("batch", "seq", "embed")))(table, tokens)
