@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -39,6 +40,7 @@ class Engine:
         self.params = params
         self.steps = Steps(cfg, self.layout, self.kv_repeat)
         self._caches: dict = {}  # (batch, length) -> KV cache, allocated once per bucket and reused
+        self.last_stats: dict = {}
         self.eos_ids = tuple(getattr(tokenizer, "eos_ids", ())) or cfg.eos_ids
 
     # ---- sizes -------------------------------------------------------------------------------------------
@@ -113,6 +115,8 @@ class Engine:
         sargs = (key, np.float32(max(temperature, 1e-6)), np.int32(top_k), np.float32(top_p), temperature == 0)
 
         cache = self._caches.pop((bp, t), None) or self.steps.new_cache(bp, t)()
+        t_start = time.perf_counter()
+        t_first = None
         tok, cache = self.steps.prefill(self.params, cache, tokens, lengths, row_ids, *sargs)
         out: list[list[int]] = [[] for _ in range(b)]
         done = np.zeros(bp, bool)
@@ -127,6 +131,7 @@ class Engine:
                 nxt = self.steps.decode(self.params, cache, tok, np.minimum(pos, t - 1), row_ids,
                                         np.int32(step + 1), *sargs)
             host = np.asarray(tok)
+            t_first = t_first or time.perf_counter()
             for i in range(b):
                 if done[i]:
                     continue
@@ -144,4 +149,40 @@ class Engine:
                 break
             tok, cache = nxt
         self._caches[(bp, t)] = cache
+        t_end = time.perf_counter()
+        n = sum(len(o) for o in out)
+        steps_run = max(len(o) for o in out)
+        self.last_stats = {"prompts": b, "new_tokens": n, "ttft_s": t_first - t_start,
+                           "tpot_s": (t_end - t_first) / max(steps_run - 1, 1),
+                           "tokens_per_s": n / (t_end - t_start), "batch_padded": bp, "prompt_bucket": s,
+                           "cache_len": t}
         return out
+
+
+def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
+    """Compile prefill and decode for the shapes `generate` would use; returns shapes, timings and the
+    compiled executables (for jaxpar.inspect and benchmarks)."""
+    import time
+
+    ctx = engine.config.max_position_embeddings
+    if prompt_len < 1 or prompt_len > ctx:
+        raise GenerationError(f"--prompt-len must be between 1 and the context window of {ctx}, got {prompt_len}")
+    if batch < 1:
+        raise GenerationError(f"--batch must be >= 1, got {batch}")
+    b = batch_bucket(batch, engine.batch_multiple)
+    s = seq_bucket(prompt_len, ctx)
+    t = seq_bucket(prompt_len + max_new_tokens, ctx)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
+    f32 = jax.ShapeDtypeStruct((), np.float32)
+    key = jax.ShapeDtypeStruct((2,), np.uint32)
+    cache = engine.cache_struct(b, t)
+    out = {"batch": b, "prompt_len": s, "cache_len": t}
+    t0 = time.perf_counter()
+    out["prefill"] = engine.steps.prefill.lower(engine.params, cache, i32(b, s), i32(b), i32(b), key, f32,
+                                                i32(), f32, True).compile()
+    t1 = time.perf_counter()
+    out["decode"] = engine.steps.decode.lower(engine.params, cache, i32(b), i32(b), i32(b), i32(), key, f32,
+                                              i32(), f32, True).compile()
+    out["compile_s"] = {"prefill": t1 - t0, "decode": time.perf_counter() - t1}
+    out["kv_cache_bytes_per_device"] = P.bytes_per_device(cache)
+    return out
