@@ -28,7 +28,11 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
         raise JaxparError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if hf is not None:
         raise JaxparError(f"--hf {hf}: Hugging Face checkpoints are not supported by this version of jaxpar yet")
+    import jax
+
     mesh_cfg = mesh if isinstance(mesh, MeshConfig) else load_mesh_file(str(mesh))
+    devices = list(jax.devices() if devices is None else devices)
+    mesh_cfg = mesh_cfg.resolved(len(devices))  # the mesh alone is checked before any model file is read
     if checkpoint is None and model is None:
         checkpoint = os.path.join(shipped_model_dir(DEFAULT_MODEL), "checkpoint")
     elif checkpoint is None and isinstance(model, str) and not os.path.exists(model):

@@ -56,6 +56,11 @@ class Engine:
         s = jax.ShapeDtypeStruct(shape, np.dtype(self.config.dtype), sharding=self.steps.cache_sh)
         return (s, s)
 
+    def save(self, directory: str) -> None:
+        """Write an Orbax checkpoint (+ config.yaml) that `jaxpar.load(checkpoint=...)` restores on any mesh."""
+        from jaxpar.engine import checkpoint
+        checkpoint.save(directory, self.config, self.params, self.kv_repeat)
+
     # ---- full forward ------------------------------------------------------------------------------------
     def logits(self, tokens) -> np.ndarray:
         """int [B, S] -> float32 [B, S, vocab]: the full causal forward pass."""
@@ -86,9 +91,11 @@ class Engine:
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                        on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                        on_token: Callable[[int, int], None] | None = None,
+                        stop_at_eos: bool = True) -> list[list[int]]:
         """Prompts of token ids (any lengths) -> the new tokens of each, without the end-of-sequence token.
-        on_token(row, token) is called for each token as soon as it is known (streaming)."""
+        on_token(row, token) is called for each token as soon as it is known (streaming). stop_at_eos=False
+        generates exactly max_new_tokens (benchmarks)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         if not prompts:
             raise GenerationError("no prompts given")
@@ -121,7 +128,7 @@ class Engine:
         out: list[list[int]] = [[] for _ in range(b)]
         done = np.zeros(bp, bool)
         done[b:] = True
-        eos = np.array(self.eos_ids or [-1])
+        eos = np.array((self.eos_ids if stop_at_eos else ()) or [-1])
         for step in range(max_new_tokens):
             pos = lengths + step  # where the token just sampled will be written
             last = step == max_new_tokens - 1

@@ -14,7 +14,7 @@ NEG_INF = -1e30
 
 
 def param(rngs, shape, names, dtype, init=INIT):
-    return nnx.Param(init(rngs.params(), shape, dtype), sharding=names)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
 
 
 class RMSNorm(nnx.Module):

@@ -1,0 +1,35 @@
+"""Every test runs on 8 fake CPU devices, set before JAX starts."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    + ["--xla_force_host_platform_device_count=8"])
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+MESHES = ["single", "dp8", "tp2", "tp4", "tp8", "dp2_tp4"]
+
+
+def mesh_path(name: str) -> str:
+    return os.path.join(ROOT, "meshes", name + ".yaml")
+
+
+_ENGINES: dict = {}
+
+
+def engine(mesh: str, **kw):
+    """One engine per (mesh, options) for the whole session: compiling is the slow part."""
+    import jaxpar
+    key = (mesh, tuple(sorted(kw.items())))
+    if key not in _ENGINES:
+        _ENGINES[key] = jaxpar.load(mesh=mesh_path(mesh), **kw)
+    return _ENGINES[key]
+
+
+@pytest.fixture
+def get_engine():
+    return engine

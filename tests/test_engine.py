@@ -1,0 +1,72 @@
+"""Engine behaviour: one compilation per shape bucket, donated cache, streaming, stopping."""
+import jax
+import numpy as np
+import pytest
+
+from conftest import engine
+
+COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration"
+    else None)
+
+
+def compiles_during(fn):
+    n = len(COMPILES)
+    out = fn()
+    return len(COMPILES) - n, out
+
+
+@pytest.mark.parametrize("mesh", ["single", "dp2_tp4"])
+def test_decode_compiles_once_per_bucket(mesh):
+    eng = engine(mesh)
+    ids = [[256, 49, 43, 50, 61]]
+    eng.generate_tokens(ids, max_new_tokens=2)  # warm: prefill + decode for this bucket
+    n_short, _ = compiles_during(lambda: eng.generate_tokens(ids, max_new_tokens=2))
+    n_long, out = compiles_during(lambda: eng.generate_tokens([[256, 57, 57, 43, 49, 61]], max_new_tokens=10,
+                                                               temperature=0.0))
+    assert n_short == 0
+    assert n_long == 0 or len(out[0]) < 3  # same buckets: no compilation however many tokens are decoded
+    # a new sampling mode is a new program, compiled once, then reused
+    n1, _ = compiles_during(lambda: eng.generate_tokens(ids, max_new_tokens=8, temperature=0.7, seed=1))
+    n2, _ = compiles_during(lambda: eng.generate_tokens(ids, max_new_tokens=8, temperature=0.9, seed=2, top_k=5))
+    assert n1 >= 1 and n2 == 0
+
+
+def test_decode_step_count_does_not_change_compilations():
+    eng = engine("tp2")
+    ids = [[256, 52, 43, 52, 61]]
+    eng.generate_tokens(ids, max_new_tokens=1, temperature=1.0)
+    few, _ = compiles_during(lambda: eng.generate_tokens(ids, max_new_tokens=2, temperature=1.0, seed=3))
+    many, out = compiles_during(lambda: eng.generate_tokens(ids, max_new_tokens=9, temperature=1.0, seed=4))
+    assert few == many == 0
+
+
+def test_cache_is_donated():
+    eng = engine("tp4")
+    b, t = 1, 16
+    cache = eng.steps.new_cache(b, t)()
+    tok, new = eng.steps.decode(eng.params, cache, np.zeros(b, np.int32), np.zeros(b, np.int32),
+                                np.zeros(b, np.int32), np.int32(1), jax.random.PRNGKey(0), np.float32(1),
+                                np.int32(0), np.float32(1), True)
+    assert cache[0].is_deleted() and cache[1].is_deleted()
+    assert new[0].shape == cache[0].shape
+
+
+def test_streaming_matches_returned_tokens_and_stops_at_eos():
+    eng = engine("single")
+    seen = []
+    out = eng.generate_tokens([[256] + list(b"12+30=")], max_new_tokens=10, on_token=lambda r, t: seen.append(t))
+    assert seen == out[0]
+    assert eng.tokenizer.decode(out[0]) == "42"  # and the end-of-sequence token was not returned
+    assert len(out[0]) < 10
+
+
+def test_max_new_tokens_and_context_window_bound_the_output():
+    eng = engine("single")
+    ids = [[256] + list(b"1+1=")]
+    assert len(eng.generate_tokens(ids, max_new_tokens=1)[0]) == 1
+    ctx = eng.config.max_position_embeddings
+    long = [[256] + [49] * (ctx - 3)]
+    out = eng.generate_tokens(long, max_new_tokens=50, temperature=1.0, seed=0)
+    assert len(out[0]) <= 3  # prompt + new tokens never exceed the context window

@@ -1,0 +1,177 @@
+"""Every bad input: the API raises a ValueError subclass; the CLI prints one `error: ...` line, exits 2."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import jaxpar
+from conftest import ROOT, mesh_path
+from jaxpar.tools import cli
+
+GOOD_MODEL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32)
+
+
+def write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(p)
+
+
+MESH_CASES = {  # name: (file content or None for a missing file, expected message fragments)
+    "missing": (None, ["mesh file not found"]),
+    "unparseable": ("axes: [tensor: 2\n", ["not valid YAML"]),
+    "unknown_key": ({"axes": {"tensor": 2}, "layout": "x"}, ["unknown key(s) layout"]),
+    "unknown_axis": ({"axes": {"pipeline": 2}}, ["axes", "unknown axis 'pipeline'"]),
+    "too_many_devices": ({"axes": {"data": 2, "tensor": 8}}, ["data=2 x tensor=8", "multiply to 16", "only 8"]),
+    "two_minus_one": ({"axes": {"data": -1, "tensor": -1}}, ["only one axis may be -1", "data, tensor"]),
+    "minus_one_not_dividing": ({"axes": {"data": -1, "tensor": 3}}, ["multiply to 3", "8 devices"]),
+    "bad_size": ({"axes": {"tensor": 0}}, ["axes.tensor", "got 0"]),
+    "bad_rule": ({"axes": {"tensor": 2}, "rules": {"vocab": "tensr"}}, ["rules.vocab", "'tensr'"]),
+    "bad_attention": ({"axes": {"tensor": 2}, "attention": "flash"}, ["attention must be one of", "'flash'"]),
+}
+
+LAYOUT_CASES = {  # model overrides on top of GOOD_MODEL, mesh, expected fragments
+    "heads": (dict(num_attention_heads=6, num_key_value_heads=6, head_dim=16), "tp4",
+              ["tensor=4", "num_attention_heads=6", "not divisible by 4"]),
+    "kv_heads": (dict(num_attention_heads=6, num_key_value_heads=3, head_dim=16), "tp2",
+                 ["tensor=2", "num_key_value_heads=3", "2"]),
+    "vocab": (dict(vocab_size=66), "tp4", ["tensor=4", "vocab_size=66", "not divisible by 4"]),
+}
+
+CONFIG_CASES = {
+    "unknown_field": (dict(GOOD_MODEL, n_layers=3), ["unknown field(s) n_layers"]),
+    "inconsistent_heads": (dict(GOOD_MODEL, num_key_value_heads=3), ["num_attention_heads=4",
+                                                                      "num_key_value_heads=3"]),
+    "negative": (dict(GOOD_MODEL, hidden_size=-32), ["hidden_size", "-32"]),
+    "bad_rope": (dict(GOOD_MODEL, rope_scaling={"rope_type": "yarn", "factor": 2.0}), ["rope_scaling", "'yarn'"]),
+}
+
+GEN_CASES = {  # generate options, expected fragments
+    "max_new_tokens": (dict(max_new_tokens=0), ["--max-new-tokens", "got 0"]),
+    "temperature_negative": (dict(temperature=-0.5), ["--temperature", "-0.5"]),
+    "temperature_nan": (dict(temperature=math.nan), ["--temperature", "nan"]),
+    "top_p_zero": (dict(top_p=0.0), ["--top-p", "(0, 1]", "0.0"]),
+    "top_p_big": (dict(top_p=1.5), ["--top-p", "1.5"]),
+    "top_k": (dict(top_k=-1), ["--top-k", "-1"]),
+}
+
+CLI_FLAG = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+            "top_k": "--top-k"}
+
+
+def run_cli(argv, capsys):
+    from jaxpar.generate import main
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def check(msg, fragments):
+    for f in fragments:
+        assert f in msg, f"{f!r} not in {msg!r}"
+
+
+@pytest.mark.parametrize("case", MESH_CASES)
+def test_bad_mesh_files(case, tmp_path, capsys):
+    data, frags = MESH_CASES[case]
+    path = str(tmp_path / "absent.yaml") if data is None else write(tmp_path, f"{case}.yaml", data)
+    with pytest.raises(jaxpar.JaxparError) as e:
+        jaxpar.load(mesh=path)
+    assert isinstance(e.value, ValueError)
+    check(str(e.value), frags + [path])
+    check(run_cli(["--mesh", path, "--prompt", "1+1="], capsys), frags + [path])
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_layouts_the_model_cannot_take(case, tmp_path, capsys):
+    over, mesh, frags = LAYOUT_CASES[case]
+    model = write(tmp_path, "model.yaml", dict(GOOD_MODEL, **over))
+    with pytest.raises(jaxpar.JaxparError) as e:
+        jaxpar.load(mesh=mesh_path(mesh), model=model)
+    check(str(e.value), frags + [mesh_path(mesh)])
+    check(run_cli(["--mesh", mesh_path(mesh), "--model", model, "--prompt", "1+1="], capsys), frags)
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_bad_model_configs(case, tmp_path, capsys):
+    data, frags = CONFIG_CASES[case]
+    model = write(tmp_path, "model.yaml", data)
+    with pytest.raises(jaxpar.JaxparError) as e:
+        jaxpar.load(mesh=mesh_path("tp2"), model=model)
+    check(str(e.value), frags + [model])
+    check(run_cli(["--mesh", mesh_path("tp2"), "--model", model, "--prompt", "1+1="], capsys), frags + [model])
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "small.yaml"
+    path.write_text(yaml.safe_dump(GOOD_MODEL))
+    return str(path), jaxpar.load(mesh=mesh_path("tp2"), model=str(path))
+
+
+@pytest.mark.parametrize("case", GEN_CASES)
+def test_bad_generation_options(case, small, capsys):
+    model, eng = small
+    kw, frags = GEN_CASES[case]
+    with pytest.raises(jaxpar.JaxparError) as e:
+        eng.generate_tokens([[1, 2, 3]], **kw)
+    check(str(e.value), frags)
+    (name, value), = kw.items()
+    check(run_cli(["--mesh", mesh_path("tp2"), "--model", model, "--prompt", "1+1=", CLI_FLAG[name], str(value)],
+                  capsys), frags)
+
+
+def test_prompt_longer_than_context(small, capsys):
+    model, eng = small
+    with pytest.raises(jaxpar.JaxparError, match="33 tokens, longer than the context window of 32"):
+        eng.generate_tokens([[1] * 33])
+    with pytest.raises(jaxpar.JaxparError, match="context window of 32"):
+        eng.logits([[1] * 33])
+    check(run_cli(["--mesh", mesh_path("tp2"), "--model", model, "--prompt", "x" * 40], capsys),
+          ["41 tokens", "context window of 32"])
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    d = str(tmp_path / "nothing")
+    with pytest.raises(jaxpar.JaxparError, match="checkpoint directory not found"):
+        jaxpar.load(mesh=mesh_path("tp2"), checkpoint=d)
+    check(run_cli(["--mesh", mesh_path("tp2"), "--checkpoint", d, "--prompt", "1+1="], capsys),
+          [d, "checkpoint directory not found"])
+
+
+def test_checkpoint_not_matching_config(tmp_path, capsys):
+    from jaxpar.config import config_from_dict
+    from jaxpar.engine import checkpoint as ckpt
+    eng = jaxpar.load(mesh=mesh_path("tp2"), model=config_from_dict(GOOD_MODEL))
+    d = str(tmp_path / "ck")
+    ckpt.save(d, eng.config, eng.params)
+    cfg = yaml.safe_load(open(os.path.join(d, "config.yaml")))
+    cfg["vocab_size"] = 128
+    yaml.safe_dump(cfg, open(os.path.join(d, "config.yaml"), "w"))
+    frags = ["embed", "(64, 32)", "(128, 32)"]
+    with pytest.raises(jaxpar.JaxparError) as e:
+        jaxpar.load(mesh=mesh_path("tp2"), checkpoint=d)
+    check(str(e.value), frags)
+    check(run_cli(["--mesh", mesh_path("tp2"), "--checkpoint", d, "--prompt", "1+1="], capsys), frags)
+
+
+def test_cli_end_to_end_error_has_no_traceback():
+    r = subprocess.run([sys.executable, "-m", "jaxpar.inspect", "--fake-devices", "8", "--mesh", "tp16-missing.yaml"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: tp16-missing.yaml: mesh file not found"]
+
+
+def test_readme_command_prints_579():
+    r = subprocess.run([sys.executable, "-m", "jaxpar.generate", "--fake-devices", "8", "--mesh",
+                        "meshes/dp2_tp4.yaml", "--prompt", "123+456="], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "579\n"
