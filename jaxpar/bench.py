@@ -16,10 +16,21 @@ def _engine(mesh, args):
     return jaxpar.load(mesh=mesh, model=args.model, checkpoint=args.checkpoint, dtype=args.dtype)
 
 
+def _device_summary() -> str:
+    import jax
+    d = jax.devices()
+    return f"{len(d)} x {d[0].device_kind} ({d[0].platform})"
+
+
 def bench_layouts(meshes, args) -> list[dict]:
     from jaxpar.inspect import inspect_engine
+    import jax
+    from jaxpar.layout.mesh_file import load_mesh_file
     rows = []
     for mesh in meshes:
+        if load_mesh_file(mesh).device_count > len(jax.devices()):
+            print(f"  {mesh}: skipped, needs more than {len(jax.devices())} devices", flush=True)
+            continue
         eng = _engine(mesh, args)
         r = inspect_engine(eng, args.batch, args.prompt_len, args.max_new_tokens)
         moved = {s: sum(v["bytes"] for v in r[s]["collectives"].values()) for s in ("prefill", "decode")}
@@ -72,8 +83,8 @@ def main(argv=None):
     p.add_argument("--accuracy", action="store_true", help="also score the default model on 1,000 held-out sums")
     p.add_argument("--out", default="bench_out", help="directory for results.json (default bench_out)")
     args = p.parse_args(argv)
-    cli.setup_devices(args.fake_devices if args.fake_devices else 8)
-    results = {}
+    cli.setup_devices(args.fake_devices)
+    results = {"devices": _device_summary()}
     print("layouts:", flush=True)
     results["layouts"] = bench_layouts(args.mesh, args)
     results["throughput"] = [bench_throughput(args.throughput_mesh, b, args.new_tokens, args)
@@ -90,7 +101,7 @@ def main(argv=None):
 
 def markdown(r) -> str:
     kib = 1024
-    out = ["| mesh | compile prefill (s) | compile decode (s) | params/device (KiB) | KV/device (KiB) | "
+    out = [f"devices: {r['devices']}", "","| mesh | compile prefill (s) | compile decode (s) | params/device (KiB) | KV/device (KiB) | "
            "prefill bytes moved/device | decode bytes moved/device |", "|---|---|---|---|---|---|---|"]
     for x in r["layouts"]:
         out.append(f"| {x['mesh']} | {x['compile_prefill_s']:.2f} | {x['compile_decode_s']:.2f} | "

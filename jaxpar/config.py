@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any
@@ -53,6 +54,9 @@ class ModelConfig:
         if e is None:
             return ()
         return tuple(e) if isinstance(e, (list, tuple)) else (e,)
+
+    def __hash__(self) -> int:  # rope_scaling is a dict and eos_token_id may be a list
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
