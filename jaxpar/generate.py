@@ -28,6 +28,7 @@ class Streamer:
 
 
 def print_stats(engine) -> None:
+    sys.stdout.flush()
     s = engine.last_stats
     mib = 2 ** 20
     from jaxpar.engine import params as P
@@ -45,7 +46,7 @@ def main(argv=None):
     p = cli.parser("generate", "Generate text with a model laid out on a device mesh.")
     cli.add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many new tokens (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")

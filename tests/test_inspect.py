@@ -98,3 +98,18 @@ def test_hlo_parser_counts_trips_async_pairs_and_tuples():
     assert c["collective-permute"] == {"count": 1, "bytes": 32}
     assert c["reduce-scatter"] == {"count": 1, "bytes": 8 + 8}
     assert c["all-to-all"] == {"count": 0, "bytes": 0}
+
+
+def test_program_size_does_not_grow_with_depth():
+    """Layers are stacked and scanned: 2 and 12 layers compile to the same number of HLO instructions."""
+    import jax
+    import jaxpar
+    from jaxpar.config import ModelConfig
+    sizes = []
+    for layers in (2, 12):
+        cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+        eng = jaxpar.load(mesh="tp2", model=cfg)
+        text = eng.steps.logits.lower(eng.params, np.zeros((1, 8), np.int32)).compile().as_text()
+        sizes.append(sum(1 for line in text.splitlines() if " = " in line))
+    assert sizes[0] == sizes[1], sizes
