@@ -55,3 +55,19 @@ def test_batch_padding_is_invisible():
     for n in (3, 9):
         batch = ["123+456="] + [f"{i}+{i}=" for i in range(1, n)]
         assert eng.generate(batch, max_new_tokens=6)[0] == alone[0]
+
+
+def test_minus_one_axis_and_rule_overrides():
+    """`data: -1` takes the remaining devices; `rules: {vocab: null}` replicates the vocabulary. Neither
+    changes the answer; the override removes the vocab-parallel embedding's all-reduce."""
+    import jaxpar
+    from jaxpar.inspect import inspect_engine
+    from jaxpar.layout.mesh_file import parse_mesh
+    ref = engine("single")
+    tokens = token_batch(ref)
+    eng = jaxpar.load(mesh=parse_mesh({"axes": {"data": -1, "tensor": 2}, "rules": {"vocab": None}}, "inline"))
+    assert dict(eng.mesh.shape) == {"data": 4, "tensor": 2}
+    assert np.abs(eng.logits(tokens) - ref.logits(tokens)).max() <= 1e-4
+    c = inspect_engine(eng, batch=4, prompt_len=16)["decode"]["collectives"]
+    assert c["all-reduce"]["count"] == 2 * eng.config.num_hidden_layers
+    assert c["all-gather"]["count"] == 0  # logits are not vocab-sharded, so nothing to gather

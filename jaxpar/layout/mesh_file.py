@@ -60,6 +60,7 @@ def _fmt(axes: dict) -> str:
 
 
 def parse_mesh(data, source: str = "<mesh>") -> MeshConfig:
+    """Validate a mesh file's contents (already parsed YAML); `source` names it in every error."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -67,7 +68,21 @@ def parse_mesh(data, source: str = "<mesh>") -> MeshConfig:
     unknown = [k for k in data if k not in KEYS]
     if unknown:
         raise MeshFileError(f"{source}: unknown key(s) {', '.join(map(str, unknown))}; allowed keys: {', '.join(KEYS)}")
-    axes_in = data.get("axes") or {}
+    attention = data.get("attention", "dense")
+    if attention not in ATTENTION:
+        raise MeshFileError(f"{source}: attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    mb = data.get("microbatches", 1)
+    if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
+        raise MeshFileError(f"{source}: microbatches must be a positive integer, got {mb!r}")
+    cf = data.get("capacity_factor") or 0.0
+    if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) or cf < 0:
+        raise MeshFileError(f"{source}: capacity_factor must be a number >= 0 (0 = dropless), got {cf!r}")
+    return MeshConfig(axes=_parse_axes(data.get("axes") or {}, source), attention=attention, microbatches=mb,
+                      capacity_factor=float(cf), rules=_parse_rules(data.get("rules") or {}, source),
+                      source=source)
+
+
+def _parse_axes(axes_in, source: str) -> dict:
     if not isinstance(axes_in, dict):
         raise MeshFileError(f"{source}: axes must be a mapping of axis name to size, got {axes_in!r}")
     axes = {}
@@ -81,21 +96,13 @@ def parse_mesh(data, source: str = "<mesh>") -> MeshConfig:
     if len(minus) > 1:
         raise MeshFileError(f"{source}: axes: only one axis may be -1, got {len(minus)} ({', '.join(minus)})")
     for a, what in UNSUPPORTED_AXES.items():
-        if axes.get(a, 1) not in (1,):
+        if axes.get(a, 1) != 1:
             raise MeshFileError(f"{source}: axes.{a}={axes[a]}: {what} is not supported by this version of jaxpar yet")
-    attention = data.get("attention", "dense")
-    if attention not in ATTENTION:
-        raise MeshFileError(f"{source}: attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
-    mb = data.get("microbatches", 1)
-    if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
-        raise MeshFileError(f"{source}: microbatches must be a positive integer, got {mb!r}")
-    cf = data.get("capacity_factor", 0.0)
-    if cf is None:
-        cf = 0.0
-    if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) or cf < 0:
-        raise MeshFileError(f"{source}: capacity_factor must be a number >= 0 (0 = dropless), got {cf!r}")
-    from jaxpar.layout.rules import LOGICAL_AXES  # local: rules imports nothing from here at module level
-    rules_in = data.get("rules") or {}
+    return axes
+
+
+def _parse_rules(rules_in, source: str) -> dict:
+    from jaxpar.layout.rules import LOGICAL_AXES  # rules.py imports JAX; reading a mesh file should not
     if not isinstance(rules_in, dict):
         raise MeshFileError(f"{source}: rules must be a mapping of logical axis to mesh axis, got {rules_in!r}")
     rules = {}
@@ -109,8 +116,7 @@ def parse_mesh(data, source: str = "<mesh>") -> MeshConfig:
         if len(set(vals)) != len(vals):
             raise MeshFileError(f"{source}: rules.{k}: mesh axis listed twice in {vals}")
         rules[k] = tuple(vals)
-    return MeshConfig(axes=axes, attention=attention, microbatches=mb, capacity_factor=float(cf),
-                      rules=rules, source=source)
+    return rules
 
 
 MESHES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "meshes")
