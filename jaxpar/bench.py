@@ -97,6 +97,40 @@ def main(argv=None):
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(markdown(results))
+    for path in plot_layouts(results["layouts"], args.out):
+        print(f"wrote {path}")
+
+
+def plot_layouts(rows, out_dir) -> list[str]:
+    """Two PNGs: memory per device and bytes moved per device per step, one bar group per layout."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    names = [r["mesh"] for r in rows]
+    x = range(len(rows))
+    paths = []
+    for fname, title, series in (
+            ("memory_per_device.png", "memory per device (KiB)",
+             [("params", "params_bytes_per_device"), ("KV cache", "kv_cache_bytes_per_device")]),
+            ("bytes_moved_per_device.png", "collective bytes per device per step (KiB)",
+             [("prefill", "prefill_bytes_moved_per_device"), ("decode", "decode_bytes_moved_per_device")])):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        w = 0.8 / len(series)
+        for i, (label, key) in enumerate(series):
+            ax.bar([j + i * w for j in x], [r[key] / 1024 for r in rows], w, label=label)
+        ax.set_xticks([j + w * (len(series) - 1) / 2 for j in x], names)
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def markdown(r) -> str:

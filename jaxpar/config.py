@@ -157,7 +157,7 @@ def _validate_rope_scaling(cfg: ModelConfig, source: str) -> None:
             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}.get(kind, ())
     for k in need:
         v = rs.get(k)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ConfigError(f"{source}: rope_scaling.{k} must be a positive number for rope_type {kind}, got {v!r}")
     if kind == "llama3" and rs["high_freq_factor"] <= rs["low_freq_factor"]:
         raise ConfigError(f"{source}: rope_scaling.high_freq_factor={rs['high_freq_factor']} must exceed "
@@ -165,7 +165,6 @@ def _validate_rope_scaling(cfg: ModelConfig, source: str) -> None:
 
 
 PACKAGE_MODELS = os.path.join(os.path.dirname(__file__), "models")
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 
 
 def shipped_model_dir(name: str) -> str | None:
@@ -180,8 +179,6 @@ def load_config(path_or_name: str) -> ModelConfig:
         d = shipped_model_dir(path_or_name)
         if d:
             path = os.path.join(d, "config.yaml")
-        elif os.path.isfile(os.path.join(CONFIGS_DIR, path_or_name + ".yaml")):
-            path = os.path.join(CONFIGS_DIR, path_or_name + ".yaml")
         else:
             raise ConfigError(f"{path_or_name}: no such model config file or shipped model name")
     try:

@@ -55,10 +55,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     cli.setup_devices(args.fake_devices)
     from jaxpar.engine.engine import check_sampling
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before loading anything
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
     engine = cli.load_engine(args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed)
+    engine.check_tokenizer()
     ids = [engine.tokenizer.encode(t) for t in args.prompt]
     if len(ids) == 1:
         stream = Streamer(engine.tokenizer)

@@ -135,8 +135,8 @@ def test_prompt_longer_than_context(small, capsys):
         eng.generate_tokens([[1] * 33])
     with pytest.raises(jaxpar.JaxparError, match="context window of 32"):
         eng.logits([[1] * 33])
-    check(run_cli(["--mesh", mesh_path("tp2"), "--model", model, "--prompt", "x" * 40], capsys),
-          ["41 tokens", "context window of 32"])
+    check(run_cli(["--mesh", mesh_path("tp2"), "--prompt", "x" * 70], capsys),  # tiny-add: 64 positions
+          ["71 tokens", "context window of 64"])
 
 
 def test_missing_checkpoint(tmp_path, capsys):
@@ -175,3 +175,50 @@ def test_readme_command_prints_579():
                         "meshes/dp2_tp4.yaml", "--prompt", "123+456="], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "579\n"
+
+
+def test_more_bad_values_are_one_line_errors(small, tmp_path, capsys):
+    model, eng = small
+    with pytest.raises(jaxpar.JaxparError, match="--seed"):
+        eng.generate_tokens([[1, 2]], seed=10 ** 30)
+    check(run_cli(["--mesh", mesh_path("tp2"), "--model", model, "--prompt", "1", "--seed", str(10 ** 30)], capsys),
+          ["--seed", str(10 ** 30)])
+    # a top-k larger than the vocabulary keeps every token
+    assert len(eng.generate_tokens([[1, 2]], max_new_tokens=2, temperature=1.0, top_k=10 ** 12)[0]) <= 2
+    # text needs the byte tokenizer's 259 ids; token ids still work
+    check(run_cli(["--mesh", mesh_path("tp2"), "--model", model, "--prompt", "1+1="], capsys),
+          ["vocab_size=64", "259"])
+    with pytest.raises(jaxpar.JaxparError, match="prompt 1: token ids must be in \\[0, 64\\)"):
+        eng.generate_tokens([[1, 2], [3, 64]])
+    for bad in ({"axes": []}, {"axes": {"tensor": 2}, "rules": []}, {"capacity_factor": False}):
+        with pytest.raises(jaxpar.JaxparError, match="bad.yaml"):
+            jaxpar.load(mesh=write(tmp_path, "bad.yaml", bad))
+
+
+def test_inspect_refuses_bad_sizes(capsys):
+    from jaxpar.inspect import main
+    for argv, frag in ((["--max-new-tokens", "-30"], "--max-new-tokens"), (["--prompt-len", "0"], "--prompt-len"),
+                       (["--batch", "0"], "--batch")):
+        with pytest.raises(SystemExit) as e:
+            cli.run(main, ["--mesh", mesh_path("tp2")] + argv)
+        assert e.value.code == 2
+        assert frag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rules,frag", [({"batch": "tensor"}, "tensor would split both batch and heads"),
+                                        ({"layers": "tensor"}, "tensor would split both layers and"),
+                                        ({"kv_heads": "data"}, "data would split both batch and kv_heads")])
+def test_rule_overrides_that_split_one_tensor_twice(rules, frag, tmp_path, capsys):
+    path = write(tmp_path, "rules.yaml", {"axes": {"data": 2, "tensor": 4}, "rules": rules})
+    with pytest.raises(jaxpar.JaxparError, match=frag):
+        jaxpar.load(mesh=path)
+    check(run_cli(["--mesh", path, "--prompt", "1+1="], capsys), [path, frag])
+
+
+def test_unreadable_checkpoints(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "params").mkdir(parents=True)
+    (empty / "config.yaml").write_text(yaml.safe_dump(GOOD_MODEL))
+    with pytest.raises(jaxpar.JaxparError, match="empty"):
+        jaxpar.load(mesh=mesh_path("tp2"), checkpoint=str(empty))
+    check(run_cli(["--mesh", mesh_path("tp2"), "--checkpoint", str(empty), "--prompt", "1"], capsys), [str(empty)])

@@ -2,7 +2,8 @@
 
 `count` is how often each collective runs in one execution: an op inside a while body counts once per trip
 (XLA's `known_trip_count`). `bytes` is the per-device payload: the op's result size on one device, summed
-over the runs. Async pairs (`-start`/`-done`) are counted once, at the `-done`."""
+over the runs. Async pairs (`-start`/`-done`) are counted once, at the `-done`. Every branch of a
+conditional is counted (an upper bound; jaxpar's programs have no conditionals around collectives)."""
 from __future__ import annotations
 
 import json

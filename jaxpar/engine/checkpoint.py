@@ -59,6 +59,8 @@ def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; the user needs one line
         raise CheckpointError(f"{directory}: cannot read checkpoint metadata: {str(e).splitlines()[0]}") from None
     meta_tree = getattr(meta, "item_metadata", meta)
+    if not meta_tree:
+        raise CheckpointError(f"{directory}: checkpoint holds no parameters (empty or unfinished params/)")
     have = {k: tuple(v.shape) for k, v in _flat(dict(meta_tree)).items()}
     target = P.abstract_params(cfg, layout, 1, replicate_kv=kv_repeat > 1)
     want = {k: tuple(v.shape) for k, v in _flat(target).items()}
@@ -71,6 +73,9 @@ def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1
         if want[k] != have[k]:
             raise CheckpointError(f"{directory}: parameter {k} has shape {have[k]} in the checkpoint but the "
                                   f"model config needs {want[k]}")
-    params = ckpt.restore(path, target)
+    try:
+        params = ckpt.restore(path, target)
+    except Exception as e:  # noqa: BLE001 - corrupt or truncated files surface as many exception types
+        raise CheckpointError(f"{directory}: cannot read checkpoint: {str(e).splitlines()[0][:300]}") from None
     return P.expand_kv(params, cfg, layout, kv_repeat)
 

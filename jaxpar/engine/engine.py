@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from typing import Callable, Sequence
 
@@ -16,17 +17,26 @@ from jaxpar.engine.steps import Steps
 from jaxpar.layout.plan import ModelLayout
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_sampling(max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0) -> None:
     """Validate generation options; the messages name the option as the CLI spells it."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0 \
-            or math.isinf(temperature):
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise GenerationError(f"--temperature must be a finite number >= 0, got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    if not _is_int(top_k) or top_k < 0:
         raise GenerationError(f"--top-k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or math.isnan(top_p) or not 0 < top_p <= 1:
+    if not _is_real(top_p) or math.isnan(top_p) or not 0 < top_p <= 1:
         raise GenerationError(f"--top-p must be in (0, 1], got {top_p!r}")
+    if not _is_int(seed) or not 0 <= seed < 2 ** 63:
+        raise GenerationError(f"--seed must be an integer in [0, 2**63), got {seed!r}")
 
 
 class Engine:
@@ -41,7 +51,7 @@ class Engine:
         self.steps = Steps(cfg, self.layout, self.kv_repeat)
         self._caches: dict = {}  # (batch, length) -> KV cache, allocated once per bucket and reused
         self.last_stats: dict = {}
-        self.eos_ids = tuple(getattr(tokenizer, "eos_ids", ())) or cfg.eos_ids
+        self.eos_ids = cfg.eos_ids or tuple(getattr(tokenizer, "eos_ids", ()))
 
     # ---- sizes -------------------------------------------------------------------------------------------
     @property
@@ -77,17 +87,26 @@ class Engine:
         padded[:b] = tokens
         return np.asarray(self.steps.logits(self.params, padded))[:b]
 
-    def _check_ids(self, tokens) -> None:
+    def _check_ids(self, tokens, what: str = "") -> None:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise GenerationError(f"token ids must be in [0, {self.config.vocab_size}), got "
-                                  f"min {int(tokens.min())} max {int(tokens.max())}")
+            raise GenerationError(f"{what}token ids must be in [0, {self.config.vocab_size}) (model vocab_size), "
+                                  f"got min {int(tokens.min())} max {int(tokens.max())}")
 
     # ---- generation --------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], **kw) -> list[str]:
         if isinstance(prompts, str):
             prompts = [prompts]
+        self.check_tokenizer()
         ids = [self.tokenizer.encode(p) for p in prompts]
         return [self.tokenizer.decode(t) for t in self.generate_tokens(ids, **kw)]
+
+    def check_tokenizer(self) -> None:
+        """Text in and out needs a tokenizer whose ids the model's vocabulary covers."""
+        need = getattr(self.tokenizer, "vocab_size", 0)
+        if need > self.config.vocab_size:
+            raise GenerationError(f"model vocab_size={self.config.vocab_size} is smaller than the byte tokenizer's "
+                                  f"{need} ids; text prompts need vocab_size >= {need} (token ids can still be "
+                                  f"passed to generate_tokens/logits)")
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -96,14 +115,15 @@ class Engine:
         """Prompts of token ids (any lengths) -> the new tokens of each, without the end-of-sequence token.
         on_token(row, token) is called for each token as soon as it is known (streaming). stop_at_eos=False
         generates exactly max_new_tokens (benchmarks)."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         if not prompts:
             raise GenerationError("no prompts given")
         ctx = self.config.max_position_embeddings
         lens = np.array([len(p) for p in prompts], np.int32)
-        for i, n in enumerate(lens):
+        for i, (n, p) in enumerate(zip(lens, prompts)):
             if n < 1:
                 raise GenerationError(f"prompt {i} is empty")
+            self._check_ids(np.asarray(p), f"prompt {i}: ")
             if n > ctx:
                 raise GenerationError(f"prompt {i} has {n} tokens, longer than the context window of {ctx} "
                                       f"tokens (max_position_embeddings)")
@@ -114,11 +134,11 @@ class Engine:
         tokens = np.zeros((bp, s), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = p
-        self._check_ids(tokens)
         lengths = np.ones(bp, np.int32)
         lengths[:b] = lens
         row_ids = np.arange(bp, dtype=np.int32)
         key = jax.random.PRNGKey(seed)
+        top_k = min(top_k, self.config.vocab_size)  # more than the vocabulary is the same as all of it
         sargs = (key, np.float32(max(temperature, 1e-6)), np.int32(top_k), np.float32(top_p), temperature == 0)
 
         cache = self._caches.pop((bp, t), None) or self.steps.new_cache(bp, t)()
@@ -142,14 +162,12 @@ class Engine:
             for i in range(b):
                 if done[i]:
                     continue
-                if host[i] in eos:
+                if host[i] in eos or pos[i] >= ctx:  # end of sequence, or no room left in the context window
                     done[i] = True
                     continue
                 out[i].append(int(host[i]))
                 if on_token:
                     on_token(i, int(host[i]))
-                if pos[i] >= t:  # no cache slot left for this token: the context window is full
-                    done[i] = True
             if nxt is None or np.all(done):
                 if nxt is not None:
                     cache = nxt[1]
@@ -172,6 +190,7 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     import time
 
     ctx = engine.config.max_position_embeddings
+    check_sampling(max_new_tokens)
     if prompt_len < 1 or prompt_len > ctx:
         raise GenerationError(f"--prompt-len must be between 1 and the context window of {ctx}, got {prompt_len}")
     if batch < 1:

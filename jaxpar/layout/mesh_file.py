@@ -74,12 +74,18 @@ def parse_mesh(data, source: str = "<mesh>") -> MeshConfig:
     mb = data.get("microbatches", 1)
     if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
         raise MeshFileError(f"{source}: microbatches must be a positive integer, got {mb!r}")
-    cf = data.get("capacity_factor") or 0.0
+    cf = data.get("capacity_factor")
+    cf = 0.0 if cf is None else cf
     if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) or cf < 0:
         raise MeshFileError(f"{source}: capacity_factor must be a number >= 0 (0 = dropless), got {cf!r}")
-    return MeshConfig(axes=_parse_axes(data.get("axes") or {}, source), attention=attention, microbatches=mb,
-                      capacity_factor=float(cf), rules=_parse_rules(data.get("rules") or {}, source),
+    return MeshConfig(axes=_parse_axes(_mapping(data, "axes"), source), attention=attention, microbatches=mb,
+                      capacity_factor=float(cf), rules=_parse_rules(_mapping(data, "rules"), source),
                       source=source)
+
+
+def _mapping(data: dict, key: str):
+    v = data.get(key)
+    return {} if v is None else v  # absent or empty; anything else must be a mapping (checked by the caller)
 
 
 def _parse_axes(axes_in, source: str) -> dict:
@@ -119,7 +125,8 @@ def _parse_rules(rules_in, source: str) -> dict:
     return rules
 
 
-MESHES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "meshes")
+MESHES_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "meshes")  # shipped inside the package;
+# the repository's top-level meshes/ is a link to it
 
 
 def load_mesh_file(path: str) -> MeshConfig:

@@ -29,6 +29,25 @@ def _axes_desc(mesh_cfg: MeshConfig, rules: dict, logical: str) -> str:
     return " x ".join(f"{a}={mesh_cfg.size(a)}" for a in axes)
 
 
+# activations and cache, by logical names (the model's `constrain` calls and the KV cache)
+ACTIVATIONS = (("batch", "seq", "embed"), ("batch", "seq", "heads", "head_dim"),
+               ("batch", "seq", "kv_heads", "head_dim"), ("batch", "seq", "mlp"), ("batch", "seq", "vocab"),
+               ("layers", "batch", "cache_seq", "kv_heads", "head_dim"))
+
+
+def _check_axis_reuse(cfg: ModelConfig, rules: dict, mesh_cfg: MeshConfig) -> None:
+    """A mesh axis may split only one dimension of any one tensor (a rules override could ask for two)."""
+    from jaxpar.engine.params import logical_names  # the parameters' names, from the abstract model
+    params = jax.tree.leaves(logical_names(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    for names in list(ACTIVATIONS) + params:
+        seen: dict = {}
+        for lg in names:
+            for a in rules.get(lg, ()) if lg else ():
+                if mesh_cfg.size(a) > 1 and seen.setdefault(a, lg) != lg:
+                    raise LayoutError(f"{mesh_cfg.source}: rules: mesh axis {a} would split both {seen[a]} and "
+                                      f"{lg}, two dimensions of one tensor {names}")
+
+
 def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLayout:
     devices = list(devices if devices is not None else jax.devices())
     mesh_cfg = mesh_cfg.resolved(len(devices))
@@ -38,16 +57,7 @@ def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLa
     def size(logical):
         return int(np.prod([mesh_cfg.size(a) for a in rules.get(logical, ())]))
 
-    # a mesh axis may serve only one dimension of any one tensor
-    for group in (("vocab", "embed"), ("batch", "seq", "embed"), ("embed", "heads", "head_dim"),
-                  ("embed", "kv_heads", "head_dim"), ("embed", "mlp"), ("layers", "embed")):
-        seen = {}
-        for lg in group:
-            for a in rules.get(lg, ()):
-                if mesh_cfg.size(a) > 1 and a in seen:
-                    raise LayoutError(f"{src}: rules: mesh axis {a} is used by both {seen[a]} and {lg}, "
-                                      f"which are dimensions of the same tensor")
-                seen[a] = lg
+    _check_axis_reuse(cfg, rules, mesh_cfg)
     checks = [("heads", cfg.num_attention_heads, "num_attention_heads"),
               ("mlp", cfg.intermediate_size, "intermediate_size"),
               ("vocab", cfg.vocab_size, "vocab_size"),

@@ -1,0 +1,28 @@
+"""A non-editable install works from anywhere: the shipped meshes and the embedded model are package data."""
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_wheel_install_runs_shipped_mesh_and_model(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", "bench_out"))
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                    str(wheels), str(src)], check=True, capture_output=True)
+    target = tmp_path / "site"
+    wheel, = wheels.glob("jaxpar-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    env = dict(os.environ, PYTHONPATH=str(target))
+    r = subprocess.run([sys.executable, "-m", "jaxpar.generate", "--fake-devices", "8", "--mesh", "tp4",
+                        "--prompt", "123+456="], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "579\n"
+    r = subprocess.run([sys.executable, "-c", "import jaxpar; print(jaxpar.__file__)"], capture_output=True,
+                       text=True, cwd=tmp_path, env=env)
+    assert r.stdout.startswith(str(target))
