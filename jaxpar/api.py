@@ -26,13 +26,13 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
 
     if dtype not in DTYPES:
         raise JaxparError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if hf is not None:
-        raise JaxparError(f"--hf {hf}: Hugging Face checkpoints are not supported by this version of jaxpar yet")
     import jax
 
     mesh_cfg = mesh if isinstance(mesh, MeshConfig) else load_mesh_file(str(mesh))
     devices = list(jax.devices() if devices is None else devices)
     mesh_cfg = mesh_cfg.resolved(len(devices))  # the mesh alone is checked before any model file is read
+    if hf is not None:
+        return _load_hf(hf, mesh_cfg, model, dtype, devices)
     if checkpoint is None and model is None:
         checkpoint = os.path.join(shipped_model_dir(DEFAULT_MODEL), "checkpoint")
     elif checkpoint is None and isinstance(model, str) and not os.path.exists(model):
@@ -61,3 +61,17 @@ def _diff(a: ModelConfig, b: ModelConfig) -> str:
     da, db = a.to_dict(), b.to_dict()
     keys = [k for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k) and k != "dtype"]
     return ", ".join(f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in keys[:4])
+
+
+def _load_hf(directory, mesh_cfg, model, dtype, devices):
+    from jaxpar.engine.engine import Engine
+    from jaxpar.hf.config import read_hf_config
+    from jaxpar.hf.tokenizer import load_tokenizer
+    from jaxpar.hf import weights
+
+    if model is not None:
+        raise JaxparError("give either --hf or --model, not both (the model config comes from config.json)")
+    cfg = read_hf_config(str(directory)).replace(dtype=dtype)
+    ml = plan_layout(mesh_cfg, cfg, devices)
+    tokenizer = load_tokenizer(str(directory), cfg)
+    return Engine(cfg, ml, weights.load(str(directory), cfg, ml.layout, ml.kv_repeat), tokenizer)

@@ -30,6 +30,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    attention_out_bias: bool | None = None  # o_proj bias; None = same as attention_bias (Llama). Qwen2: False
     qk_norm: bool = False  # Qwen3-style RMSNorm on q and k per head (not a HF field: implied by architecture)
     num_local_experts: int = 0
     num_experts_per_tok: int = 0
@@ -47,6 +48,10 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def out_bias(self) -> bool:
+        return self.attention_bias if self.attention_out_bias is None else self.attention_out_bias
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -109,7 +114,9 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
     _int(cfg, "max_position_embeddings", source)
     _int(cfg, "num_local_experts", source, lo=0)
     _int(cfg, "num_experts_per_tok", source, lo=0)
-    for name in ("tie_word_embeddings", "attention_bias", "qk_norm"):
+    for name in ("tie_word_embeddings", "attention_bias", "qk_norm", "attention_out_bias"):
+        if name == "attention_out_bias" and cfg.attention_out_bias is None:
+            continue
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{source}: field {name} must be true or false, got {getattr(cfg, name)!r}")
     for name in ("rope_theta", "rms_norm_eps"):

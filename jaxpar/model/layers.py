@@ -55,6 +55,8 @@ class Attention(nnx.Module):
             self.bq = param(rngs, (h, hd), ("heads", "head_dim"), dt, zeros)
             self.bk = param(rngs, (kv_heads, hd), ("kv_heads", "head_dim"), dt, zeros)
             self.bv = param(rngs, (kv_heads, hd), ("kv_heads", "head_dim"), dt, zeros)
+        self.out_bias = cfg.out_bias
+        if self.out_bias:
             self.bo = param(rngs, (d,), ("embed",), dt, zeros)
         self.qk_norm = cfg.qk_norm
         if self.qk_norm:
@@ -88,7 +90,7 @@ class Attention(nnx.Module):
             out = attend(q, cache[0].astype(q.dtype), cache[1].astype(q.dtype), mask)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         y = jnp.einsum("bshk,hkd->bsd", out, self.wo[...])
-        if self.bias:
+        if self.out_bias:
             y = y + self.bo[...]
         return constrain(y, ("batch", "seq", "embed")), cache
 

@@ -1,0 +1,1 @@
+"""Hugging Face model directories: config.json, generation_config.json, tokenizer.json, *.safetensors."""

@@ -1,0 +1,73 @@
+"""config.json (+ generation_config.json) -> ModelConfig, for the architectures jaxpar runs."""
+from __future__ import annotations
+
+import json
+import os
+
+from jaxpar.config import ModelConfig, config_from_dict
+from jaxpar.errors import ConfigError
+
+DENSE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+         "Qwen3ForCausalLM": "qwen3"}
+MOE = {"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"}
+# config.json fields that change nothing at inference, or that jaxpar handles below
+IGNORED = {"architectures", "model_type", "transformers_version", "use_cache", "initializer_range",
+           "attention_dropout", "pretraining_tp", "torch_dtype", "dtype", "rope_parameters", "layer_types",
+           "max_window_layers", "sliding_window", "use_sliding_window", "mlp_bias", "tie_word_embeddings",
+           "output_router_logits", "router_aux_loss_coef", "router_jitter_noise", "_name_or_path",
+           "bos_token_id", "eos_token_id", "pad_token_id", "rope_scaling", "rope_theta", "id2label",
+           "label2id", "return_dict", "output_attentions", "output_hidden_states", "use_qk_norm"}
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+
+
+def read_hf_config(directory: str) -> ModelConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{directory}: Hugging Face model directory not found")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    raw = _read_json(path)
+    arch = (raw.get("architectures") or ["?"])[0]
+    if arch in MOE:
+        raise ConfigError(f"{path}: architecture {arch} is a mixture-of-experts model; expert layers are not "
+                          f"supported by this version of jaxpar yet")
+    if arch not in DENSE:
+        raise ConfigError(f"{path}: architecture {arch} is not supported (supported: {', '.join(sorted(DENSE))})")
+    if raw.get("mlp_bias"):
+        raise ConfigError(f"{path}: mlp_bias=true is not supported")
+    kind = DENSE[arch]
+    kw = {k: v for k, v in raw.items() if k not in IGNORED}
+    # rope: transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older files rope_theta + rope_scaling
+    rp = dict(raw.get("rope_parameters") or {})
+    theta = rp.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    scaling = raw.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+    kw.update(rope_theta=float(theta), rope_scaling=scaling,
+              tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)))
+    if kind == "qwen2":  # q/k/v projections have biases, the output projection none
+        kw.update(attention_bias=True, attention_out_bias=False)
+    if kind == "qwen3":
+        kw["qk_norm"] = True
+    # sliding-window attention is not implemented: a window shorter than the context caps the context
+    window = raw.get("sliding_window")
+    if window and (kind == "mistral" or raw.get("use_sliding_window")):
+        kw["max_position_embeddings"] = min(kw.get("max_position_embeddings", window), window)
+    eos = raw.get("eos_token_id")
+    gen = os.path.join(directory, "generation_config.json")
+    if os.path.isfile(gen):
+        eos = _read_json(gen).get("eos_token_id", eos)
+    for name, value in (("eos_token_id", eos), ("bos_token_id", raw.get("bos_token_id")),
+                        ("pad_token_id", raw.get("pad_token_id"))):
+        if value is not None:
+            kw[name] = value
+    if kw.get("head_dim") is None:
+        kw.pop("head_dim", None)
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    kw["dtype"] = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+    return config_from_dict(kw, path)

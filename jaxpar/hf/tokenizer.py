@@ -1,0 +1,74 @@
+"""tokenizer.json through the `tokenizers` library, with the chat template of tokenizer_config.json."""
+from __future__ import annotations
+
+import json
+import os
+
+from jaxpar.errors import ConfigError, GenerationError
+
+
+class HFTokenizer:
+    def __init__(self, directory: str, eos_ids: tuple):
+        from tokenizers import Tokenizer
+        path = os.path.join(directory, "tokenizer.json")
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions
+            raise ConfigError(f"{path}: cannot read tokenizer: {str(e).splitlines()[0]}") from None
+        cfg_path = os.path.join(directory, "tokenizer_config.json")
+        self.config = {}
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                self.config = json.load(f)
+        self.vocab_size = self._tok.get_vocab_size()
+        eos = self._special("eos_token")
+        self.eos_ids = tuple(eos_ids) or ((eos,) if eos is not None else ())
+        self.bos_id = self._special("bos_token")
+        self.pad_id = self._special("pad_token") or 0
+
+    def _special(self, key):
+        tok = self.config.get(key)
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        return self._tok.token_to_id(tok) if isinstance(tok, str) else None
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_bos).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def chat(self, text: str) -> list[int]:
+        """The prompt as one user turn of the model's chat template, ready for the assistant's reply."""
+        template = self.config.get("chat_template")
+        if not template:
+            raise GenerationError("--chat: this model's tokenizer_config.json has no chat_template")
+        import jinja2.sandbox
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.config.items()
+                   if k.endswith("_token")}
+        rendered = env.from_string(template).render(messages=[{"role": "user", "content": text}],
+                                                    add_generation_prompt=True, **special)
+        return self._tok.encode(rendered, add_special_tokens=False).ids
+
+
+class NoTokenizer:
+    """A model directory without tokenizer.json: token ids work, text does not."""
+    vocab_size = 0
+    bos_id = None
+    pad_id = 0
+    eos_ids = ()
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def encode(self, text, add_bos=True):
+        raise GenerationError(f"{self.directory}: no tokenizer.json, so text prompts cannot be encoded")
+
+    decode = chat = encode
+
+
+def load_tokenizer(directory: str, cfg):
+    if os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        return HFTokenizer(directory, cfg.eos_ids)
+    return NoTokenizer(directory)

@@ -1,0 +1,125 @@
+"""Hugging Face safetensors -> jaxpar parameters, streamed straight into each device's shard.
+
+Each parameter is built with `jax.make_array_from_callback`: for every device the callback reads only
+that device's slice from the memory-mapped files, so host memory never holds the whole model. HF Linear
+weights are [out, in]; jaxpar's are [in, out] with heads split out, e.g. q_proj [H*hd, D] -> wq [D, H, hd].
+HF's q/k projections are already in the rotate-half RoPE convention jaxpar uses, so no permutation."""
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+
+from jaxpar.config import ModelConfig
+from jaxpar.errors import CheckpointError
+from jaxpar.engine import params as P
+from jaxpar.hf.safetensors import WeightFiles
+
+L = "model.layers.{}."
+
+
+def _heads(t, n, hd):  # [n*hd, ...] -> [n, hd, ...]
+    return t.reshape((n, hd) + t.shape[1:])
+
+
+def plan(cfg: ModelConfig) -> dict:
+    """jaxpar parameter path -> (HF name template, expected HF shape, view: HF array -> jaxpar layout,
+    axis of kv heads in the jaxpar layout or None). Templates with {} are per layer."""
+    d, f, v, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_attention_heads,
+                          cfg.kv_heads, cfg.head_size)
+    attn = L + "self_attn."
+    p = {
+        "embed": ("model.embed_tokens.weight", (v, d), lambda t: t, None),
+        "norm.weight": ("model.norm.weight", (d,), lambda t: t, None),
+        "layers.attn_norm.weight": (L + "input_layernorm.weight", (d,), lambda t: t, None),
+        "layers.mlp_norm.weight": (L + "post_attention_layernorm.weight", (d,), lambda t: t, None),
+        "layers.attn.wq": (attn + "q_proj.weight", (h * hd, d), lambda t: _heads(t, h, hd).transpose(2, 0, 1), None),
+        "layers.attn.wk": (attn + "k_proj.weight", (kv * hd, d), lambda t: _heads(t, kv, hd).transpose(2, 0, 1), 1),
+        "layers.attn.wv": (attn + "v_proj.weight", (kv * hd, d), lambda t: _heads(t, kv, hd).transpose(2, 0, 1), 1),
+        "layers.attn.wo": (attn + "o_proj.weight", (d, h * hd), lambda t: t.reshape(d, h, hd).transpose(1, 2, 0),
+                           None),
+        "layers.mlp.w_gate": (L + "mlp.gate_proj.weight", (f, d), lambda t: t.T, None),
+        "layers.mlp.w_up": (L + "mlp.up_proj.weight", (f, d), lambda t: t.T, None),
+        "layers.mlp.w_down": (L + "mlp.down_proj.weight", (d, f), lambda t: t.T, None),
+    }
+    if not cfg.tie_word_embeddings:
+        p["lm_head"] = ("lm_head.weight", (v, d), lambda t: t.T, None)
+    if cfg.attention_bias:
+        p["layers.attn.bq"] = (attn + "q_proj.bias", (h * hd,), lambda t: t.reshape(h, hd), None)
+        p["layers.attn.bk"] = (attn + "k_proj.bias", (kv * hd,), lambda t: t.reshape(kv, hd), 0)
+        p["layers.attn.bv"] = (attn + "v_proj.bias", (kv * hd,), lambda t: t.reshape(kv, hd), 0)
+    if cfg.out_bias:
+        p["layers.attn.bo"] = (attn + "o_proj.bias", (d,), lambda t: t, None)
+    if cfg.qk_norm:
+        p["layers.attn.q_norm.weight"] = (attn + "q_norm.weight", (hd,), lambda t: t, None)
+        p["layers.attn.k_norm.weight"] = (attn + "k_norm.weight", (hd,), lambda t: t, None)
+    return p
+
+
+def _names(template: str, layers: int) -> list[str]:
+    return [template.format(i) for i in range(layers)] if "{}" in template else [template]
+
+
+def check(files: WeightFiles, cfg: ModelConfig, source: str) -> None:
+    """Every tensor the config implies is present with the implied shape; else one clear line."""
+    for template, shape, _, _ in plan(cfg).values():
+        for name in _names(template, cfg.num_hidden_layers):
+            if name not in files:
+                raise CheckpointError(f"{source}: weight {name} is missing from the safetensors files")
+            if tuple(files.shape(name)) != shape:
+                raise CheckpointError(f"{source}: weight {name} has shape {list(files.shape(name))} but config.json "
+                                      f"implies {list(shape)}")
+
+
+class Progress:
+    def __init__(self, total: int, label: str = "loading weights"):
+        self.total, self.done, self.label = total, 0, label
+        self.show = sys.stderr.isatty()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.show:
+            bar = "#" * (30 * self.done // self.total)
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total}")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
+    files = WeightFiles(directory)
+    check(files, cfg, directory)
+    shardings = P.shardings(cfg, layout, kv_repeat)
+    shapes = P.shapes(cfg, kv_repeat)
+    dtype = np.dtype(cfg.dtype) if cfg.dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
+    todo = plan(cfg)
+    progress = Progress(len(todo))
+    out: dict = {}
+    for path, (template, _, view, kv_axis) in todo.items():
+        keys = path.split(".")
+        node_sh, node_shape = shardings, shapes
+        for k in keys:
+            node_sh, node_shape = node_sh[k], node_shape[k]
+        stacked = "{}" in template
+        views = [view(files.array(n)) for n in _names(template, cfg.num_hidden_layers)]
+
+        def read(index, views=views, stacked=stacked, kv_axis=kv_axis):
+            def one(v, idx):
+                if kv_axis is not None and kv_repeat > 1:  # expanded kv head j is original head j // kv_repeat
+                    s = idx[kv_axis]
+                    heads = np.arange(*s.indices(v.shape[kv_axis] * kv_repeat)) // kv_repeat
+                    v = np.take(v, heads, axis=kv_axis)  # reads only the needed heads
+                    idx = idx[:kv_axis] + (slice(None),) + idx[kv_axis + 1:]
+                return np.asarray(v[idx], dtype=dtype)
+            if stacked:
+                return np.stack([one(views[i], index[1:]) for i in range(*index[0].indices(len(views)))])
+            return one(views[0], index)
+
+        arr = jax.make_array_from_callback(node_shape.shape, node_sh, read)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = arr
+        progress.step()
+    return out
