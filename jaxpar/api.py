@@ -54,7 +54,11 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
         params = ckpt.restore(checkpoint, cfg, ml.layout, ml.kv_repeat)
     else:
         params = P.init_params(cfg, ml.layout, ml.kv_repeat, seed)
-    return Engine(cfg, ml, params, ByteTokenizer())
+    tokenizer = ByteTokenizer()
+    if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
+        from jaxpar.hf.tokenizer import load_tokenizer  # a checkpoint converted from Hugging Face
+        tokenizer = load_tokenizer(checkpoint, cfg)
+    return Engine(cfg, ml, params, tokenizer)
 
 
 def _diff(a: ModelConfig, b: ModelConfig) -> str:

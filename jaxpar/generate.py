@@ -51,6 +51,8 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same tokens on every mesh")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template "
+                                                        "(Hugging Face models with a chat_template)")
     p.add_argument("--stats", action="store_true", help="print timings and per-device memory to stderr")
     args = p.parse_args(argv)
     cli.setup_devices(args.fake_devices)
@@ -60,7 +62,10 @@ def main(argv=None):
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed)
     engine.check_tokenizer()
-    ids = [engine.tokenizer.encode(t) for t in args.prompt]
+    encode = engine.tokenizer.chat if args.chat else engine.tokenizer.encode
+    if args.chat and not hasattr(engine.tokenizer, "chat"):
+        cli.fail("--chat needs a Hugging Face model with a chat template (--hf or a converted checkpoint)")
+    ids = [encode(t) for t in args.prompt]
     if len(ids) == 1:
         stream = Streamer(engine.tokenizer)
         engine.generate_tokens(ids, on_token=stream, **kw)

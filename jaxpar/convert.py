@@ -1,0 +1,41 @@
+"""python -m jaxpar.convert: Hugging Face directory -> jaxpar Orbax checkpoint (+ config + tokenizer).
+
+Weights stream from the memory-mapped safetensors into the shards of the chosen mesh and Orbax writes each
+device's shards, so no step holds the whole model in host memory. The result loads onto any mesh with
+`--checkpoint DIR`."""
+from __future__ import annotations
+
+import os
+import shutil
+
+from jaxpar.tools import cli
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def convert(hf: str, out: str, mesh: str = "single", dtype: str = "float32") -> str:
+    import jaxpar
+    from jaxpar.errors import JaxparError
+    if os.path.exists(out) and os.listdir(out):
+        raise JaxparError(f"--out {out}: directory exists and is not empty")
+    eng = jaxpar.load(mesh=mesh, hf=hf, dtype=dtype)
+    eng.save(out)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(hf, name)):
+            shutil.copy(os.path.join(hf, name), os.path.join(out, name))
+    return out
+
+
+def main(argv=None):
+    p = cli.parser("convert", "Convert a Hugging Face model directory to a jaxpar (Orbax) checkpoint.")
+    p.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + *.safetensors)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (must be new or empty)")
+    p.add_argument("--mesh", default="single", help="mesh to stream the weights through (default single)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = p.parse_args(argv)
+    cli.setup_devices(args.fake_devices)
+    print(f"wrote {convert(args.hf, args.out, args.mesh, args.dtype)}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

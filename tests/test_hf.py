@@ -1,0 +1,199 @@
+"""Hugging Face import against transformers' own PyTorch implementation (the reference nobody here wrote)."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jaxpar  # noqa: E402
+from conftest import ROOT, mesh_path  # noqa: E402
+from jaxpar.tools import cli  # noqa: E402
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+VARIANTS = {  # name: (config class, model class, overrides)
+    "llama_gqa_llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling=LLAMA3, rope_theta=500000.0)),
+    "llama_mqa_tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama_bias_head_dim": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, head_dim=16)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2_qkv_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3_qk_norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+}
+MESHES = ["single", "tp2", "tp4", "dp2_tp4"]
+TOKENS = np.random.RandomState(0).randint(3, 128, (3, 24))
+
+
+def make_tokenizer(directory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)] + [str(i) for i in range(10)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                   "chat_template": "{{ bos_token }}{% for m in messages %}u{{ m['content'] }}{% endfor %}"
+                                    "{% if add_generation_prompt %}a{% endif %}"}, f)
+
+
+def build(name, directory, **save_kw):
+    cfg_cls, model_cls, over = VARIANTS[name]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_cls)(**dict(BASE, **over))
+    model = getattr(transformers, model_cls)(cfg).eval()
+    model.save_pretrained(directory, **save_kw)
+    make_tokenizer(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {n: (str(root / n), build(n, str(root / n))) for n in VARIANTS}
+
+
+def reference_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+def load(mesh, **kw):
+    return jaxpar.load(mesh=mesh_path(mesh), devices=jax.devices()[:1] if mesh == "single" else None, **kw)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_logits_match_transformers_on_every_mesh(hf_models, name):
+    d, model = hf_models[name]
+    ref = reference_logits(model, TOKENS)
+    assert np.abs(ref).max() > 0.5  # the weights are not so small that everything is near zero
+    for mesh in MESHES:
+        diff = np.abs(load(mesh, hf=d).logits(TOKENS) - ref).max()
+        assert diff <= 1e-4, f"{name} on {mesh}: {diff}"
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_llama3", "llama_mqa_tied", "qwen2_qkv_bias", "qwen3_qk_norm"])
+def test_greedy_continuations_equal_transformers_generate(hf_models, name):
+    d, model = hf_models[name]
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    prompts = [list(TOKENS[0, :5]), list(TOKENS[1, :11]), list(TOKENS[2, :3])]
+    want = []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)
+        want.append(out[0, len(p):].tolist())
+    for mesh in ("single", "dp2_tp4"):
+        got = load(mesh, hf=d).generate_tokens(prompts, max_new_tokens=8, stop_at_eos=False)
+        assert got == want, (name, mesh)
+
+
+def test_sharded_index_loads_the_same(hf_models, tmp_path):
+    d, model = hf_models["llama_gqa_llama3"]
+    sharded = str(tmp_path / "sharded")
+    build("llama_gqa_llama3", sharded, max_shard_size="40KB")
+    files = [f for f in os.listdir(sharded) if f.endswith(".safetensors")]
+    assert len(files) > 2 and os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+    assert np.abs(load("tp4", hf=sharded).logits(TOKENS) - reference_logits(model, TOKENS)).max() <= 1e-4
+
+
+def test_tokenizer_text_and_chat(hf_models):
+    d, _ = hf_models["llama_gqa_llama3"]
+    eng = load("tp2", hf=d)
+    ids = eng.tokenizer.encode("abc12")
+    assert eng.tokenizer.decode(ids) .replace(" ", "") == "abc12"
+    assert eng.tokenizer.chat("hi") == eng.tokenizer.encode("<s>uhia", add_bos=False)
+    assert eng.eos_ids == (2,)  # from generation_config.json
+    assert isinstance(eng.generate(["abc"], max_new_tokens=3)[0], str)
+
+
+def test_convert_then_load_on_any_mesh(hf_models, tmp_path, capsys):
+    from jaxpar.convert import main
+    d, model = hf_models["qwen3_qk_norm"]
+    out = str(tmp_path / "converted")
+    cli.run(main, ["--hf", d, "--out", out, "--mesh", mesh_path("tp4")])
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    ref = reference_logits(model, TOKENS)
+    for mesh in ("single", "dp2_tp4"):
+        eng = load(mesh, checkpoint=out)
+        assert np.abs(eng.logits(TOKENS) - ref).max() <= 1e-4
+        assert eng.tokenizer.encode("ab") == load("tp2", hf=d).tokenizer.encode("ab")
+
+
+def run_cli(argv, capsys):
+    from jaxpar.generate import main
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def bad_dir(hf_models, tmp_path, mutate):
+    d, _ = hf_models["mistral"]
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    mutate(str(bad))
+    return str(bad)
+
+
+def _truncate(d):
+    p = os.path.join(d, "model.safetensors")
+    with open(p, "r+b") as f:
+        f.truncate(os.path.getsize(p) - 100)
+
+
+def _garbage_header(d):
+    p = os.path.join(d, "model.safetensors")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[:8] + b"{not json" + data[17:])
+
+
+def _pickle_only(d):
+    os.rename(os.path.join(d, "model.safetensors"), os.path.join(d, "pytorch_model.bin"))
+
+
+def _config_disagrees(d):
+    p = os.path.join(d, "config.json")
+    c = json.load(open(p))
+    c["intermediate_size"] = 128
+    json.dump(c, open(p, "w"))
+
+
+def _arch(name):
+    def f(d):
+        p = os.path.join(d, "config.json")
+        c = json.load(open(p))
+        c["architectures"] = [name]
+        json.dump(c, open(p, "w"))
+    return f
+
+
+BAD = {
+    "truncated": (_truncate, ["model.safetensors", "truncated"]),
+    "corrupted_header": (_garbage_header, ["model.safetensors", "corrupted safetensors header"]),
+    "pickle_only": (_pickle_only, ["pytorch_model.bin", "never unpickles"]),
+    "shape_vs_config": (_config_disagrees, ["model.layers.0.mlp.gate_proj.weight", "[96, 64]", "[128, 64]"]),
+    "missing_config": (lambda d: os.remove(os.path.join(d, "config.json")), ["no config.json"]),
+    "unknown_arch": (_arch("GPT2LMHeadModel"), ["GPT2LMHeadModel", "not supported"]),
+    "moe_arch": (_arch("MixtralForCausalLM"), ["MixtralForCausalLM", "mixture-of-experts"]),
+    "missing_dir": (lambda d: shutil.rmtree(d), ["not found"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_hf_directories(hf_models, tmp_path, capsys, case):
+    mutate, frags = BAD[case]
+    d = bad_dir(hf_models, tmp_path, mutate)
+    with pytest.raises(jaxpar.JaxparError) as e:
+        load("tp2", hf=d)
+    for f in frags + [d]:
+        assert f in str(e.value), (f, str(e.value))
+    msg = run_cli(["--mesh", mesh_path("tp2"), "--hf", d, "--prompt", "ab"], capsys)
+    for f in frags:
+        assert f in msg
