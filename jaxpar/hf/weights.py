@@ -112,9 +112,15 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
                     v = np.take(v, heads, axis=kv_axis)  # reads only the needed heads
                     idx = idx[:kv_axis] + (slice(None),) + idx[kv_axis + 1:]
                 return np.asarray(v[idx], dtype=dtype)
-            if stacked:
-                return np.stack([one(views[i], index[1:]) for i in range(*index[0].indices(len(views)))])
-            return one(views[0], index)
+            if not stacked:
+                return one(views[0], index)
+            layers = range(*index[0].indices(len(views)))
+            first = one(views[layers[0]], index[1:])
+            out = np.empty((len(layers),) + first.shape, dtype)  # filled layer by layer: no stacked temporaries
+            out[0] = first
+            for j, i in enumerate(layers[1:], 1):
+                out[j] = one(views[i], index[1:])
+            return out
 
         arr = jax.make_array_from_callback(node_shape.shape, node_sh, read)
         node = out
