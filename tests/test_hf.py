@@ -186,6 +186,18 @@ BAD = {
 }
 
 
+def test_index_listing_a_missing_shard(tmp_path, capsys):
+    d = str(tmp_path / "sharded")
+    build("mistral", d, max_shard_size="40KB")
+    capsys.readouterr()  # transformers' own progress output
+    index = json.load(open(os.path.join(d, "model.safetensors.index.json")))
+    gone = sorted(set(index["weight_map"].values()))[1]
+    os.remove(os.path.join(d, gone))
+    with pytest.raises(jaxpar.JaxparError, match=f"missing weight file.*{gone}"):
+        load("tp2", hf=d)
+    assert gone in run_cli(["--mesh", mesh_path("tp2"), "--hf", d, "--prompt", "ab"], capsys)
+
+
 @pytest.mark.parametrize("case", BAD)
 def test_bad_hf_directories(hf_models, tmp_path, capsys, case):
     mutate, frags = BAD[case]
