@@ -32,6 +32,8 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
     devices = list(jax.devices() if devices is None else devices)
     mesh_cfg = mesh_cfg.resolved(len(devices))  # the mesh alone is checked before any model file is read
     if hf is not None:
+        if checkpoint is not None:
+            raise JaxparError("give either --hf or --checkpoint, not both")
         return _load_hf(hf, mesh_cfg, model, dtype, devices)
     if checkpoint is None and model is None:
         checkpoint = os.path.join(shipped_model_dir(DEFAULT_MODEL), "checkpoint")

@@ -10,14 +10,15 @@ import shutil
 
 from jaxpar.tools import cli
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json")
 
 
 def convert(hf: str, out: str, mesh: str = "single", dtype: str = "float32") -> str:
     import jaxpar
     from jaxpar.errors import JaxparError
-    if os.path.exists(out) and os.listdir(out):
-        raise JaxparError(f"--out {out}: directory exists and is not empty")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise JaxparError(f"--out {out}: exists and is not an empty directory")
     eng = jaxpar.load(mesh=mesh, hf=hf, dtype=dtype)
     eng.save(out)
     for name in TOKENIZER_FILES:

@@ -62,9 +62,9 @@ def main(argv=None):
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed)
     engine.check_tokenizer()
-    encode = engine.tokenizer.chat if args.chat else engine.tokenizer.encode
     if args.chat and not hasattr(engine.tokenizer, "chat"):
         cli.fail("--chat needs a Hugging Face model with a chat template (--hf or a converted checkpoint)")
+    encode = engine.tokenizer.chat if args.chat else engine.tokenizer.encode
     ids = [encode(t) for t in args.prompt]
     if len(ids) == 1:
         stream = Streamer(engine.tokenizer)

@@ -7,12 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # test dependencies (the `test` extra): a missing one fails, it does not skip
+import transformers
 
-import jaxpar  # noqa: E402
-from conftest import ROOT, mesh_path  # noqa: E402
-from jaxpar.tools import cli  # noqa: E402
+import jaxpar
+from conftest import mesh_path
+from jaxpar.tools import cli
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)
@@ -26,15 +26,17 @@ VARIANTS = {  # name: (config class, model class, overrides)
     "qwen2_qkv_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3_qk_norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
 }
-MESHES = ["single", "tp2", "tp4", "dp2_tp4"]
+MESHES = ["single", "tp2", "tp4", "dp2_tp4", "tp8"]  # tp8: kv heads replicated 4x (8x for MQA)
 TOKENS = np.random.RandomState(0).randint(3, 128, (3, 24))
 
 
 def make_tokenizer(directory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     words = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)] + [str(i) for i in range(10)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # Llama-style
     tok.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
@@ -102,14 +104,65 @@ def test_sharded_index_loads_the_same(hf_models, tmp_path):
     assert np.abs(load("tp4", hf=sharded).logits(TOKENS) - reference_logits(model, TOKENS)).max() <= 1e-4
 
 
-def test_tokenizer_text_and_chat(hf_models):
+def test_tokenizer_text_and_chat(hf_models, tmp_path):
     d, _ = hf_models["llama_gqa_llama3"]
     eng = load("tp2", hf=d)
     ids = eng.tokenizer.encode("abc12")
-    assert eng.tokenizer.decode(ids) .replace(" ", "") == "abc12"
+    assert ids[0] == 1 and eng.tokenizer.encode("abc12", add_bos=False) == ids[1:]  # BOS from the post-processor
+    assert eng.tokenizer.decode(ids).replace(" ", "") == "abc12"  # special tokens skipped
     assert eng.tokenizer.chat("hi") == eng.tokenizer.encode("<s>uhia", add_bos=False)
-    assert eng.eos_ids == (2,)  # from generation_config.json
-    assert isinstance(eng.generate(["abc"], max_new_tokens=3)[0], str)
+    out = eng.generate_tokens([ids], max_new_tokens=3, stop_at_eos=False)
+    assert eng.generate(["abc12"], max_new_tokens=3, stop_at_eos=False) == [eng.tokenizer.decode(out[0])]
+    # templates as transformers renders them: chat_template.jinja, loop controls, raise_exception, named lists
+    alt = tmp_path / "alt"
+    shutil.copytree(d, alt)
+    (alt / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] != 'user' %}{{ raise_exception('users only') }}{% endif %}"
+        "{{ m['content'] | upper }}{% break %}{% endfor %}")
+    assert load("tp2", hf=str(alt)).tokenizer.chat("ab") == eng.tokenizer.encode("AB", add_bos=False)
+    os.remove(alt / "chat_template.jinja")
+    cfg = json.load(open(alt / "tokenizer_config.json"))
+    cfg["chat_template"] = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "d{{ bos_token }}"}]
+    json.dump(cfg, open(alt / "tokenizer_config.json", "w"))
+    assert load("tp2", hf=str(alt)).tokenizer.chat("zz") == eng.tokenizer.encode("d<s>", add_bos=False)
+    cfg["chat_template"] = "{{ raise_exception('no chat here') }}"
+    json.dump(cfg, open(alt / "tokenizer_config.json", "w"))
+    with pytest.raises(jaxpar.JaxparError, match="no chat here"):
+        load("tp2", hf=str(alt)).tokenizer.chat("zz")
+
+
+def test_end_of_sequence_ids_come_from_generation_config(hf_models, tmp_path):
+    d, _ = hf_models["mistral"]
+    alt = tmp_path / "alt"
+    shutil.copytree(d, alt)
+    gen = json.load(open(alt / "generation_config.json"))
+    gen["eos_token_id"] = [2, 5]
+    json.dump(gen, open(alt / "generation_config.json", "w"))
+    assert load("tp2", hf=str(alt)).eos_ids == (2, 5)  # config.json and the tokenizer both say 2 alone
+
+
+def test_legacy_config_and_bfloat16_checkpoint(hf_models, tmp_path):
+    """config.json as transformers 4 wrote it (top-level rope_theta, rope_scaling with `type`, no head_dim),
+    and weights stored in bfloat16."""
+    d, model = hf_models["llama_gqa_llama3"]
+    alt = tmp_path / "legacy"
+    shutil.copytree(d, alt)
+    cfg = json.load(open(alt / "config.json"))
+    rp = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    rp["type"] = rp.pop("rope_type")
+    cfg.update(rope_scaling=rp, torch_dtype="float32")
+    cfg.pop("head_dim")
+    json.dump(cfg, open(alt / "config.json", "w"))
+    assert np.abs(load("tp4", hf=str(alt)).logits(TOKENS) - reference_logits(model, TOKENS)).max() <= 1e-4
+    bf = tmp_path / "bf16"
+    build("qwen3_qk_norm", str(bf))
+    m16 = transformers.AutoModelForCausalLM.from_pretrained(str(bf), dtype=torch.bfloat16)
+    m16.save_pretrained(str(bf))
+    want = reference_logits(m16.float(), TOKENS)  # the bf16 weights, computed in float32
+    assert np.abs(load("tp8", hf=str(bf)).logits(TOKENS) - want).max() <= 1e-4
+    got16 = load("tp4", hf=str(bf), dtype="bfloat16").logits(TOKENS)
+    assert np.abs(got16 - want).max() <= 0.1 * np.abs(want).max()  # bfloat16 compute: close, not exact
 
 
 def test_convert_then_load_on_any_mesh(hf_models, tmp_path, capsys):
@@ -165,6 +218,13 @@ def _config_disagrees(d):
     json.dump(c, open(p, "w"))
 
 
+def _edit_config(d, **kw):
+    p = os.path.join(d, "config.json")
+    c = json.load(open(p))
+    c.update(kw)
+    json.dump(c, open(p, "w"))
+
+
 def _arch(name):
     def f(d):
         p = os.path.join(d, "config.json")
@@ -172,6 +232,10 @@ def _arch(name):
         c["architectures"] = [name]
         json.dump(c, open(p, "w"))
     return f
+
+
+def _json_list(name):
+    return lambda d: json.dump([1, 2], open(os.path.join(d, name), "w"))
 
 
 BAD = {
@@ -183,6 +247,12 @@ BAD = {
     "unknown_arch": (_arch("GPT2LMHeadModel"), ["GPT2LMHeadModel", "not supported"]),
     "moe_arch": (_arch("MixtralForCausalLM"), ["MixtralForCausalLM", "mixture-of-experts"]),
     "missing_dir": (lambda d: shutil.rmtree(d), ["not found"]),
+    "config_is_a_list": (_json_list("config.json"), ["config.json", "expected a JSON object"]),
+    "generation_config_is_a_list": (_json_list("generation_config.json"), ["generation_config.json", "JSON object"]),
+    "tokenizer_config_broken": (lambda d: open(os.path.join(d, "tokenizer_config.json"), "w").write("{"),
+                                ["tokenizer_config.json", "not valid JSON"]),
+    "quantized": (lambda d: _edit_config(d, quantization_config={"quant_method": "gptq"}),
+                  ["quantization_config", "not supported"]),
 }
 
 

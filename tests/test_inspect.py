@@ -102,7 +102,6 @@ def test_hlo_parser_counts_trips_async_pairs_and_tuples():
 
 def test_program_size_does_not_grow_with_depth():
     """Layers are stacked and scanned: 2 and 12 layers compile to the same number of HLO instructions."""
-    import jax
     import jaxpar
     from jaxpar.config import ModelConfig
     sizes = []

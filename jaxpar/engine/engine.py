@@ -104,7 +104,7 @@ class Engine:
         """Text in and out needs a tokenizer whose ids the model's vocabulary covers."""
         need = getattr(self.tokenizer, "vocab_size", 0)
         if need > self.config.vocab_size:
-            raise GenerationError(f"model vocab_size={self.config.vocab_size} is smaller than the byte tokenizer's "
+            raise GenerationError(f"model vocab_size={self.config.vocab_size} is smaller than the tokenizer's "
                                   f"{need} ids; text prompts need vocab_size >= {need} (token ids can still be "
                                   f"passed to generate_tokens/logits)")
 

@@ -1,11 +1,11 @@
 """config.json (+ generation_config.json) -> ModelConfig, for the architectures jaxpar runs."""
 from __future__ import annotations
 
-import json
 import os
 
 from jaxpar.config import ModelConfig, config_from_dict
 from jaxpar.errors import ConfigError
+from jaxpar.hf.files import json_object
 
 DENSE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
          "Qwen3ForCausalLM": "qwen3"}
@@ -19,12 +19,10 @@ IGNORED = {"architectures", "model_type", "transformers_version", "use_cache", "
            "label2id", "return_dict", "output_attentions", "output_hidden_states", "use_qk_norm"}
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+# fields that change the computation in ways jaxpar does not implement
+REFUSED = {"quantization_config": "quantized checkpoints", "partial_rotary_factor": "partial rotary embeddings",
+           "attn_logit_softcapping": "attention logit soft-capping",
+           "final_logit_softcapping": "final logit soft-capping"}
 
 
 def read_hf_config(directory: str) -> ModelConfig:
@@ -33,8 +31,9 @@ def read_hf_config(directory: str) -> ModelConfig:
         raise ConfigError(f"{directory}: Hugging Face model directory not found")
     if not os.path.isfile(path):
         raise ConfigError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    raw = _read_json(path)
-    arch = (raw.get("architectures") or ["?"])[0]
+    raw = json_object(path)
+    archs = raw.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else f"(none; model_type {raw.get('model_type')!r})"
     if arch in MOE:
         raise ConfigError(f"{path}: architecture {arch} is a mixture-of-experts model; expert layers are not "
                           f"supported by this version of jaxpar yet")
@@ -43,10 +42,16 @@ def read_hf_config(directory: str) -> ModelConfig:
     if raw.get("mlp_bias"):
         raise ConfigError(f"{path}: mlp_bias=true is not supported")
     kind = DENSE[arch]
-    kw = {k: v for k, v in raw.items() if k not in IGNORED}
+    for k, what in REFUSED.items():
+        if raw.get(k) not in (None, 1, 1.0):
+            raise ConfigError(f"{path}: {k} is set: {what} are not supported")
+    from jaxpar.config import FIELDS, ALIASES
+    kw = {k: v for k, v in raw.items() if k not in IGNORED and (k in FIELDS or k in ALIASES)}  # others: metadata
     # rope: transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older files rope_theta + rope_scaling
     rp = dict(raw.get("rope_parameters") or {})
-    theta = rp.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    theta = rp.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ConfigError(f"{path}: rope_theta must be a number, got {theta!r}")
     scaling = raw.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     kw.update(rope_theta=float(theta), rope_scaling=scaling,
               tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)))
@@ -61,7 +66,7 @@ def read_hf_config(directory: str) -> ModelConfig:
     eos = raw.get("eos_token_id")
     gen = os.path.join(directory, "generation_config.json")
     if os.path.isfile(gen):
-        eos = _read_json(gen).get("eos_token_id", eos)
+        eos = json_object(gen).get("eos_token_id", eos)
     for name, value in (("eos_token_id", eos), ("bos_token_id", raw.get("bos_token_id")),
                         ("pad_token_id", raw.get("pad_token_id"))):
         if value is not None:

@@ -31,14 +31,22 @@ class SafeTensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise CheckpointError(f"{path}: corrupted safetensors header (not valid JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self.base = 8 + n
         self.entries = {}
         for name, e in header.items():
             try:
-                dtype, shape, (lo, hi) = DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+                kind, shape, (lo, hi) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: corrupted safetensors header entry for {name}") from None
+            if not all(isinstance(x, int) and x >= 0 for x in (*shape, lo, hi)):
+                raise CheckpointError(f"{path}: corrupted safetensors header entry for {name} "
+                                      f"(shape {e['shape']}, offsets {e['data_offsets']})")
+            if kind not in DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} has dtype {kind}, which jaxpar does not read")
+            dtype = DTYPES[kind]
             need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             if hi - lo != need or lo < 0:
                 raise CheckpointError(f"{path}: tensor {name} has {hi - lo} bytes but shape {list(shape)} "
@@ -47,7 +55,7 @@ class SafeTensorsFile:
                 raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {self.base + hi}, "
                                       f"the file has {size}")
             self.entries[name] = (dtype, shape, lo)
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size > self.base else None
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size > self.base else np.zeros(0, np.uint8)
 
     def shape(self, name: str) -> tuple:
         return self.entries[name][1]
@@ -76,9 +84,14 @@ class WeightFiles:
             with open(index) as f:
                 try:
                     weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError):
+                except (json.JSONDecodeError, KeyError, TypeError):
                     raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
             files = sorted(set(weight_map.values()))
+            outside = [fn for fn in files if os.path.basename(fn) != fn]
+            if outside:
+                raise CheckpointError(f"{index}: weight file {outside[0]!r} is not inside the model directory")
             missing = [fn for fn in files if not os.path.isfile(os.path.join(directory, fn))]
             if missing:
                 raise CheckpointError(f"{index}: lists missing weight file(s) {', '.join(missing[:3])}")

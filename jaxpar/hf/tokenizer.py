@@ -5,6 +5,7 @@ import json
 import os
 
 from jaxpar.errors import ConfigError, GenerationError
+from jaxpar.hf.files import json_object
 
 
 class HFTokenizer:
@@ -15,11 +16,13 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions
             raise ConfigError(f"{path}: cannot read tokenizer: {str(e).splitlines()[0]}") from None
-        cfg_path = os.path.join(directory, "tokenizer_config.json")
-        self.config = {}
-        if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                self.config = json.load(f)
+        self.config = json_object(os.path.join(directory, "tokenizer_config.json"))
+        jinja = os.path.join(directory, "chat_template.jinja")  # where current transformers saves it
+        self.template = open(jinja).read() if os.path.isfile(jinja) else self.config.get("chat_template")
+        if isinstance(self.template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in self.template if isinstance(t, dict)}
+            self.template = named.get("default")
+        self.directory = directory
         self.vocab_size = self._tok.get_vocab_size()
         eos = self._special("eos_token")
         self.eos_ids = tuple(eos_ids) or ((eos,) if eos is not None else ())
@@ -40,15 +43,29 @@ class HFTokenizer:
 
     def chat(self, text: str) -> list[int]:
         """The prompt as one user turn of the model's chat template, ready for the assistant's reply."""
-        template = self.config.get("chat_template")
-        if not template:
-            raise GenerationError("--chat: this model's tokenizer_config.json has no chat_template")
+        if not isinstance(self.template, str) or not self.template:
+            raise GenerationError(f"--chat: {self.directory} has no chat template (chat_template.jinja or "
+                                  f"chat_template in tokenizer_config.json)")
+        import datetime
+
+        import jinja2
         import jinja2.sandbox
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message):
+            raise GenerationError(f"--chat: the chat template refused the prompt: {message}")
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
         special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.config.items()
                    if k.endswith("_token")}
-        rendered = env.from_string(template).render(messages=[{"role": "user", "content": text}],
-                                                    add_generation_prompt=True, **special)
+        try:
+            rendered = env.from_string(self.template).render(messages=[{"role": "user", "content": text}],
+                                                             add_generation_prompt=True, **special)
+        except jinja2.TemplateError as e:
+            raise GenerationError(f"--chat: cannot render the chat template of {self.directory}: {e}") from None
         return self._tok.encode(rendered, add_special_tokens=False).ids
 
 
