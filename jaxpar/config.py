@@ -35,6 +35,7 @@ class ModelConfig:
     num_local_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1 (Mixtral: always)
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -48,6 +49,10 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def out_bias(self) -> bool:
@@ -143,12 +148,15 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
         if not isinstance(e, int) or not 0 <= e < cfg.vocab_size:
             raise ConfigError(f"{source}: field eos_token_id={e!r} is outside the vocabulary [0, {cfg.vocab_size})")
     _validate_rope_scaling(cfg, source)
-    if cfg.num_local_experts:
-        if cfg.num_experts_per_tok < 1 or cfg.num_experts_per_tok > cfg.num_local_experts:
-            raise ConfigError(f"{source}: num_experts_per_tok={cfg.num_experts_per_tok} must be between 1 and "
-                              f"num_local_experts={cfg.num_local_experts}")
-        raise ConfigError(f"{source}: mixture-of-experts models (num_local_experts={cfg.num_local_experts}) "
-                          f"are not supported by this version of jaxpar yet")
+    _int(cfg, "moe_intermediate_size", source, allow_none=True)
+    if not isinstance(cfg.norm_topk_prob, bool):
+        raise ConfigError(f"{source}: field norm_topk_prob must be true or false, got {cfg.norm_topk_prob!r}")
+    if cfg.num_local_experts and not 1 <= cfg.num_experts_per_tok <= cfg.num_local_experts:
+        raise ConfigError(f"{source}: num_experts_per_tok={cfg.num_experts_per_tok} must be between 1 and "
+                          f"num_local_experts={cfg.num_local_experts}")
+    if cfg.num_experts_per_tok and not cfg.num_local_experts:
+        raise ConfigError(f"{source}: num_experts_per_tok={cfg.num_experts_per_tok} is set but "
+                          f"num_local_experts is 0")
 
 
 def _validate_rope_scaling(cfg: ModelConfig, source: str) -> None:

@@ -48,6 +48,10 @@ CONFIG_CASES = {
                                                                       "num_key_value_heads=3"]),
     "negative": (dict(GOOD_MODEL, hidden_size=-32), ["hidden_size", "-32"]),
     "bad_rope": (dict(GOOD_MODEL, rope_scaling={"rope_type": "yarn", "factor": 2.0}), ["rope_scaling", "'yarn'"]),
+    "top_k_over_experts": (dict(GOOD_MODEL, num_local_experts=4, num_experts_per_tok=5),
+                           ["num_experts_per_tok=5", "num_local_experts=4"]),
+    "top_k_without_experts": (dict(GOOD_MODEL, num_experts_per_tok=2), ["num_experts_per_tok=2",
+                                                                         "num_local_experts is 0"]),
 }
 
 GEN_CASES = {  # generate options, expected fragments

@@ -7,9 +7,9 @@ from jaxpar.config import ModelConfig, config_from_dict
 from jaxpar.errors import ConfigError
 from jaxpar.hf.files import json_object
 
-DENSE = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-         "Qwen3ForCausalLM": "qwen3"}
-MOE = {"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"}
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+             "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral"}
+MOE = {"Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"}  # shared experts / per-layer sparsity: not yet
 # config.json fields that change nothing at inference, or that jaxpar handles below
 IGNORED = {"architectures", "model_type", "transformers_version", "use_cache", "initializer_range",
            "attention_dropout", "pretraining_tp", "torch_dtype", "dtype", "rope_parameters", "layer_types",
@@ -35,13 +35,13 @@ def read_hf_config(directory: str) -> ModelConfig:
     archs = raw.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else f"(none; model_type {raw.get('model_type')!r})"
     if arch in MOE:
-        raise ConfigError(f"{path}: architecture {arch} is a mixture-of-experts model; expert layers are not "
-                          f"supported by this version of jaxpar yet")
-    if arch not in DENSE:
-        raise ConfigError(f"{path}: architecture {arch} is not supported (supported: {', '.join(sorted(DENSE))})")
+        raise ConfigError(f"{path}: architecture {arch} is a mixture-of-experts model whose expert layout "
+                          f"(shared experts, per-layer sparsity) is not supported by this version of jaxpar yet")
+    if arch not in SUPPORTED:
+        raise ConfigError(f"{path}: architecture {arch} is not supported (supported: {', '.join(sorted(SUPPORTED))})")
     if raw.get("mlp_bias"):
         raise ConfigError(f"{path}: mlp_bias=true is not supported")
-    kind = DENSE[arch]
+    kind = SUPPORTED[arch]
     for k, what in REFUSED.items():
         if raw.get(k) not in (None, 1, 1.0):
             raise ConfigError(f"{path}: {k} is set: {what} are not supported")
@@ -61,7 +61,7 @@ def read_hf_config(directory: str) -> ModelConfig:
         kw["qk_norm"] = True
     # sliding-window attention is not implemented: a window shorter than the context caps the context
     window = raw.get("sliding_window")
-    if window and (kind == "mistral" or raw.get("use_sliding_window")):
+    if window and (kind in ("mistral", "mixtral") or raw.get("use_sliding_window")):
         kw["max_position_embeddings"] = min(kw.get("max_position_embeddings", window), window)
     eos = raw.get("eos_token_id")
     gen = os.path.join(directory, "generation_config.json")

@@ -23,7 +23,7 @@ def _heads(t, n, hd):  # [n*hd, ...] -> [n, hd, ...]
     return t.reshape((n, hd) + t.shape[1:])
 
 
-def plan(cfg: ModelConfig) -> dict:
+def plan(cfg: ModelConfig, fused: bool = False) -> dict:
     """jaxpar parameter path -> (HF name template, expected HF shape, view: HF array -> jaxpar layout,
     axis of kv heads in the jaxpar layout or None). Templates with {} are per layer."""
     d, f, v, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_attention_heads,
@@ -54,17 +54,62 @@ def plan(cfg: ModelConfig) -> dict:
     if cfg.qk_norm:
         p["layers.attn.q_norm.weight"] = (attn + "q_norm.weight", (hd,), lambda t: t, None)
         p["layers.attn.k_norm.weight"] = (attn + "k_norm.weight", (hd,), lambda t: t, None)
+    if cfg.num_local_experts:
+        for k in ("layers.mlp.w_gate", "layers.mlp.w_up", "layers.mlp.w_down"):
+            del p[k]
+        p.update(_experts(cfg, fused))
     return p
 
 
-def _names(template: str, layers: int) -> list[str]:
+def _experts(cfg: ModelConfig, fused: bool) -> dict:
+    """Mixtral experts, either one tensor per expert (block_sparse_moe.experts.{e}.w1/w2/w3, as Mixtral ships)
+    or fused per layer (mlp.experts.gate_up_proj [E, 2F, D] with gate first, mlp.experts.down_proj [E, D, F])."""
+    d, f, e = cfg.hidden_size, cfg.expert_ffn, cfg.num_local_experts
+    if fused:
+        m = L + "mlp."
+        return {"layers.mlp.router": (m + "gate.weight", (e, d), lambda t: t.T, None),
+                "layers.mlp.w_gate": (m + "experts.gate_up_proj", (e, 2 * f, d),
+                                      lambda t: t[:, :f].transpose(0, 2, 1), None),
+                "layers.mlp.w_up": (m + "experts.gate_up_proj", (e, 2 * f, d),
+                                    lambda t: t[:, f:].transpose(0, 2, 1), None),
+                "layers.mlp.w_down": (m + "experts.down_proj", (e, d, f), lambda t: t.transpose(0, 2, 1), None)}
+    m = L + "block_sparse_moe."
+    return {"layers.mlp.router": (m + "gate.weight", (e, d), lambda t: t.T, None),
+            "layers.mlp.w_gate": (m + "experts.{e}.w1.weight", (f, d), lambda t: t.T, None),
+            "layers.mlp.w_up": (m + "experts.{e}.w3.weight", (f, d), lambda t: t.T, None),
+            "layers.mlp.w_down": (m + "experts.{e}.w2.weight", (d, f), lambda t: t.T, None)}
+
+
+class Experts:
+    """Per-expert views stacked lazily on a leading experts axis: only the sliced experts are read."""
+
+    def __init__(self, views):
+        self.views = views
+        self.shape = (len(views),) + views[0].shape
+
+    def __getitem__(self, idx):
+        return np.stack([np.asarray(self.views[i][idx[1:]]) for i in range(*idx[0].indices(len(self.views)))])
+
+
+def _names(template: str, layers: int, experts: int = 0) -> list:
+    """Tensor names: one, one per layer, or (for per-expert tensors) a list of expert names per layer."""
+    if "{e}" in template:
+        return [[template.format(i, e=e) for e in range(experts)] for i in range(layers)]
     return [template.format(i) for i in range(layers)] if "{}" in template else [template]
+
+
+def _flat(names) -> list[str]:
+    return [n for x in names for n in (x if isinstance(x, list) else [x])]
+
+
+def is_fused(files: WeightFiles) -> bool:
+    return "model.layers.0.mlp.experts.gate_up_proj" in files
 
 
 def check(files: WeightFiles, cfg: ModelConfig, source: str) -> None:
     """Every tensor the config implies is present with the implied shape; else one clear line."""
-    for template, shape, _, _ in plan(cfg).values():
-        for name in _names(template, cfg.num_hidden_layers):
+    for template, shape, _, _ in plan(cfg, is_fused(files)).values():
+        for name in _flat(_names(template, cfg.num_hidden_layers, cfg.num_local_experts)):
             if name not in files:
                 raise CheckpointError(f"{source}: weight {name} is missing from the safetensors files")
             if tuple(files.shape(name)) != shape:
@@ -93,7 +138,7 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
     shardings = P.shardings(cfg, layout, kv_repeat)
     shapes = P.shapes(cfg, kv_repeat)
     dtype = np.dtype(cfg.dtype) if cfg.dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
-    todo = plan(cfg)
+    todo = plan(cfg, is_fused(files))
     progress = Progress(len(todo))
     out: dict = {}
     for path, (template, _, view, kv_axis) in todo.items():
@@ -102,7 +147,8 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
         for k in keys:
             node_sh, node_shape = node_sh[k], node_shape[k]
         stacked = "{}" in template
-        views = [view(files.array(n)) for n in _names(template, cfg.num_hidden_layers)]
+        views = [Experts([view(files.array(x)) for x in n]) if isinstance(n, list) else view(files.array(n))
+                 for n in _names(template, cfg.num_hidden_layers, cfg.num_local_experts)]
 
         def read(index, views=views, stacked=stacked, kv_axis=kv_axis):
             def one(v, idx):

@@ -32,7 +32,7 @@ def _axes_desc(mesh_cfg: MeshConfig, rules: dict, logical: str) -> str:
 # activations and cache, by logical names (the model's `constrain` calls and the KV cache)
 ACTIVATIONS = (("batch", "seq", "embed"), ("batch", "seq", "heads", "head_dim"),
                ("batch", "seq", "kv_heads", "head_dim"), ("batch", "seq", "mlp"), ("batch", "seq", "vocab"),
-               ("layers", "batch", "cache_seq", "kv_heads", "head_dim"))
+               ("layers", "batch", "cache_seq", "kv_heads", "head_dim"), ("batch", "seq", "experts", "mlp"))
 
 
 def _check_axis_reuse(cfg: ModelConfig, rules: dict, mesh_cfg: MeshConfig) -> None:
@@ -59,7 +59,9 @@ def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLa
 
     _check_axis_reuse(cfg, rules, mesh_cfg)
     checks = [("heads", cfg.num_attention_heads, "num_attention_heads"),
-              ("mlp", cfg.intermediate_size, "intermediate_size"),
+              ("mlp", cfg.expert_ffn if cfg.num_local_experts else cfg.intermediate_size,
+               "moe_intermediate_size" if cfg.moe_intermediate_size else "intermediate_size"),
+              ("experts", max(cfg.num_local_experts, 1), "num_local_experts"),
               ("vocab", cfg.vocab_size, "vocab_size"),
               ("embed", cfg.hidden_size, "hidden_size"),
               ("head_dim", cfg.head_size, "head_dim"),

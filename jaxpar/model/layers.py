@@ -111,12 +111,44 @@ class MLP(nnx.Module):
         return constrain(jnp.einsum("bsf,fd->bsd", hmid, self.w_down[...]), ("batch", "seq", "embed"))
 
 
+class MoE(nnx.Module):
+    """Mixture of experts (Mixtral-style): a softmax router picks the top-k experts of each token, whose
+    SwiGLU outputs are summed with the (renormalised) router weights. Experts are stacked on a logical
+    `experts` axis. This path computes every expert densely and masks with the combine weights: exact, and
+    the reference for the expert-parallel dispatch; with `tensor` > 1 each expert's FFN is split like the
+    dense MLP (column-parallel gate/up, row-parallel down: one all-reduce)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, e, dt = cfg.hidden_size, cfg.expert_ffn, cfg.num_local_experts, cfg.dtype
+        self.k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.router = param(rngs, (d, e), ("embed", None), dt)
+        self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "mlp"), dt)
+        self.w_up = param(rngs, (e, d, f), ("experts", "embed", "mlp"), dt)
+        self.w_down = param(rngs, (e, f, d), ("experts", "mlp", "embed"), dt)
+
+    def routing(self, x):
+        """x [B, S, D] -> combine weights [B, S, E] (zero outside each token's top-k), float32."""
+        logits = jnp.einsum("bsd,de->bse", x, self.router[...], preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        top, idx = jax.lax.top_k(probs, self.k)
+        if self.norm_topk:
+            top = top / jnp.sum(top, axis=-1, keepdims=True)
+        return jnp.sum(jax.nn.one_hot(idx, probs.shape[-1], dtype=jnp.float32) * top[..., None], axis=-2)
+
+    def __call__(self, x):
+        combine = self.routing(x)
+        g = jnp.einsum("bsd,edf->bsef", x, self.w_gate[...])
+        u = jnp.einsum("bsd,edf->bsef", x, self.w_up[...])
+        h = constrain(jax.nn.silu(g) * u * combine[..., None].astype(x.dtype), ("batch", "seq", "experts", "mlp"))
+        return constrain(jnp.einsum("bsef,efd->bsd", h, self.w_down[...]), ("batch", "seq", "embed"))
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, kv_heads: int, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
         self.attn = Attention(cfg, kv_heads, rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if cfg.num_local_experts else MLP(cfg, rngs)
 
     def __call__(self, x, cos, sin, cache, decode_pos):
         a, cache = self.attn(self.attn_norm(x), cos, sin, cache, decode_pos)
