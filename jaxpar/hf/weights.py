@@ -132,7 +132,30 @@ class Progress:
             sys.stderr.flush()
 
 
+def _shard_reader(views, stacked: bool, kv_axis, kv_repeat: int, dtype):
+    """The make_array_from_callback callback: a device's index -> that slice, read from the memory maps."""
+    def one(v, idx):
+        if kv_axis is not None and kv_repeat > 1:  # expanded kv head j is original head j // kv_repeat
+            heads = np.arange(*idx[kv_axis].indices(v.shape[kv_axis] * kv_repeat)) // kv_repeat
+            v = np.take(v, heads, axis=kv_axis)  # reads only the needed heads
+            idx = idx[:kv_axis] + (slice(None),) + idx[kv_axis + 1:]
+        return np.asarray(v[idx], dtype=dtype)
+
+    def read(index):
+        if not stacked:
+            return one(views[0], index)
+        layers = range(*index[0].indices(len(views)))
+        first = one(views[layers[0]], index[1:])
+        shard = np.empty((len(layers),) + first.shape, dtype)  # filled layer by layer: no stacked temporaries
+        shard[0] = first
+        for j, i in enumerate(layers[1:], 1):
+            shard[j] = one(views[i], index[1:])
+        return shard
+    return read
+
+
 def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
+    """Stream a Hugging Face checkpoint into sharded parameters (pure dict, the Engine's layout)."""
     files = WeightFiles(directory)
     check(files, cfg, directory)
     shardings = P.shardings(cfg, layout, kv_repeat)
@@ -146,28 +169,9 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
         node_sh, node_shape = shardings, shapes
         for k in keys:
             node_sh, node_shape = node_sh[k], node_shape[k]
-        stacked = "{}" in template
         views = [Experts([view(files.array(x)) for x in n]) if isinstance(n, list) else view(files.array(n))
                  for n in _names(template, cfg.num_hidden_layers, cfg.num_local_experts)]
-
-        def read(index, views=views, stacked=stacked, kv_axis=kv_axis):
-            def one(v, idx):
-                if kv_axis is not None and kv_repeat > 1:  # expanded kv head j is original head j // kv_repeat
-                    s = idx[kv_axis]
-                    heads = np.arange(*s.indices(v.shape[kv_axis] * kv_repeat)) // kv_repeat
-                    v = np.take(v, heads, axis=kv_axis)  # reads only the needed heads
-                    idx = idx[:kv_axis] + (slice(None),) + idx[kv_axis + 1:]
-                return np.asarray(v[idx], dtype=dtype)
-            if not stacked:
-                return one(views[0], index)
-            layers = range(*index[0].indices(len(views)))
-            first = one(views[layers[0]], index[1:])
-            out = np.empty((len(layers),) + first.shape, dtype)  # filled layer by layer: no stacked temporaries
-            out[0] = first
-            for j, i in enumerate(layers[1:], 1):
-                out[j] = one(views[i], index[1:])
-            return out
-
+        read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, dtype)
         arr = jax.make_array_from_callback(node_shape.shape, node_sh, read)
         node = out
         for k in keys[:-1]:
