@@ -80,6 +80,10 @@ ALIASES = {"num_experts": "num_local_experts", "torch_dtype": "dtype"}
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
+def _alias_of(field: str) -> str:
+    return next(a for a, f in ALIASES.items() if f == field)
+
+
 def config_from_dict(d: dict, source: str = "<config>", ignore: tuple = ()) -> ModelConfig:
     """Build and validate a ModelConfig. `ignore` lists extra field names the caller tolerates."""
     if not isinstance(d, dict):
@@ -89,6 +93,9 @@ def config_from_dict(d: dict, source: str = "<config>", ignore: tuple = ()) -> M
     for k, v in d.items():
         k2 = ALIASES.get(k, k)
         if k2 in FIELDS:
+            if k2 in kw and kw[k2] != v:
+                raise ConfigError(f"{source}: fields {k} and {k2 if k2 != k else _alias_of(k2)} disagree "
+                                  f"({v!r} vs {kw[k2]!r})")
             kw[k2] = v
         elif k not in ignore:
             unknown.append(k)
@@ -154,9 +161,12 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
     if cfg.num_local_experts and not 1 <= cfg.num_experts_per_tok <= cfg.num_local_experts:
         raise ConfigError(f"{source}: num_experts_per_tok={cfg.num_experts_per_tok} must be between 1 and "
                           f"num_local_experts={cfg.num_local_experts}")
-    if cfg.num_experts_per_tok and not cfg.num_local_experts:
-        raise ConfigError(f"{source}: num_experts_per_tok={cfg.num_experts_per_tok} is set but "
-                          f"num_local_experts is 0")
+    if not cfg.num_local_experts:
+        for name, value, default in (("num_experts_per_tok", cfg.num_experts_per_tok, 0),
+                                     ("moe_intermediate_size", cfg.moe_intermediate_size, None),
+                                     ("norm_topk_prob", cfg.norm_topk_prob, True)):
+            if value != default:
+                raise ConfigError(f"{source}: {name}={value} is set but num_local_experts is 0 (a dense model)")
 
 
 def _validate_rope_scaling(cfg: ModelConfig, source: str) -> None:

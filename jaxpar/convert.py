@@ -1,8 +1,8 @@
 """python -m jaxpar.convert: Hugging Face directory -> jaxpar Orbax checkpoint (+ config + tokenizer).
 
-Weights stream from the memory-mapped safetensors into the shards of the chosen mesh and Orbax writes each
-device's shards, so no step holds the whole model in host memory. The result loads onto any mesh with
-`--checkpoint DIR`."""
+Weights stream from the memory-mapped safetensors into the shards of the chosen mesh, then Orbax writes
+each device's shards (Orbax copies them to host memory to write them: see BENCHMARKS.md). The result loads
+onto any mesh with `--checkpoint DIR`."""
 from __future__ import annotations
 
 import os

@@ -19,7 +19,7 @@ TOKENS = np.random.RandomState(0).randint(0, 96, (2, 9))
 def saved(tmp_path_factory):
     src = jaxpar.load(mesh=mesh_path("tp4"), model=CFG, seed=3)  # kv heads replicated 2x on tp4
     d = str(tmp_path_factory.mktemp("ckpt") / "model")
-    ckpt.save(d, CFG, src.params, src.kv_repeat)
+    src.save(d)
     return d, src.logits(TOKENS)
 
 

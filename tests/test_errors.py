@@ -52,6 +52,10 @@ CONFIG_CASES = {
                            ["num_experts_per_tok=5", "num_local_experts=4"]),
     "top_k_without_experts": (dict(GOOD_MODEL, num_experts_per_tok=2), ["num_experts_per_tok=2",
                                                                          "num_local_experts is 0"]),
+    "moe_width_without_experts": (dict(GOOD_MODEL, moe_intermediate_size=32), ["moe_intermediate_size=32",
+                                                                                "num_local_experts is 0"]),
+    "aliases_disagree": (dict(GOOD_MODEL, num_local_experts=4, num_experts=8, num_experts_per_tok=2),
+                         ["num_experts", "num_local_experts", "disagree"]),
 }
 
 GEN_CASES = {  # generate options, expected fragments

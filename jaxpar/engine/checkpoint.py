@@ -14,12 +14,14 @@ from jaxpar.layout.rules import Layout
 from jaxpar.engine import params as P
 
 
-def save(directory: str, cfg: ModelConfig, params: dict, kv_repeat: int = 1) -> None:
+def save(directory: str, cfg: ModelConfig, params: dict, kv_repeat: int = 1, layout: Layout | None = None) -> None:
+    """Orbax writes each device's shards; with kv_repeat > 1 the duplicate kv heads are dropped on device
+    first (needs the params' layout). Orbax itself copies the shards to host memory before writing them."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    canon = P.canonical_kv(params, cfg, kv_repeat) if kv_repeat > 1 else params
+    canon = P.canonical_kv(params, cfg, layout, kv_repeat)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(directory, "params"), canon, force=True)
     ckpt.wait_until_finished()

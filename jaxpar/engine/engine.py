@@ -69,7 +69,7 @@ class Engine:
     def save(self, directory: str) -> None:
         """Write an Orbax checkpoint (+ config.yaml) that `jaxpar.load(checkpoint=...)` restores on any mesh."""
         from jaxpar.engine import checkpoint
-        checkpoint.save(directory, self.config, self.params, self.kv_repeat)
+        checkpoint.save(directory, self.config, self.params, self.kv_repeat, self.layout)
 
     # ---- full forward ------------------------------------------------------------------------------------
     def logits(self, tokens) -> np.ndarray:

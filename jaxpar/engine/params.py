@@ -71,15 +71,20 @@ def expand_kv(params: dict, cfg: ModelConfig, layout: Layout, kv_repeat: int) ->
                    out_shardings=out_sh)(params)
 
 
-def canonical_kv(params: dict, cfg: ModelConfig, kv_repeat: int) -> dict:
-    """Inverse of expand_kv: keep every kv_repeat-th kv head (host numpy arrays)."""
+def canonical_kv(params: dict, cfg: ModelConfig, layout: Layout, kv_repeat: int) -> dict:
+    """Inverse of expand_kv, on device: keep every kv_repeat-th kv head. Only the kv parameters are touched
+    (they come out replicated over the axes the model's fewer kv heads cannot split); the rest pass through."""
+    if kv_repeat == 1:
+        return params
     names = logical_names(cfg, kv_repeat)
+    canon_sh = shardings(cfg, layout, 1, replicate_kv=True)
 
-    def take(x, n):
-        x = np.asarray(x)
+    def take(x, n, sh):
         ax = _kv_axis(n)
-        return x if ax is None or kv_repeat == 1 else np.take(x, np.arange(0, x.shape[ax], kv_repeat), axis=ax)
-    return jax.tree.map(take, params, names, is_leaf=lambda x: not isinstance(x, dict))
+        if ax is None:
+            return x
+        return jax.jit(lambda a: jax.lax.slice_in_dim(a, 0, a.shape[ax], kv_repeat, axis=ax), out_shardings=sh)(x)
+    return jax.tree.map(take, params, names, canon_sh, is_leaf=lambda x: not isinstance(x, dict))
 
 
 def init_params(cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, seed: int = 0) -> dict:

@@ -60,7 +60,8 @@ def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLa
     _check_axis_reuse(cfg, rules, mesh_cfg)
     checks = [("heads", cfg.num_attention_heads, "num_attention_heads"),
               ("mlp", cfg.expert_ffn if cfg.num_local_experts else cfg.intermediate_size,
-               "moe_intermediate_size" if cfg.moe_intermediate_size else "intermediate_size"),
+               "moe_intermediate_size" if cfg.num_local_experts and cfg.moe_intermediate_size
+               else "intermediate_size"),
               ("experts", max(cfg.num_local_experts, 1), "num_local_experts"),
               ("vocab", cfg.vocab_size, "vocab_size"),
               ("embed", cfg.hidden_size, "hidden_size"),

@@ -50,6 +50,7 @@ def main(argv=None):
     p.add_argument("--hf", required=True)
     p.add_argument("--mesh", default="tp8")
     p.add_argument("--make-llama", type=int, metavar="MB", help="first write a random Llama of about MB to --hf")
+    p.add_argument("--convert", metavar="OUT", help="measure `jaxpar.convert` to OUT (load + Orbax save) instead")
     args = p.parse_args(argv)
     cli.setup_devices(args.fake_devices)
     if args.make_llama:
@@ -74,13 +75,15 @@ def main(argv=None):
     t0 = time.perf_counter()
     eng = jaxpar.load(mesh=args.mesh, hf=args.hf)
     jax.block_until_ready(eng.params)
+    if args.convert:
+        eng.save(args.convert)  # what `jaxpar.convert` does after loading
     secs = time.perf_counter() - t0
     stop.set()
     t.join()
     after = rss_anon()
     params_total = sum(s.data.nbytes for x in jax.tree.leaves(eng.params) for s in x.addressable_shards)
     mib = 2 ** 20
-    r = {"checkpoint_mb": size / mib, "mesh": args.mesh, "devices": eng.mesh.size, "load_seconds": secs,
+    r = {"step": "convert" if args.convert else "load", "checkpoint_mb": size / mib, "mesh": args.mesh, "devices": eng.mesh.size, "load_seconds": secs,
          "params_bytes_per_device_mb": P.bytes_per_device(eng.params) / mib,
          "params_all_devices_mb": params_total / mib,
          "peak_rss_anon_increase_mb": (peak[0] - base) / mib, "rss_anon_increase_after_mb": (after - base) / mib,

@@ -1,0 +1,32 @@
+"""The shipped example configs run on every shipped mesh with the single-device answer."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import jaxpar
+from conftest import MESHES, ROOT, mesh_path
+from jaxpar.config import load_config
+
+CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml"))
+TOKENS = np.random.RandomState(1).randint(0, 256, (3, 12))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_example_configs_give_the_same_logits_on_every_mesh(name):
+    path = os.path.join(ROOT, "configs", name)
+    load_config(path)  # validates
+    ref = jaxpar.load(mesh=mesh_path("single"), model=path, devices=jax.devices()[:1]).logits(TOKENS)
+    for mesh in MESHES[1:]:
+        got = jaxpar.load(mesh=mesh_path(mesh), model=path).logits(TOKENS)
+        assert np.abs(got - ref).max() <= 1e-4, (name, mesh)
+
+
+def test_moe_without_renormalised_top_k_differs_but_agrees_across_meshes(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny-moe.yaml"))
+    plain = cfg.replace(norm_topk_prob=False)
+    one = jaxpar.load(mesh=mesh_path("single"), model=plain, devices=jax.devices()[:1]).logits(TOKENS)
+    assert np.abs(jaxpar.load(mesh=mesh_path("tp4"), model=plain).logits(TOKENS) - one).max() <= 1e-4
+    normed = jaxpar.load(mesh=mesh_path("single"), model=cfg, devices=jax.devices()[:1]).logits(TOKENS)
+    assert np.abs(normed - one).max() > 1e-3  # the option changes the computation
