@@ -1,7 +1,7 @@
 """python -m jaxpar.convert: Hugging Face directory -> jaxpar Orbax checkpoint (+ config + tokenizer).
 
-Weights stream from the memory-mapped safetensors into the shards of the chosen mesh, then Orbax writes
-each device's shards (Orbax copies them to host memory to write them: see BENCHMARKS.md). The result loads
+Weights stream from the memory-mapped safetensors into the shards of the chosen mesh; the checkpoint is
+written one parameter at a time, so neither step holds the whole model in host memory. The result loads
 onto any mesh with `--checkpoint DIR`."""
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""jaxpar's own checkpoints: DIR/config.yaml (the model config) + DIR/params (Orbax), canonical kv heads.
+"""jaxpar's own checkpoints: DIR/config.yaml (the model config) + DIR/params/<parameter path>/ (one Orbax item
+per parameter, canonical kv heads).
 
-Restore goes straight into the target mesh's shardings: every device reads only its own shards."""
+One item per parameter keeps saving streamed: Orbax copies an item's shards to host memory to write them,
+so only one parameter is ever on the host. Restore goes straight into the target mesh's shardings: every
+device reads only its own shards."""
 from __future__ import annotations
 
 import os
@@ -15,16 +18,15 @@ from jaxpar.engine import params as P
 
 
 def save(directory: str, cfg: ModelConfig, params: dict, kv_repeat: int = 1, layout: Layout | None = None) -> None:
-    """Orbax writes each device's shards; with kv_repeat > 1 the duplicate kv heads are dropped on device
-    first (needs the params' layout). Orbax itself copies the shards to host memory before writing them."""
+    """With kv_repeat > 1 the duplicate kv heads are dropped on device first (needs the params' layout)."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    canon = P.canonical_kv(params, cfg, layout, kv_repeat)
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.join(directory, "params"), canon, force=True)
-    ckpt.wait_until_finished()
+    for name, leaf in _flat(P.canonical_kv(params, cfg, layout, kv_repeat)).items():
+        ckpt.save(os.path.join(directory, "params", name), {"value": leaf}, force=True)
+        ckpt.wait_until_finished()  # one parameter's shards on the host at a time
 
 
 def read_config(directory: str) -> ModelConfig:
@@ -51,33 +53,46 @@ def _flat(tree, prefix=""):
     return out
 
 
+def _unflat(flat: dict) -> dict:
+    out: dict = {}
+    for name, v in flat.items():
+        *parents, last = name.split(".")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = v
+    return out
+
+
 def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1) -> dict:
     path = os.path.join(os.path.abspath(directory), "params")
     if not os.path.isdir(path):
         raise CheckpointError(f"{directory}: checkpoint not found (no params/ directory)")
-    ckpt = ocp.StandardCheckpointer()
-    try:
-        meta = ckpt.metadata(path)
-    except Exception as e:  # noqa: BLE001 - orbax raises many kinds; the user needs one line
-        raise CheckpointError(f"{directory}: cannot read checkpoint metadata: {str(e).splitlines()[0]}") from None
-    meta_tree = getattr(meta, "item_metadata", meta)
-    if not meta_tree:
+    have_names = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+    if not have_names:
         raise CheckpointError(f"{directory}: checkpoint holds no parameters (empty or unfinished params/)")
-    have = {k: tuple(v.shape) for k, v in _flat(dict(meta_tree)).items()}
-    target = P.abstract_params(cfg, layout, 1, replicate_kv=kv_repeat > 1)
-    want = {k: tuple(v.shape) for k, v in _flat(target).items()}
-    missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
+    target = _flat(P.abstract_params(cfg, layout, 1, replicate_kv=kv_repeat > 1))
+    missing = sorted(set(target) - set(have_names))
+    extra = sorted(set(have_names) - set(target))
     if missing or extra:
         raise CheckpointError(f"{directory}: checkpoint parameters do not match the model config: "
                               f"missing {missing[:4]}, unexpected {extra[:4]}")
-    for k in sorted(want):
-        if want[k] != have[k]:
-            raise CheckpointError(f"{directory}: parameter {k} has shape {have[k]} in the checkpoint but the "
-                                  f"model config needs {want[k]}")
-    try:
-        params = ckpt.restore(path, target)
-    except Exception as e:  # noqa: BLE001 - corrupt or truncated files surface as many exception types
-        raise CheckpointError(f"{directory}: cannot read checkpoint: {str(e).splitlines()[0][:300]}") from None
-    return P.expand_kv(params, cfg, layout, kv_repeat)
-
+    ckpt = ocp.StandardCheckpointer()
+    for name in sorted(target):  # every shape checked before anything is read
+        try:
+            meta = ckpt.metadata(os.path.join(path, name))
+            have = tuple(getattr(meta, "item_metadata", meta)["value"].shape)
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds; the user needs one line
+            raise CheckpointError(f"{directory}: cannot read the metadata of parameter {name}: "
+                                  f"{str(e).splitlines()[0][:200]}") from None
+        if have != tuple(target[name].shape):
+            raise CheckpointError(f"{directory}: parameter {name} has shape {have} in the checkpoint but the "
+                                  f"model config needs {tuple(target[name].shape)}")
+    flat = {}
+    for name, t in target.items():
+        try:
+            flat[name] = ckpt.restore(os.path.join(path, name), {"value": t})["value"]
+        except Exception as e:  # noqa: BLE001 - corrupt or truncated files surface as many exception types
+            raise CheckpointError(f"{directory}: cannot read parameter {name}: "
+                                  f"{str(e).splitlines()[0][:300]}") from None
+    return P.expand_kv(_unflat(flat), cfg, layout, kv_repeat)
