@@ -24,7 +24,7 @@ def save(directory: str, cfg: ModelConfig, params: dict, kv_repeat: int = 1, lay
     with open(os.path.join(directory, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     ckpt = ocp.StandardCheckpointer()
-    for name, leaf in _flat(P.canonical_kv(params, cfg, layout, kv_repeat)).items():
+    for name, leaf in P.flatten(P.canonical_kv(params, cfg, layout, kv_repeat)).items():
         ckpt.save(os.path.join(directory, "params", name), {"value": leaf}, force=True)
         ckpt.wait_until_finished()  # one parameter's shards on the host at a time
 
@@ -43,27 +43,6 @@ def read_config(directory: str) -> ModelConfig:
     return config_from_dict(data, path)
 
 
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _unflat(flat: dict) -> dict:
-    out: dict = {}
-    for name, v in flat.items():
-        *parents, last = name.split(".")
-        node = out
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = v
-    return out
-
-
 def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1) -> dict:
     path = os.path.join(os.path.abspath(directory), "params")
     if not os.path.isdir(path):
@@ -71,7 +50,7 @@ def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1
     have_names = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
     if not have_names:
         raise CheckpointError(f"{directory}: checkpoint holds no parameters (empty or unfinished params/)")
-    target = _flat(P.abstract_params(cfg, layout, 1, replicate_kv=kv_repeat > 1))
+    target = P.flatten(P.abstract_params(cfg, layout, 1, replicate_kv=kv_repeat > 1))
     missing = sorted(set(target) - set(have_names))
     extra = sorted(set(have_names) - set(target))
     if missing or extra:
@@ -95,4 +74,4 @@ def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1
         except Exception as e:  # noqa: BLE001 - corrupt or truncated files surface as many exception types
             raise CheckpointError(f"{directory}: cannot read parameter {name}: "
                                   f"{str(e).splitlines()[0][:300]}") from None
-    return P.expand_kv(_unflat(flat), cfg, layout, kv_repeat)
+    return P.expand_kv(P.unflatten(flat), cfg, layout, kv_repeat)

@@ -187,8 +187,6 @@ class Engine:
 def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
     """Compile prefill and decode for the shapes `generate` would use; returns shapes, timings and the
     compiled executables (for jaxpar.inspect and benchmarks)."""
-    import time
-
     ctx = engine.config.max_position_embeddings
     check_sampling(max_new_tokens)
     if prompt_len < 1 or prompt_len > ctx:

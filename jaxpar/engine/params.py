@@ -104,6 +104,29 @@ def bind(cfg: ModelConfig, kv_repeat: int, params: dict) -> Decoder:
     return nnx.merge(graph, state)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested params dict -> {"layers.attn.wq": leaf, ...}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    """Inverse of flatten."""
+    out: dict = {}
+    for name, v in flat.items():
+        *parents, last = name.split(".")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = v
+    return out
+
+
 def bytes_per_device(tree) -> int:
     """Bytes one device holds of a pytree of sharded arrays or ShapeDtypeStructs (the largest device's share)."""
     totals: dict = {}

@@ -158,24 +158,16 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
     """Stream a Hugging Face checkpoint into sharded parameters (pure dict, the Engine's layout)."""
     files = WeightFiles(directory)
     check(files, cfg, directory)
-    shardings = P.shardings(cfg, layout, kv_repeat)
-    shapes = P.shapes(cfg, kv_repeat)
+    shardings = P.flatten(P.shardings(cfg, layout, kv_repeat))
+    shapes = P.flatten(P.shapes(cfg, kv_repeat))
     dtype = np.dtype(cfg.dtype) if cfg.dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
     todo = plan(cfg, is_fused(files))
     progress = Progress(len(todo))
     out: dict = {}
     for path, (template, _, view, kv_axis) in todo.items():
-        keys = path.split(".")
-        node_sh, node_shape = shardings, shapes
-        for k in keys:
-            node_sh, node_shape = node_sh[k], node_shape[k]
         views = [Experts([view(files.array(x)) for x in n]) if isinstance(n, list) else view(files.array(n))
                  for n in _names(template, cfg.num_hidden_layers, cfg.num_local_experts)]
         read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, dtype)
-        arr = jax.make_array_from_callback(node_shape.shape, node_sh, read)
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = arr
+        out[path] = jax.make_array_from_callback(shapes[path].shape, shardings[path], read)
         progress.step()
-    return out
+    return P.unflatten(out)
