@@ -13,5 +13,8 @@ def batch_bucket(batch: int, multiple: int) -> int:
     return -(-b // multiple) * multiple
 
 
-def seq_bucket(length: int, limit: int, minimum: int = 16) -> int:
-    return min(next_pow2(length, minimum), limit)
+def seq_bucket(length: int, limit: int, multiple: int = 1, minimum: int = 16) -> int:
+    """Length padded to a power of two (at most `limit`, the context window), then to a multiple of
+    `multiple` (a sequence split over devices); the last step may pass the window, only by padding."""
+    b = min(next_pow2(length, minimum), limit)
+    return -(-b // multiple) * multiple

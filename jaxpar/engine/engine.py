@@ -15,6 +15,7 @@ from jaxpar.engine import params as P
 from jaxpar.engine.buckets import batch_bucket, seq_bucket
 from jaxpar.engine.steps import Steps
 from jaxpar.layout.plan import ModelLayout
+from jaxpar.parallel import zigzag
 
 
 def _is_int(x) -> bool:
@@ -83,9 +84,12 @@ class Engine:
             raise GenerationError(f"sequence of {s} tokens is longer than the context window of "
                                   f"{self.config.max_position_embeddings} (max_position_embeddings)")
         bp = -(-b // self.batch_multiple) * self.batch_multiple
-        padded = np.zeros((bp, s), np.int32)
-        padded[:b] = tokens
-        return np.asarray(self.steps.logits(self.params, padded))[:b]
+        sp = -(-s // self.steps.seq_multiple) * self.steps.seq_multiple  # padding after the end: causally unseen
+        padded = np.zeros((bp, sp), np.int32)
+        padded[:b, :s] = tokens
+        order = self.steps.seq_order(sp)
+        out = np.asarray(self.steps.logits(self.params, padded[:, order]))
+        return out[:b, zigzag.inverse(order)[:s]]
 
     def _check_ids(self, tokens, what: str = "") -> None:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
@@ -129,11 +133,12 @@ class Engine:
                                       f"tokens (max_position_embeddings)")
         b = len(prompts)
         bp = batch_bucket(b, self.batch_multiple)
-        s = seq_bucket(int(lens.max()), ctx)
-        t = seq_bucket(int(lens.max()) + max_new_tokens, ctx)
+        s = seq_bucket(int(lens.max()), ctx, self.steps.seq_multiple)
+        t = seq_bucket(int(lens.max()) + max_new_tokens, ctx, self.steps.seq_multiple)
         tokens = np.zeros((bp, s), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = p
+        tokens = tokens[:, self.steps.seq_order(s)]
         lengths = np.ones(bp, np.int32)
         lengths[:b] = lens
         row_ids = np.arange(bp, dtype=np.int32)
@@ -155,7 +160,7 @@ class Engine:
             nxt = None
             if not last and not np.all(done | (pos >= t)):
                 # dispatch the next step before reading this token back, so host and device overlap
-                nxt = self.steps.decode(self.params, cache, tok, np.minimum(pos, t - 1), row_ids,
+                nxt = self.steps.decode(self.params, cache, tok, np.minimum(pos, t - 1), np.int32(s), row_ids,
                                         np.int32(step + 1), *sargs)
             host = np.asarray(tok)
             t_first = t_first or time.perf_counter()
@@ -194,8 +199,8 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     if batch < 1:
         raise GenerationError(f"--batch must be >= 1, got {batch}")
     b = batch_bucket(batch, engine.batch_multiple)
-    s = seq_bucket(prompt_len, ctx)
-    t = seq_bucket(prompt_len + max_new_tokens, ctx)
+    s = seq_bucket(prompt_len, ctx, engine.steps.seq_multiple)
+    t = seq_bucket(prompt_len + max_new_tokens, ctx, engine.steps.seq_multiple)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
     f32 = jax.ShapeDtypeStruct((), np.float32)
     key = jax.ShapeDtypeStruct((2,), np.uint32)
@@ -205,8 +210,8 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     out["prefill"] = engine.steps.prefill.lower(engine.params, cache, i32(b, s), i32(b), i32(b), key, f32,
                                                 i32(), f32, True).compile()
     t1 = time.perf_counter()
-    out["decode"] = engine.steps.decode.lower(engine.params, cache, i32(b), i32(b), i32(b), i32(), key, f32,
-                                              i32(), f32, True).compile()
+    out["decode"] = engine.steps.decode.lower(engine.params, cache, i32(b), i32(b), i32(), i32(b), i32(), key,
+                                              f32, i32(), f32, True).compile()
     out["compile_s"] = {"prefill": t1 - t0, "decode": time.perf_counter() - t1}
     out["kv_cache_bytes_per_device"] = P.bytes_per_device(cache)
     return out

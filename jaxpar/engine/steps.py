@@ -3,6 +3,7 @@ engine's layout; shardings of inputs and outputs come from the logical-axis tabl
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from jaxpar.layout.rules import activate, constrain
 from jaxpar.engine import params as P
 from jaxpar.engine.sampling import row_keys, sample
+from jaxpar.parallel import zigzag
 
 CACHE_NAMES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
@@ -44,9 +46,9 @@ class Steps:
         self.prefill = InLayout(jax.jit(self._prefill, static_argnums=(9,), donate_argnums=(1,),
                                in_shardings=(self.param_sh, (self.cache_sh,) * 2, tok2, row, row) + samp,
                                out_shardings=(row, (self.cache_sh,) * 2)), lay)
-        self.decode = InLayout(jax.jit(self._decode, static_argnums=(10,), donate_argnums=(1,),
-                              in_shardings=(self.param_sh, (self.cache_sh,) * 2, row, row, row, rep) + samp,
-                              out_shardings=(row, (self.cache_sh,) * 2)), lay)
+        self.decode = InLayout(jax.jit(self._decode, static_argnums=(11,), donate_argnums=(1,),
+                              in_shardings=(self.param_sh, (self.cache_sh,) * 2, row, row, rep, row, rep) + samp,
+                              out_shardings=(row, (self.cache_sh,) * 2)), lay.for_decode())
         self.new_cache = functools.lru_cache(maxsize=8)(self._cache_fn)
 
     def _model(self, params):
@@ -61,9 +63,22 @@ class Steps:
         return jax.jit(lambda: (jnp.zeros(shape, dt), jnp.zeros(shape, dt)),
                        out_shardings=(self.cache_sh,) * 2)
 
+    def seq_order(self, s: int):
+        """The position computed at each sequence index: zigzag when the sequence is split (identity
+        otherwise). Callers put tokens in this order; s must be a multiple of `seq_multiple`."""
+        return zigzag.order(s, self.layout.size("seq"))
+
+    @property
+    def seq_multiple(self) -> int:
+        """Prompt lengths (and cache lengths) must be multiples of this: two zigzag chunks per `seq` device,
+        and the residual stream's split."""
+        n = self.layout.size("seq")
+        return math.lcm(2 * n if n > 1 else 1, self.layout.size("residual_seq"))
+
     def _logits(self, params, tokens):
+        """tokens [B, S] in `seq_order`; logits come back in the same order."""
         model = self._model(params)
-        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        pos = jnp.broadcast_to(jnp.asarray(self.seq_order(tokens.shape[1]), jnp.int32), tokens.shape)
         h, _ = model(tokens, pos)
         return model.logits(h)
 
@@ -72,15 +87,23 @@ class Steps:
         return sample(logits, row_keys(key, row_ids, step), temperature, top_k, top_p, greedy)
 
     def _prefill(self, params, cache, tokens, lengths, row_ids, key, temperature, top_k, top_p, greedy):
+        """tokens [B, S] in the layout's sequence order (`seq_order`)."""
         model = self._model(params)
-        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        pos = jnp.broadcast_to(jnp.asarray(self.seq_order(tokens.shape[1]), jnp.int32), tokens.shape)
         h, cache = model(tokens, pos, cache=cache)
-        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
-        logits = model.logits(last)[:, 0]
+        # each row's last prompt token, picked by position (a masked sum: one small all-reduce when the
+        # sequence is split, where indexing would gather the whole sequence)
+        last = constrain(jnp.sum(jnp.where((pos == (lengths - 1)[:, None])[..., None], h, jnp.zeros((), h.dtype)),
+                                 axis=1, keepdims=True), ("batch", None, "embed"))
+        with activate(self.layout.for_decode()):  # one token per row from here on: no sequence to split
+            logits = model.logits(last)[:, 0]
         return self._sample(logits, row_ids, key, 0, temperature, top_k, top_p, greedy), cache
 
-    def _decode(self, params, cache, tokens, pos, row_ids, step, key, temperature, top_k, top_p, greedy):
+    def _decode(self, params, cache, tokens, pos, prompt_len, row_ids, step, key, temperature, top_k, top_p,
+                greedy):
+        """prompt_len: the prompt bucket the cache was prefilled with (fixes where each position is cached
+        when the cache is split over `seq`)."""
         model = self._model(params)
-        h, cache = model(tokens[:, None], pos[:, None], cache=cache, decode_pos=pos)
+        h, cache = model(tokens[:, None], pos[:, None], cache=cache, decode=(pos, prompt_len))
         logits = model.logits(h)[:, 0]
         return self._sample(logits, row_ids, key, step, temperature, top_k, top_p, greedy), cache

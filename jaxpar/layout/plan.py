@@ -30,7 +30,7 @@ def _axes_desc(mesh_cfg: MeshConfig, rules: dict, logical: str) -> str:
 
 
 # activations and cache, by logical names (the model's `constrain` calls and the KV cache)
-ACTIVATIONS = (("batch", "seq", "embed"), ("batch", "seq", "heads", "head_dim"),
+ACTIVATIONS = (("batch", "seq", "embed"), ("batch", "residual_seq", "embed"), ("batch", "seq", "heads", "head_dim"),
                ("batch", "seq", "kv_heads", "head_dim"), ("batch", "seq", "mlp"), ("batch", "seq", "vocab"),
                ("layers", "batch", "cache_seq", "kv_heads", "head_dim"), ("batch", "seq", "experts", "mlp"))
 
@@ -72,16 +72,61 @@ def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLa
         if n % s:
             raise LayoutError(f"{src}: axes {_axes_desc(mesh_cfg, rules, logical)}: model {field}={n} "
                               f"(logical axis {logical}) is not divisible by {s}")
-    kv, s = cfg.kv_heads, size("kv_heads")
+    _check_residual(mesh_cfg, rules, cfg)
+    n_seq = mesh_cfg.size("seq")
+    if n_seq > 1:
+        _check_seq(mesh_cfg, rules, cfg)
+    ulysses = n_seq > 1 and mesh_cfg.attention == "ulysses"
+    kv, s = cfg.kv_heads, size("kv_heads") * (size("seq") if ulysses else 1)
     if kv % s == 0:
         rep = 1
     elif s % kv == 0:
         rep = s // kv  # replicate kv heads: each device holds one copy of the kv head its query heads use
     else:
-        raise LayoutError(f"{src}: axes {_axes_desc(mesh_cfg, rules, 'kv_heads')}: model num_key_value_heads={kv} "
+        how = _axes_desc(mesh_cfg, rules, "kv_heads") + (" (kv heads per device) x seq=" + str(n_seq) +
+                                                         " (ulysses)" if ulysses else "")
+        raise LayoutError(f"{src}: axes {how}: model num_key_value_heads={kv} "
                           f"neither divides by {s} nor divides {s}, so kv heads cannot be split or replicated "
                           f"evenly")
     names = list(mesh_cfg.axes) or ["data"]
     shape = [mesh_cfg.axes[a] for a in mesh_cfg.axes] or [1]
     mesh = Mesh(np.array(devices[:mesh_cfg.device_count]).reshape(shape), tuple(names), axis_types=(AxisType.Auto,) * len(names))
-    return ModelLayout(Layout(mesh, rules), mesh_cfg, rep)
+    return ModelLayout(Layout(mesh, rules, mesh_cfg.attention), mesh_cfg, rep)
+
+
+def _check_residual(mesh_cfg: MeshConfig, rules: dict, cfg: ModelConfig) -> None:
+    """`residual_seq` is the sequence's axes, optionally followed by the axes the row-parallel projections
+    contract over (NVIDIA-style sequence parallelism: their sums become reduce-scatters)."""
+    def live(lg):
+        return [a for a in rules.get(lg, ()) if mesh_cfg.size(a) > 1]
+    res, seq = live("residual_seq"), live("seq")
+    extra = res[len(seq):]
+    if res[:len(seq)] != seq or not extra:
+        if res != seq:
+            raise LayoutError(f"{mesh_cfg.source}: rules: residual_seq -> {res} must start with the seq axes {seq} "
+                              f"(then, optionally, the tensor axes for NVIDIA-style sequence parallelism)")
+        return
+    contracted = {"heads": live("heads"), "mlp": live("experts") + live("mlp") if cfg.num_local_experts
+                  else live("mlp")}
+    for lg, axes in contracted.items():
+        if axes != extra:
+            raise LayoutError(f"{mesh_cfg.source}: rules: residual_seq adds {extra} to the sequence split, so the "
+                              f"row-parallel projections must contract over exactly those axes, but {lg} is split "
+                              f"over {axes}")
+
+
+def _check_seq(mesh_cfg: MeshConfig, rules: dict, cfg: ModelConfig) -> None:
+    """A `seq` axis: the prompt's sequence and the cache slots must split over the same mesh axes (the
+    kernels hand one to the other); Ulysses also splits heads over seq x tensor."""
+    src = mesh_cfg.source
+    live = {lg: tuple(a for a in rules.get(lg, ()) if mesh_cfg.size(a) > 1) for lg in ("seq", "cache_seq")}
+    if live["seq"] != live["cache_seq"]:
+        raise LayoutError(f"{src}: rules: seq -> {list(live['seq'])} and cache_seq -> {list(live['cache_seq'])} "
+                          f"must name the same mesh axes (prefill hands its sequence shards to the KV cache)")
+    if mesh_cfg.attention == "ulysses":
+        n = int(np.prod([mesh_cfg.size(a) for a in rules.get("heads", ()) + rules.get("seq", ())]))
+        if cfg.num_attention_heads % n:
+            raise LayoutError(f"{src}: attention: ulysses splits heads over {_axes_desc(mesh_cfg, rules, 'heads')}"
+                              f"{' x ' if _axes_desc(mesh_cfg, rules, 'heads') else ''}"
+                              f"{_axes_desc(mesh_cfg, rules, 'seq')} = {n} devices, but model "
+                              f"num_attention_heads={cfg.num_attention_heads} is not divisible by {n}")

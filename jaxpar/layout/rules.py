@@ -13,12 +13,14 @@ import math
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
-                "experts", "cache_seq")
+LOGICAL_AXES = ("batch", "seq", "residual_seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
+                "layers", "experts", "cache_seq")
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data",),
-    "seq": (),
+    "seq": ("seq",),  # the sequence of prompt activations (prefill)
+    "residual_seq": ("seq",),  # the residual stream's sequence (between blocks, norms); [seq, tensor] gives
+    # NVIDIA-style sequence parallelism: reduce-scatter + all-gather in place of each tensor all-reduce
     "embed": (),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -27,15 +29,21 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
     "layers": (),
     "experts": ("expert",),
-    "cache_seq": (),
+    "cache_seq": ("seq",),  # KV cache slots
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A mesh plus the resolved logical->mesh table."""
+    """A mesh plus the resolved logical->mesh table, and how attention runs over a `seq` axis."""
     mesh: Mesh
     rules: dict
+    attention: str = "dense"
+
+    def for_decode(self) -> "Layout":
+        """Decode computes one token per row: its activations have no sequence to split (the KV cache keeps
+        its `cache_seq` split)."""
+        return dataclasses.replace(self, rules={**self.rules, "seq": (), "residual_seq": ()})
 
     def axes(self, logical: str | None) -> tuple[str, ...]:
         if logical is None:

@@ -33,19 +33,21 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
-    def __call__(self, tokens, positions, cache=None, decode_pos=None):
+    def __call__(self, tokens, positions, cache=None, decode=None):
         """tokens, positions [B, S] -> hidden [B, S, embed] (before the final norm) and the updated cache.
 
-        cache None: plain causal forward. cache (k, v) [layers, B, T, kv_heads, head_dim] and decode_pos None:
-        prefill, the prompt's K/V written at positions 0..S-1. decode_pos [B]: one new token per row."""
+        cache None: plain causal forward. cache (k, v) [layers, B, T, kv_heads, head_dim] and decode None:
+        prefill, the prompt's K/V written to the cache. decode (pos [B], prompt_len): one new token per row at pos;
+        prompt_len is the prompt length the cache was prefilled with. Under a `seq` axis the sequence is in
+        the zigzag order (parallel/zigzag.py) and positions say which position each index holds."""
         cfg = self.cfg
-        x = constrain(embed_lookup(self.embed[...], tokens), ("batch", "seq", "embed"))
+        x = constrain(embed_lookup(self.embed[...], tokens), ("batch", "residual_seq", "embed"))
         cos, sin = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
         graph, state = nnx.split(self.layers)
 
         def body(h, xs):
             layer_state, layer_cache = xs
-            return nnx.merge(graph, layer_state)(h, cos, sin, layer_cache, decode_pos)
+            return nnx.merge(graph, layer_state)(h, cos, sin, positions, layer_cache, decode)
 
         x, cache = jax.lax.scan(body, x, (state, cache))
         return x, cache

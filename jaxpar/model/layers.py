@@ -8,9 +8,10 @@ from flax import nnx
 from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
 from jaxpar.model.rope import apply_rope
+from jaxpar.parallel.attention import decode_attention, prefill_attention, write_prompt
+from jaxpar.parallel.seq_parallel import row_parallel
 
 INIT = nnx.initializers.normal(0.02)
-NEG_INF = -1e30
 
 
 def param(rngs, shape, names, dtype, init=INIT):
@@ -26,18 +27,6 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.weight[...] * y.astype(x.dtype)
-
-
-def attend(q, k, v, mask):
-    """Grouped-query attention. q [B,S,H,D]; k, v [B,T,KV,D]; mask [B,S,T] (True = may attend)."""
-    b, s, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, s, kv, h // kv, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(b, s, h, d)
 
 
 class Attention(nnx.Module):
@@ -63,7 +52,9 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
 
-    def __call__(self, x, cos, sin, cache, decode_pos):
+    def __call__(self, x, cos, sin, positions, cache, decode):
+        """decode None: prefill (or a plain forward when cache is None) over positions [B,S]. decode
+        (pos [B], prompt_len): one token per row at pos, attending over the cache."""
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...])
         k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...])
         v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...])
@@ -74,25 +65,19 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        s = x.shape[1]
-        if decode_pos is None:
-            causal = jnp.tril(jnp.ones((s, s), bool))[None]
-            out = attend(q, k, v, causal)
+        if decode is None:
+            out = prefill_attention(q, k, v, positions)
             if cache is not None:  # prefill: the prompt's keys and values land at the start of the cache
-                cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), 0, axis=1)
-                              for c, n in zip(cache, (k, v)))
-        else:  # decode one token per row at position decode_pos[b], attending over the cache
-            write = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), p, axis=0))
-            cache = tuple(constrain(write(c, n, decode_pos), ("batch", "cache_seq", "kv_heads", "head_dim"))
-                          for c, n in zip(cache, (k, v)))
-            t = cache[0].shape[1]
-            mask = (jnp.arange(t)[None, :] <= decode_pos[:, None])[:, None, :]
-            out = attend(q, cache[0].astype(q.dtype), cache[1].astype(q.dtype), mask)
+                cache = tuple(write_prompt(c, n) for c, n in zip(cache, (k, v)))
+        else:
+            out, cache = decode_attention(q, k, v, cache, *decode)
+            cache = tuple(constrain(c, ("batch", "cache_seq", "kv_heads", "head_dim")) for c in cache)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
-        y = jnp.einsum("bshk,hkd->bsd", out, self.wo[...])
+        y = row_parallel("bshk,hkd->bsd", out, self.wo[...], ("batch", "seq", "heads", "head_dim"),
+                         ("heads", "head_dim", "embed"))
         if self.out_bias:
             y = y + self.bo[...]
-        return constrain(y, ("batch", "seq", "embed")), cache
+        return constrain(y, ("batch", "residual_seq", "embed")), cache
 
 
 class MLP(nnx.Module):
@@ -108,7 +93,7 @@ class MLP(nnx.Module):
         g = jnp.einsum("bsd,df->bsf", x, self.w_gate[...])
         u = jnp.einsum("bsd,df->bsf", x, self.w_up[...])
         hmid = constrain(jax.nn.silu(g) * u, ("batch", "seq", "mlp"))
-        return constrain(jnp.einsum("bsf,fd->bsd", hmid, self.w_down[...]), ("batch", "seq", "embed"))
+        return row_parallel("bsf,fd->bsd", hmid, self.w_down[...], ("batch", "seq", "mlp"), ("mlp", "embed"))
 
 
 class MoE(nnx.Module):
@@ -140,7 +125,8 @@ class MoE(nnx.Module):
         g = jnp.einsum("bsd,edf->bsef", x, self.w_gate[...])
         u = jnp.einsum("bsd,edf->bsef", x, self.w_up[...])
         h = constrain(jax.nn.silu(g) * u * combine[..., None].astype(x.dtype), ("batch", "seq", "experts", "mlp"))
-        return constrain(jnp.einsum("bsef,efd->bsd", h, self.w_down[...]), ("batch", "seq", "embed"))
+        return row_parallel("bsef,efd->bsd", h, self.w_down[...], ("batch", "seq", "experts", "mlp"),
+                            ("experts", "mlp", "embed"))
 
 
 class Block(nnx.Module):
@@ -150,8 +136,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
         self.mlp = MoE(cfg, rngs) if cfg.num_local_experts else MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, cache, decode_pos):
-        a, cache = self.attn(self.attn_norm(x), cos, sin, cache, decode_pos)
+    def __call__(self, x, cos, sin, positions, cache, decode):
+        a, cache = self.attn(self.attn_norm(x), cos, sin, positions, cache, decode)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "seq", "embed")), cache
+        return constrain(x, ("batch", "residual_seq", "embed")), cache
