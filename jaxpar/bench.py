@@ -8,7 +8,7 @@ import time
 
 from jaxpar.tools import cli
 
-SHIPPED = ["single", "dp8", "tp2", "tp4", "tp8", "dp2_tp4"]
+SHIPPED = ["single", "dp8", "tp2", "tp4", "tp8", "dp2_tp4", "sp4", "sp8", "sp4_ulysses", "dp2_sp2_tp2"]
 
 
 def _engine(mesh, args):
@@ -67,7 +67,13 @@ def bench_throughput(mesh, batch, new_tokens, args, repeats=3) -> dict:
 
 
 def main(argv=None):
-    p = cli.parser("bench", "Measure layouts side by side and write a table.")
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["seq"]:
+        from jaxpar.benchmarks import sequence
+        return sequence.main(argv[1:])
+    p = cli.parser("bench", "Measure layouts side by side and write a table. `python -m jaxpar.bench seq "
+                   "--help`: the sequence-parallelism sweep (memory and communication against N and context).")
     p.add_argument("--mesh", nargs="+", default=SHIPPED, help="mesh files or shipped names (default: all shipped)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", help="model config or shipped name (default: the embedded tiny-add)")

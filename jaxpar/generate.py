@@ -38,6 +38,12 @@ def print_stats(engine) -> None:
              f"tokens/s: {s['tokens_per_s']:.1f} ({s['new_tokens']} new tokens, {s['prompts']} prompts)",
              f"memory per device: params {engine.params_bytes_per_device() / mib:.2f} MiB, "
              f"KV cache {kv / mib:.2f} MiB ({engine.mesh.size} devices)"]
+    ex = s.get("experts")
+    if ex:
+        lines.append(f"expert load: {ex['assignments']} token-expert assignments, {ex['dropped_total']} dropped "
+                     f"(past capacity)")
+        for i, (load, imb, drop) in enumerate(zip(ex["tokens_per_expert"], ex["imbalance"], ex["dropped"])):
+            lines.append(f"  layer {i}: tokens per expert {load}, max/mean {imb:.2f}, dropped {drop}")
     for line in lines:
         print(f"stats: {line}", file=sys.stderr)
 

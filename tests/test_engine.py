@@ -45,9 +45,9 @@ def test_cache_is_donated():
     eng = engine("tp4")
     b, t = 1, 16
     cache = eng.steps.new_cache(b, t)()
-    tok, new = eng.steps.decode(eng.params, cache, np.zeros(b, np.int32), np.zeros(b, np.int32), np.int32(t),
-                                np.zeros(b, np.int32), np.int32(1), jax.random.PRNGKey(0), np.float32(1),
-                                np.int32(0), np.float32(1), True)
+    tok, new, _ = eng.steps.decode(eng.params, cache, np.zeros(b, np.int32), np.zeros(b, np.int32), np.int32(t),
+                                   np.ones(b, bool), np.zeros(b, np.int32), np.int32(1), jax.random.PRNGKey(0),
+                                   np.float32(1), np.int32(0), np.float32(1), True)
     assert cache[0].is_deleted() and cache[1].is_deleted()
     assert new[0].shape == cache[0].shape
 

@@ -58,7 +58,8 @@ def test_memory_per_device_is_total_over_shards(mesh, tp):
 def test_inspect_counts_loop_trips():
     """The scanned layers compile to one while loop; its body's collectives count once per layer."""
     from jaxpar.analysis.hlo import collectives
-    text = engine("tp2").steps.logits.lower(engine("tp2").params, np.zeros((1, 16), np.int32)).compile().as_text()
+    text = engine("tp2").steps.logits.lower(engine("tp2").params, np.zeros((1, 16), np.int32),
+                                          np.ones((1, 16), bool)).compile().as_text()
     assert "known_trip_count" in text
     assert collectives(text)["all-reduce"]["count"] == 2 * engine("tp2").config.num_hidden_layers + 1
 
@@ -109,6 +110,6 @@ def test_program_size_does_not_grow_with_depth():
         cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
         eng = jaxpar.load(mesh="tp2", model=cfg)
-        text = eng.steps.logits.lower(eng.params, np.zeros((1, 8), np.int32)).compile().as_text()
+        text = eng.steps.logits.lower(eng.params, np.zeros((1, 8), np.int32), np.ones((1, 8), bool)).compile().as_text()
         sizes.append(sum(1 for line in text.splitlines() if " = " in line))
     assert sizes[0] == sizes[1], sizes

@@ -87,8 +87,10 @@ class Engine:
         sp = -(-s // self.steps.seq_multiple) * self.steps.seq_multiple  # padding after the end: causally unseen
         padded = np.zeros((bp, sp), np.int32)
         padded[:b, :s] = tokens
+        valid = np.zeros((bp, sp), bool)
+        valid[:b, :s] = True
         order = self.steps.seq_order(sp)
-        out = np.asarray(self.steps.logits(self.params, padded[:, order]))
+        out = np.asarray(self.steps.logits(self.params, padded[:, order], valid[:, order]))
         return out[:b, zigzag.inverse(order)[:s]]
 
     def _check_ids(self, tokens, what: str = "") -> None:
@@ -149,10 +151,11 @@ class Engine:
         cache = self._caches.pop((bp, t), None) or self.steps.new_cache(bp, t)()
         t_start = time.perf_counter()
         t_first = None
-        tok, cache = self.steps.prefill(self.params, cache, tokens, lengths, row_ids, *sargs)
-        out: list[list[int]] = [[] for _ in range(b)]
         done = np.zeros(bp, bool)
         done[b:] = True
+        tok, cache, stats = self.steps.prefill(self.params, cache, tokens, lengths, ~done, row_ids, *sargs)
+        expert_stats = [stats]
+        out: list[list[int]] = [[] for _ in range(b)]
         eos = np.array((self.eos_ids if stop_at_eos else ()) or [-1])
         for step in range(max_new_tokens):
             pos = lengths + step  # where the token just sampled will be written
@@ -160,8 +163,8 @@ class Engine:
             nxt = None
             if not last and not np.all(done | (pos >= t)):
                 # dispatch the next step before reading this token back, so host and device overlap
-                nxt = self.steps.decode(self.params, cache, tok, np.minimum(pos, t - 1), np.int32(s), row_ids,
-                                        np.int32(step + 1), *sargs)
+                nxt = self.steps.decode(self.params, cache, tok, np.minimum(pos, t - 1), np.int32(s),
+                                        ~done & (pos < t), row_ids, np.int32(step + 1), *sargs)
             host = np.asarray(tok)
             t_first = t_first or time.perf_counter()
             for i in range(b):
@@ -173,11 +176,13 @@ class Engine:
                 out[i].append(int(host[i]))
                 if on_token:
                     on_token(i, int(host[i]))
+            if nxt is not None:
+                expert_stats.append(nxt[2])
             if nxt is None or np.all(done):
                 if nxt is not None:
                     cache = nxt[1]
                 break
-            tok, cache = nxt
+            tok, cache, _ = nxt
         self._caches[(bp, t)] = cache
         t_end = time.perf_counter()
         n = sum(len(o) for o in out)
@@ -186,7 +191,21 @@ class Engine:
                            "tpot_s": (t_end - t_first) / max(steps_run - 1, 1),
                            "tokens_per_s": n / (t_end - t_start), "batch_padded": bp, "prompt_bucket": s,
                            "cache_len": t}
+        if expert_stats[0]:
+            self.last_stats["experts"] = summarise_expert_stats(expert_stats)
         return out
+
+
+def summarise_expert_stats(per_step: list[dict]) -> dict:
+    """Sum the per-step expert statistics of one generate call (prefill + decode steps) into per-layer
+    tokens per expert, load imbalance (max / mean) and dropped assignments."""
+    load = sum(np.asarray(st["load"], np.float64) for st in per_step)  # [layers, experts]
+    dropped = sum(np.asarray(st["dropped"], np.float64) for st in per_step)  # [layers]
+    mean = load.mean(axis=1)
+    imbalance = np.where(mean > 0, load.max(axis=1) / np.maximum(mean, 1e-9), 0.0)
+    return {"tokens_per_expert": load.astype(int).tolist(), "imbalance": [round(float(x), 3) for x in imbalance],
+            "dropped": dropped.astype(int).tolist(), "assignments": int(load.sum()),
+            "dropped_total": int(dropped.sum())}
 
 
 def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
@@ -207,11 +226,12 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     cache = engine.cache_struct(b, t)
     out = {"batch": b, "prompt_len": s, "cache_len": t}
     t0 = time.perf_counter()
-    out["prefill"] = engine.steps.prefill.lower(engine.params, cache, i32(b, s), i32(b), i32(b), key, f32,
-                                                i32(), f32, True).compile()
+    row_mask = jax.ShapeDtypeStruct((b,), np.bool_)
+    out["prefill"] = engine.steps.prefill.lower(engine.params, cache, i32(b, s), i32(b), row_mask, i32(b), key,
+                                                f32, i32(), f32, True).compile()
     t1 = time.perf_counter()
-    out["decode"] = engine.steps.decode.lower(engine.params, cache, i32(b), i32(b), i32(), i32(b), i32(), key,
-                                              f32, i32(), f32, True).compile()
+    out["decode"] = engine.steps.decode.lower(engine.params, cache, i32(b), i32(b), i32(), row_mask, i32(b),
+                                              i32(), key, f32, i32(), f32, True).compile()
     out["compile_s"] = {"prefill": t1 - t0, "decode": time.perf_counter() - t1}
     out["kv_cache_bytes_per_device"] = P.bytes_per_device(cache)
     return out

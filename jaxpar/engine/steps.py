@@ -40,15 +40,16 @@ class Steps:
         tok2 = lay.sharding(("batch", "seq"))
         row = lay.sharding(("batch",))
         rep = lay.sharding(())
-        self.logits = InLayout(jax.jit(self._logits, in_shardings=(self.param_sh, tok2),
+        self.logits = InLayout(jax.jit(self._logits, in_shardings=(self.param_sh, tok2, tok2),
                               out_shardings=lay.sharding(("batch", "seq", "vocab"))), lay)
         samp = (rep, rep, rep, rep)  # key, temperature, top_k, top_p
-        self.prefill = InLayout(jax.jit(self._prefill, static_argnums=(9,), donate_argnums=(1,),
-                               in_shardings=(self.param_sh, (self.cache_sh,) * 2, tok2, row, row) + samp,
-                               out_shardings=(row, (self.cache_sh,) * 2)), lay)
-        self.decode = InLayout(jax.jit(self._decode, static_argnums=(11,), donate_argnums=(1,),
-                              in_shardings=(self.param_sh, (self.cache_sh,) * 2, row, row, rep, row, rep) + samp,
-                              out_shardings=(row, (self.cache_sh,) * 2)), lay.for_decode())
+        # outputs: sampled tokens, the cache, and expert load statistics ({} for a dense model)
+        self.prefill = InLayout(jax.jit(self._prefill, static_argnums=(10,), donate_argnums=(1,),
+                               in_shardings=(self.param_sh, (self.cache_sh,) * 2, tok2, row, row, row) + samp,
+                               out_shardings=(row, (self.cache_sh,) * 2, rep)), lay)
+        self.decode = InLayout(jax.jit(self._decode, static_argnums=(12,), donate_argnums=(1,),
+                              in_shardings=(self.param_sh, (self.cache_sh,) * 2, row, row, rep, row, row, rep)
+                              + samp, out_shardings=(row, (self.cache_sh,) * 2, rep)), lay.for_decode())
         self.new_cache = functools.lru_cache(maxsize=8)(self._cache_fn)
 
     def _model(self, params):
@@ -75,35 +76,36 @@ class Steps:
         n = self.layout.size("seq")
         return math.lcm(2 * n if n > 1 else 1, self.layout.size("residual_seq"))
 
-    def _logits(self, params, tokens):
-        """tokens [B, S] in `seq_order`; logits come back in the same order."""
+    def _logits(self, params, tokens, valid):
+        """tokens [B, S] in `seq_order`; logits come back in the same order. valid [B, S]: real tokens."""
         model = self._model(params)
         pos = jnp.broadcast_to(jnp.asarray(self.seq_order(tokens.shape[1]), jnp.int32), tokens.shape)
-        h, _ = model(tokens, pos)
+        h, _, _ = model(tokens, pos, valid=valid)
         return model.logits(h)
 
     def _sample(self, logits, row_ids, key, step, temperature, top_k, top_p, greedy):
         logits = constrain(logits, ("batch", None))  # gather the vocab shards once, then sample locally
         return sample(logits, row_keys(key, row_ids, step), temperature, top_k, top_p, greedy)
 
-    def _prefill(self, params, cache, tokens, lengths, row_ids, key, temperature, top_k, top_p, greedy):
-        """tokens [B, S] in the layout's sequence order (`seq_order`)."""
+    def _prefill(self, params, cache, tokens, lengths, active, row_ids, key, temperature, top_k, top_p, greedy):
+        """tokens [B, S] in the layout's sequence order (`seq_order`); active [B]: real rows."""
         model = self._model(params)
         pos = jnp.broadcast_to(jnp.asarray(self.seq_order(tokens.shape[1]), jnp.int32), tokens.shape)
-        h, cache = model(tokens, pos, cache=cache)
+        h, cache, stats = model(tokens, pos, cache=cache, valid=(pos < lengths[:, None]) & active[:, None])
         # each row's last prompt token, picked by position (a masked sum: one small all-reduce when the
         # sequence is split, where indexing would gather the whole sequence)
         last = constrain(jnp.sum(jnp.where((pos == (lengths - 1)[:, None])[..., None], h, jnp.zeros((), h.dtype)),
                                  axis=1, keepdims=True), ("batch", None, "embed"))
         with activate(self.layout.for_decode()):  # one token per row from here on: no sequence to split
             logits = model.logits(last)[:, 0]
-        return self._sample(logits, row_ids, key, 0, temperature, top_k, top_p, greedy), cache
+        return self._sample(logits, row_ids, key, 0, temperature, top_k, top_p, greedy), cache, stats
 
-    def _decode(self, params, cache, tokens, pos, prompt_len, row_ids, step, key, temperature, top_k, top_p,
-                greedy):
+    def _decode(self, params, cache, tokens, pos, prompt_len, active, row_ids, step, key, temperature, top_k,
+                top_p, greedy):
         """prompt_len: the prompt bucket the cache was prefilled with (fixes where each position is cached
-        when the cache is split over `seq`)."""
+        when the cache is split over `seq`). active [B]: rows still generating."""
         model = self._model(params)
-        h, cache = model(tokens[:, None], pos[:, None], cache=cache, decode=(pos, prompt_len))
+        h, cache, stats = model(tokens[:, None], pos[:, None], cache=cache, decode=(pos, prompt_len),
+                                valid=active[:, None])
         logits = model.logits(h)[:, 0]
-        return self._sample(logits, row_ids, key, step, temperature, top_k, top_p, greedy), cache
+        return self._sample(logits, row_ids, key, step, temperature, top_k, top_p, greedy), cache, stats

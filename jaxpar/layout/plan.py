@@ -32,7 +32,7 @@ def _axes_desc(mesh_cfg: MeshConfig, rules: dict, logical: str) -> str:
 # activations and cache, by logical names (the model's `constrain` calls and the KV cache)
 ACTIVATIONS = (("batch", "seq", "embed"), ("batch", "residual_seq", "embed"), ("batch", "seq", "heads", "head_dim"),
                ("batch", "seq", "kv_heads", "head_dim"), ("batch", "seq", "mlp"), ("batch", "seq", "vocab"),
-               ("layers", "batch", "cache_seq", "kv_heads", "head_dim"), ("batch", "seq", "experts", "mlp"))
+               ("layers", "batch", "cache_seq", "kv_heads", "head_dim"))
 
 
 def _check_axis_reuse(cfg: ModelConfig, rules: dict, mesh_cfg: MeshConfig) -> None:
@@ -58,6 +58,9 @@ def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLa
         return int(np.prod([mesh_cfg.size(a) for a in rules.get(logical, ())]))
 
     _check_axis_reuse(cfg, rules, mesh_cfg)
+    if size("experts") > 1 and not cfg.num_local_experts:
+        raise LayoutError(f"{src}: axes {_axes_desc(mesh_cfg, rules, 'experts')}: expert parallelism needs a "
+                          f"mixture-of-experts model, and this model is dense (num_local_experts=0)")
     checks = [("heads", cfg.num_attention_heads, "num_attention_heads"),
               ("mlp", cfg.expert_ffn if cfg.num_local_experts else cfg.intermediate_size,
                "moe_intermediate_size" if cfg.num_local_experts and cfg.moe_intermediate_size
@@ -91,7 +94,7 @@ def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLa
     names = list(mesh_cfg.axes) or ["data"]
     shape = [mesh_cfg.axes[a] for a in mesh_cfg.axes] or [1]
     mesh = Mesh(np.array(devices[:mesh_cfg.device_count]).reshape(shape), tuple(names), axis_types=(AxisType.Auto,) * len(names))
-    return ModelLayout(Layout(mesh, rules, mesh_cfg.attention), mesh_cfg, rep)
+    return ModelLayout(Layout(mesh, rules, mesh_cfg.attention, mesh_cfg.capacity_factor), mesh_cfg, rep)
 
 
 def _check_residual(mesh_cfg: MeshConfig, rules: dict, cfg: ModelConfig) -> None:

@@ -17,7 +17,7 @@ LOGICAL_AXES = ("batch", "seq", "residual_seq", "embed", "heads", "kv_heads", "h
                 "layers", "experts", "cache_seq")
 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data",),
+    "batch": ("data", "expert"),  # the expert axis also splits the batch (attention is data-parallel there)
     "seq": ("seq",),  # the sequence of prompt activations (prefill)
     "residual_seq": ("seq",),  # the residual stream's sequence (between blocks, norms); [seq, tensor] gives
     # NVIDIA-style sequence parallelism: reduce-scatter + all-gather in place of each tensor all-reduce
@@ -39,6 +39,7 @@ class Layout:
     mesh: Mesh
     rules: dict
     attention: str = "dense"
+    capacity_factor: float = 0.0  # expert buffer capacity (0 = dropless)
 
     def for_decode(self) -> "Layout":
         """Decode computes one token per row: its activations have no sequence to split (the KV cache keeps

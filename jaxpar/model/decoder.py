@@ -33,24 +33,31 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
-    def __call__(self, tokens, positions, cache=None, decode=None):
+    def __call__(self, tokens, positions, cache=None, decode=None, valid=None, router_aux=False):
         """tokens, positions [B, S] -> hidden [B, S, embed] (before the final norm) and the updated cache.
 
         cache None: plain causal forward. cache (k, v) [layers, B, T, kv_heads, head_dim] and decode None:
         prefill, the prompt's K/V written to the cache. decode (pos [B], prompt_len): one new token per row at pos;
         prompt_len is the prompt length the cache was prefilled with. Under a `seq` axis the sequence is in
-        the zigzag order (parallel/zigzag.py) and positions say which position each index holds."""
+        the zigzag order (parallel/zigzag.py) and positions say which position each index holds.
+        valid [B,S] marks real tokens (default all): mixture-of-experts layers do not route the others.
+        Returns (hidden, cache, stats): stats are per-layer expert statistics stacked on a leading layers
+        axis ({} for a dense model)."""
         cfg = self.cfg
         x = constrain(embed_lookup(self.embed[...], tokens), ("batch", "residual_seq", "embed"))
         cos, sin = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
         graph, state = nnx.split(self.layers)
+        if valid is None:
+            valid = jnp.ones(tokens.shape, bool)
 
         def body(h, xs):
             layer_state, layer_cache = xs
-            return nnx.merge(graph, layer_state)(h, cos, sin, positions, layer_cache, decode)
+            h, layer_cache, stats = nnx.merge(graph, layer_state)(h, cos, sin, positions, layer_cache, decode,
+                                                                  valid, router_aux)
+            return h, (layer_cache, stats)
 
-        x, cache = jax.lax.scan(body, x, (state, cache))
-        return x, cache
+        x, (cache, stats) = jax.lax.scan(body, x, (state, cache))
+        return x, cache, stats
 
     def logits(self, h):
         """Final norm and LM head; logits are vocab-sharded, float32."""

@@ -9,6 +9,7 @@ from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
 from jaxpar.model.rope import apply_rope
 from jaxpar.parallel.attention import decode_attention, prefill_attention, write_prompt
+from jaxpar.parallel.experts import expert_ffn, top_k_per_token
 from jaxpar.parallel.seq_parallel import row_parallel
 
 INIT = nnx.initializers.normal(0.02)
@@ -97,11 +98,10 @@ class MLP(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Mixture of experts (Mixtral-style): a softmax router picks the top-k experts of each token, whose
-    SwiGLU outputs are summed with the (renormalised) router weights. Experts are stacked on a logical
-    `experts` axis. This path computes every expert densely and masks with the combine weights: exact, and
-    the reference for the expert-parallel dispatch; with `tensor` > 1 each expert's FFN is split like the
-    dense MLP (column-parallel gate/up, row-parallel down: one all-reduce)."""
+    """Mixture of experts (Mixtral / Qwen-MoE style): a softmax router picks each token's top-k experts, whose
+    SwiGLU outputs are summed with the router weights (renormalised over the top k when norm_topk_prob).
+    Experts are stacked on a logical `experts` axis; how they run (all experts masked, or dispatched to the
+    devices holding them) is the layout's choice (parallel/experts.py)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, e, dt = cfg.hidden_size, cfg.expert_ffn, cfg.num_local_experts, cfg.dtype
@@ -111,22 +111,28 @@ class MoE(nnx.Module):
         self.w_up = param(rngs, (e, d, f), ("experts", "embed", "mlp"), dt)
         self.w_down = param(rngs, (e, f, d), ("experts", "mlp", "embed"), dt)
 
-    def routing(self, x):
-        """x [B, S, D] -> combine weights [B, S, E] (zero outside each token's top-k), float32."""
+    def route(self, x):
+        """x [B,S,D] -> chosen experts [B,S,k], their weights [B,S,k] and all router probabilities [B,S,E]
+        (float32)."""
         logits = jnp.einsum("bsd,de->bse", x, self.router[...], preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
-        top, idx = jax.lax.top_k(probs, self.k)
+        top, idx = top_k_per_token(probs, self.k)
         if self.norm_topk:
             top = top / jnp.sum(top, axis=-1, keepdims=True)
-        return jnp.sum(jax.nn.one_hot(idx, probs.shape[-1], dtype=jnp.float32) * top[..., None], axis=-2)
+        return idx, top, probs
 
-    def __call__(self, x):
-        combine = self.routing(x)
-        g = jnp.einsum("bsd,edf->bsef", x, self.w_gate[...])
-        u = jnp.einsum("bsd,edf->bsef", x, self.w_up[...])
-        h = constrain(jax.nn.silu(g) * u * combine[..., None].astype(x.dtype), ("batch", "seq", "experts", "mlp"))
-        return row_parallel("bsef,efd->bsd", h, self.w_down[...], ("batch", "seq", "experts", "mlp"),
-                            ("experts", "mlp", "embed"))
+    def __call__(self, x, valid, router_aux: bool = False):
+        """valid [B,S]: real tokens (padding is not routed). -> (out, stats): stats holds `load` [E]
+        (assignments per expert) and `dropped` (assignments past capacity); with router_aux also `aux`, the
+        Switch-Transformer load-balancing loss E * sum_e(fraction routed to e * mean probability of e)."""
+        idx, top, probs = self.route(x)
+        out, load, dropped = expert_ffn(x, idx, top, valid, self.w_gate[...], self.w_up[...], self.w_down[...])
+        stats = {"load": load, "dropped": dropped}
+        if router_aux:
+            n = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+            p_mean = jnp.sum(probs * valid[..., None], axis=(0, 1)) / n
+            stats["aux"] = probs.shape[-1] * jnp.sum(jax.lax.stop_gradient(load) / (n * self.k) * p_mean)
+        return out, stats
 
 
 class Block(nnx.Module):
@@ -136,8 +142,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
         self.mlp = MoE(cfg, rngs) if cfg.num_local_experts else MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, positions, cache, decode):
+    def __call__(self, x, cos, sin, positions, cache, decode, valid, router_aux=False):
+        """-> (x, cache, stats); stats: the MoE layer's load statistics ({} for a dense MLP)."""
         a, cache = self.attn(self.attn_norm(x), cos, sin, positions, cache, decode)
         x = x + a
-        x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "residual_seq", "embed")), cache
+        if isinstance(self.mlp, MoE):
+            m, stats = self.mlp(self.mlp_norm(x), valid, router_aux)
+        else:
+            m, stats = self.mlp(self.mlp_norm(x)), {}
+        x = x + m
+        return constrain(x, ("batch", "residual_seq", "embed")), cache, stats

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxpar.model.attend import attend
 from jaxpar.parallel import zigzag

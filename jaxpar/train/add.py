@@ -1,8 +1,10 @@
-"""Train `tiny-add`: integer addition of up to 3-digit operands, with optax, on one device.
+"""Train `tiny-add` (or `tiny-add-moe`): integer addition of up to 3-digit operands, with optax, on one device.
 
     python -m jaxpar.train.add --steps 12000 --out jaxpar/models/tiny_add/checkpoint
+    python -m jaxpar.train.add --model tiny-add-moe --steps 12000 --out jaxpar/models/tiny_add_moe/checkpoint
 
-Loss is on the answer and the end-of-sequence token only. 1,000 held-out problems (fixed seed) never appear
+Loss is on the answer and the end-of-sequence token only, plus, for a mixture-of-experts model, the
+Switch-Transformer load-balancing loss (weight --aux-weight) so that every expert gets work. 1,000 held-out problems (fixed seed) never appear
 in training; the script reports exact-match accuracy on them with greedy decoding through the engine."""
 from __future__ import annotations
 
@@ -48,9 +50,10 @@ def make_batch(rng, n: int, exclude: set):
     return tokens, mask
 
 
-def train(steps: int, batch: int = 128, lr: float = 3e-3, seed: int = 0, log_every: int = 100, log=None):
-    log = log or (lambda msg: print(msg, flush=True))
+def train(steps: int, batch: int = 128, lr: float = 3e-3, seed: int = 0, log_every: int = 100, log=None,
+          model: str = "tiny-add", aux_weight: float = 0.01):
     """Returns (config, params, losses)."""
+    log = log or (lambda msg: print(msg, flush=True))
     import jax
     import jax.numpy as jnp
     import optax
@@ -58,7 +61,7 @@ def train(steps: int, batch: int = 128, lr: float = 3e-3, seed: int = 0, log_eve
     from jaxpar.config import load_config
     from jaxpar.engine import params as P
 
-    cfg = load_config("tiny-add")
+    cfg = load_config(model)
     _, abstract = P.abstract_model(cfg)
     from flax import nnx
     with nnx.use_eager_sharding(False):
@@ -71,11 +74,12 @@ def train(steps: int, batch: int = 128, lr: float = 3e-3, seed: int = 0, log_eve
     def loss_fn(p, tokens, mask):
         model = P.bind(cfg, 1, p)
         pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        h, _ = model(tokens, pos)
+        h, _, stats = model(tokens, pos, valid=tokens != PAD, router_aux=True)
         logits = model.logits(h)[:, :-1]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
         m = mask[:, :-1]
-        return jnp.sum(ce * m) / jnp.sum(m)
+        loss = jnp.sum(ce * m) / jnp.sum(m)
+        return loss + aux_weight * jnp.mean(stats["aux"]) if "aux" in stats else loss
 
     @jax.jit
     def step(p, s, tokens, mask):
@@ -103,13 +107,16 @@ def accuracy(engine, problems) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m jaxpar.train.add", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny-add", help="shipped config to train (tiny-add or tiny-add-moe)")
+    ap.add_argument("--aux-weight", type=float, default=0.01, help="load-balancing loss weight (MoE)")
     ap.add_argument("--steps", type=int, default=12000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="checkpoint directory to write (default: none)")
     args = ap.parse_args(argv)
-    cfg, params, losses = train(args.steps, args.batch, args.lr, args.seed)
+    cfg, params, losses = train(args.steps, args.batch, args.lr, args.seed, model=args.model,
+                                aux_weight=args.aux_weight)
     from jaxpar.engine import checkpoint as ckpt
     from jaxpar.engine.engine import Engine
     from jaxpar.layout.mesh_file import parse_mesh
@@ -122,7 +129,8 @@ def main(argv=None):
     if args.out:
         ckpt.save(args.out, cfg, params)
         with open(os.path.join(args.out, "train_stats.json"), "w") as f:
-            json.dump({"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+            json.dump({"model": args.model, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+                       "seed": args.seed, "aux_weight": args.aux_weight,
                        "final_loss": float(np.mean(losses[-100:])), "heldout_accuracy": acc}, f, indent=1)
 
 

@@ -1,0 +1,1 @@
+"""Benchmark sweeps behind `python -m jaxpar.bench <name>`."""

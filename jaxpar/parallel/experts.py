@@ -1,0 +1,107 @@
+"""The experts of a mixture-of-experts layer, computed two ways, chosen by the active layout.
+
+- No `expert` axis: every expert on every token, masked by the router's combine weights (exact; the
+  reference the dispatch is tested against). Expert FFNs split over `tensor` like the dense MLP.
+- `expert` axis (expert parallelism): whole experts live on devices, and so do tokens (the expert axis
+  also splits the batch, so no device repeats another's attention). Each device sorts its tokens' top-k
+  choices into fixed-capacity per-expert buffers, one all-to-all sends every buffer to the device holding
+  its expert, the local experts run as one batched matmul, the inverse all-to-all brings the results back,
+  and they are summed with the router weights. An assignment past its expert's capacity is dropped: the
+  token keeps only its residual (and its other choices) and the drop is counted.
+
+Capacity per (device, expert) is ceil(capacity_factor * tokens * k / experts), or the worst case (all the
+device's tokens) when capacity_factor is 0 (dropless). Padding tokens (`valid` False) are never routed.
+Both paths also return load statistics: assignments per expert and dropped assignments (over all devices).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxpar.layout.rules import active, constrain
+from jaxpar.parallel.seq_parallel import row_parallel
+
+
+def top_k_per_token(probs, k: int):
+    """jax.lax.top_k over the last axis of [B,S,E], run on each device's own tokens (XLA would otherwise
+    gather the batch to sort it)."""
+    lay = active()
+    if lay is None or lay.mesh.size == 1:
+        return jax.lax.top_k(probs, k)
+    spec = lay.spec(("batch", "seq", None))
+    return jax.shard_map(lambda p: tuple(jax.lax.top_k(p, k)), mesh=lay.mesh, in_specs=spec,
+                         out_specs=(spec, spec))(probs)
+
+
+def capacity(tokens: int, k: int, experts: int, factor: float) -> int:
+    """Buffer slots per expert for `tokens` tokens of one device."""
+    if factor <= 0:
+        return tokens
+    return max(1, min(tokens, math.ceil(factor * tokens * k / experts)))
+
+
+def expert_ffn(x, idx, weights, valid, w_gate, w_up, w_down):
+    """x [B,S,D]; idx [B,S,k] chosen experts; weights [B,S,k] float32; valid [B,S] bool; expert weights
+    [E,D,F], [E,D,F], [E,F,D]. -> (out [B,S,D], load [E] float32, dropped float32)."""
+    lay = active()
+    if lay is None or lay.size("experts") == 1:
+        return _dense(x, idx, weights, valid, w_gate, w_up, w_down)
+    tokens_axes = lay.axes("batch") + lay.axes("seq")
+    tensor_axes = lay.axes("mlp")
+    b, s = x.shape[0] // lay.size("batch"), x.shape[1] // lay.size("seq")
+    cap = capacity(b * s, idx.shape[-1], w_gate.shape[0], lay.capacity_factor)
+    body = functools.partial(_dispatch_local, axis=lay.axes("experts"), ep=lay.size("experts"),
+                             tensor_axes=tensor_axes, token_axes=tokens_axes, cap=cap)
+    tok = lay.spec(("batch", "seq", "embed"))
+    choice = lay.spec(("batch", "seq", None))
+    out, stats = jax.shard_map(
+        body, mesh=lay.mesh,
+        in_specs=(tok, choice, choice, lay.spec(("batch", "seq")), lay.spec(("experts", "embed", "mlp")),
+                  lay.spec(("experts", "embed", "mlp")), lay.spec(("experts", "mlp", "embed"))),
+        out_specs=(tok, lay.spec(())))(x, idx, weights, valid, w_gate, w_up, w_down)
+    return out, stats[:-1], stats[-1]
+
+
+def _dense(x, idx, weights, valid, w_gate, w_up, w_down):
+    e = w_gate.shape[0]
+    onehot = jax.nn.one_hot(idx, e, dtype=jnp.float32) * valid[..., None, None]  # [B,S,k,E]
+    combine = jnp.sum(onehot * weights[..., None], axis=-2)  # [B,S,E]
+    g = jnp.einsum("bsd,edf->bsef", x, w_gate)
+    u = jnp.einsum("bsd,edf->bsef", x, w_up)
+    h = constrain(jax.nn.silu(g) * u * combine[..., None].astype(x.dtype), ("batch", "seq", None, "mlp"))
+    out = row_parallel("bsef,efd->bsd", h, w_down, ("batch", "seq", None, "mlp"), ("experts", "mlp", "embed"))
+    return out, onehot.sum(axis=(0, 1, 2)), jnp.zeros((), jnp.float32)
+
+
+def _dispatch_local(x, idx, weights, valid, w_gate, w_up, w_down, *, axis, ep, tensor_axes, token_axes, cap):
+    """Per device: x [b,s,D] its tokens; w_* its E_l experts ([E_l,D,F_l] ...), F_l = F / tensor."""
+    b, s, d = x.shape
+    k = idx.shape[-1]
+    e_local = w_gate.shape[0]
+    e = e_local * ep
+    t = b * s
+    xt = x.reshape(t, d)
+    expert = idx.reshape(t * k)
+    ok = jnp.repeat(valid.reshape(t), k)
+    onehot = jax.nn.one_hot(expert, e, dtype=jnp.int32) * ok[:, None]  # [t*k, E], token-major priority
+    slot = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)  # place in its expert's buffer
+    keep = ok & (slot < cap)
+    src = jnp.repeat(jnp.arange(t), k)
+    send = jnp.zeros((e, cap, d), x.dtype).at[jnp.where(keep, expert, e), jnp.where(keep, slot, 0)].set(
+        xt[src], mode="drop")
+    # to the experts' devices: [ep (source device), E_l, cap, D]
+    recv = jax.lax.all_to_all(send.reshape(ep, e_local, cap, d), axis, 0, 0, tiled=True)
+    xin = recv.transpose(1, 0, 2, 3).reshape(e_local, ep * cap, d)
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xin, w_gate)) * jnp.einsum("ecd,edf->ecf", xin, w_up)
+    y = jnp.einsum("ecf,efd->ecd", h, w_down)
+    if tensor_axes:
+        y = jax.lax.psum(y, tensor_axes)
+    back = jax.lax.all_to_all(y.reshape(e_local, ep, cap, d).transpose(1, 0, 2, 3), axis, 0, 0, tiled=True)
+    got = back.reshape(e, cap, d)[jnp.where(keep, expert, 0), jnp.where(keep, slot, 0)]
+    scale = (weights.reshape(t * k) * keep).astype(x.dtype)
+    out = (got * scale[:, None]).reshape(t, k, d).sum(axis=1).reshape(b, s, d)
+    stats = jnp.concatenate([onehot.sum(axis=0), (ok & ~keep).sum()[None]]).astype(jnp.float32)
+    return out, jax.lax.psum(stats, token_axes)
