@@ -10,6 +10,7 @@ from jaxpar.layout.plan import plan_layout
 from jaxpar.tokenizer import ByteTokenizer
 
 DEFAULT_MODEL = "tiny-add"
+DEFAULT_MOE_MODEL = "tiny-add-moe"  # the default on meshes with an expert axis
 DTYPES = ("float32", "bfloat16")
 
 
@@ -17,8 +18,8 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
     """Build an Engine: a model laid out on a mesh.
 
     mesh: a mesh file path, a shipped mesh name (`tp4`), or a MeshConfig.
-    model: None (the embedded default, or the config stored with `checkpoint`), a config path, a shipped model
-    name, or a ModelConfig. A model with no checkpoint gets random weights from `seed`.
+    model: None (the embedded default: tiny-add, or tiny-add-moe on a mesh with an expert axis; or the config
+    stored with `checkpoint`), a config path, a shipped model name, or a ModelConfig. A model with no checkpoint gets random weights from `seed`.
     """
     from jaxpar.engine import checkpoint as ckpt
     from jaxpar.engine import params as P
@@ -36,7 +37,8 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
             raise JaxparError("give either --hf or --checkpoint, not both")
         return _load_hf(hf, mesh_cfg, model, dtype, devices)
     if checkpoint is None and model is None:
-        checkpoint = os.path.join(shipped_model_dir(DEFAULT_MODEL), "checkpoint")
+        default = DEFAULT_MOE_MODEL if mesh_cfg.size("expert") > 1 else DEFAULT_MODEL
+        checkpoint = os.path.join(shipped_model_dir(default), "checkpoint")
     elif checkpoint is None and isinstance(model, str) and not os.path.exists(model):
         d = shipped_model_dir(model)
         if d and os.path.isdir(os.path.join(d, "checkpoint")):

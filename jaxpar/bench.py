@@ -72,8 +72,12 @@ def main(argv=None):
     if argv[:1] == ["seq"]:
         from jaxpar.benchmarks import sequence
         return sequence.main(argv[1:])
+    if argv[:1] == ["moe"]:
+        from jaxpar.benchmarks import experts
+        return experts.main(argv[1:])
     p = cli.parser("bench", "Measure layouts side by side and write a table. `python -m jaxpar.bench seq "
-                   "--help`: the sequence-parallelism sweep (memory and communication against N and context).")
+                   "--help`: the sequence-parallelism sweep (memory and communication against N and context); "
+                   "`python -m jaxpar.bench moe --help`: expert parallelism against capacity factor, EP vs TP.")
     p.add_argument("--mesh", nargs="+", default=SHIPPED, help="mesh files or shipped names (default: all shipped)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", help="model config or shipped name (default: the embedded tiny-add)")
@@ -109,12 +113,9 @@ def main(argv=None):
 
 def plot_layouts(rows, out_dir) -> list[str]:
     """Two PNGs: memory per device and bytes moved per device per step, one bar group per layout."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
+    from jaxpar.benchmarks.plots import pyplot, save
+    plt = pyplot()
+    if plt is None:
         return []
     names = [r["mesh"] for r in rows]
     x = range(len(rows))
@@ -131,11 +132,7 @@ def plot_layouts(rows, out_dir) -> list[str]:
         ax.set_xticks([j + w * (len(series) - 1) / 2 for j in x], names)
         ax.set_title(title)
         ax.legend()
-        fig.tight_layout()
-        path = os.path.join(out_dir, fname)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save(plt, fig, out_dir, fname))
     return paths
 
 

@@ -36,6 +36,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int | None = None
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1 (Mixtral: always)
+    shared_expert_intermediate_size: int | None = None  # Qwen2-MoE: an always-on expert, sigmoid-gated
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -156,6 +157,7 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
             raise ConfigError(f"{source}: field eos_token_id={e!r} is outside the vocabulary [0, {cfg.vocab_size})")
     _validate_rope_scaling(cfg, source)
     _int(cfg, "moe_intermediate_size", source, allow_none=True)
+    _int(cfg, "shared_expert_intermediate_size", source, allow_none=True)
     if not isinstance(cfg.norm_topk_prob, bool):
         raise ConfigError(f"{source}: field norm_topk_prob must be true or false, got {cfg.norm_topk_prob!r}")
     if cfg.num_local_experts and not 1 <= cfg.num_experts_per_tok <= cfg.num_local_experts:
@@ -164,6 +166,7 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
     if not cfg.num_local_experts:
         for name, value, default in (("num_experts_per_tok", cfg.num_experts_per_tok, 0),
                                      ("moe_intermediate_size", cfg.moe_intermediate_size, None),
+                                     ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size, None),
                                      ("norm_topk_prob", cfg.norm_topk_prob, True)):
             if value != default:
                 raise ConfigError(f"{source}: {name}={value} is set but num_local_experts is 0 (a dense model)")

@@ -109,10 +109,52 @@ def test_layouts_the_model_cannot_take_are_refused():
     with pytest.raises(LayoutError, match=r"m3: axes expert=3: model num_local_experts=8 .* not divisible by 3"):
         jaxpar.load(mesh=parse_mesh({"axes": {"expert": 3}}, "m3"), model=MOE)
     with pytest.raises(LayoutError, match=r"ep8.yaml: axes expert=8: expert parallelism needs a mixture-of-experts"):
-        jaxpar.load(mesh=mesh_path("ep8"))
+        jaxpar.load(mesh=mesh_path("ep8"), model="tiny-add")
     with pytest.raises(JaxparError, match=r"capacity_factor must be a number >= 0"):
         parse_mesh({"axes": {"expert": 8}, "capacity_factor": -1}, "neg")
     cfg = moe_engine("single").config
     with pytest.raises(JaxparError, match=r"num_experts_per_tok=9 must be between 1 and num_local_experts=8"):
         from jaxpar.config import config_from_dict
         config_from_dict({**cfg.to_dict(), "num_experts_per_tok": 9}, "cfg")
+
+
+# ---- the embedded mixture-of-experts model ---------------------------------------------------------------
+PROBLEMS = ["123+456=", "7+8=", "999+1=", "40+305=", "5+5="]
+
+
+@pytest.mark.parametrize("mesh", ["single", "ep8", "dp2_ep4", "tp2_ep4", "tp4"])
+def test_tiny_add_moe_adds_on_every_mesh(mesh):
+    eng = moe_engine(mesh, model="tiny-add-moe")
+    out = eng.generate(PROBLEMS, max_new_tokens=6)
+    assert out == [str(eval(p[:-1])) for p in PROBLEMS]
+    assert eng.last_stats["experts"]["dropped_total"] == 0
+
+
+def test_expert_meshes_default_to_the_moe_model():
+    eng = jaxpar.load(mesh=mesh_path("ep8"))
+    assert eng.config.num_local_experts == 8 and eng.config.num_experts_per_tok == 2
+    assert jaxpar.load(mesh=mesh_path("tp2")).config.num_local_experts == 0
+
+
+def test_trained_moe_spreads_load_over_experts():
+    """Trained with the load-balancing loss: every expert gets work, no expert takes over half of it."""
+    eng = moe_engine("ep8", model="tiny-add-moe")
+    eng.generate([f"{a}+{b}=" for a, b in zip(range(100, 164), range(300, 364))], max_new_tokens=6)
+    load = np.array(eng.last_stats["experts"]["tokens_per_expert"])
+    assert (load > 0).all() and (load.max(axis=1) < 0.5 * load.sum(axis=1)).all(), load
+
+
+def test_upcycling_starts_from_the_dense_function():
+    """Sparse upcycling with no noise: each expert is the dense MLP and the top-k weights sum to 1, so the
+    mixture computes exactly the dense model; with noise it does not."""
+    from jaxpar.config import load_config
+    from jaxpar.train.add import upcycle
+    one = jax.devices()[:1]
+    dense = jaxpar.load(mesh=mesh_path("single"), devices=one)
+    moe = jaxpar.load(mesh=mesh_path("single"), model=load_config("tiny-add-moe"), devices=one)
+    tokens = np.array([dense.tokenizer.encode("123+456=579")])
+    want = dense.logits(tokens)
+    for noise, close in ((0.0, True), (0.05, False)):
+        moe.params = jax.device_put(upcycle(dense.params, moe.params, noise, 0), one[0])
+        diff = np.abs(moe.logits(tokens) - want).max()
+        assert (diff <= 1e-5) == close, (noise, diff)

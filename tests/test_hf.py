@@ -26,7 +26,14 @@ VARIANTS = {  # name: (config class, model class, overrides)
     "qwen2_qkv_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3_qk_norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
     "mixtral_experts": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe_shared": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                         dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=48)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                                 moe_intermediate_size=32, head_dim=16,
+                                                                 norm_topk_prob=True)),
 }
+MOE_VARIANTS = ["mixtral_experts", "qwen2_moe_shared", "qwen3_moe"]
 MESHES = ["single", "tp2", "tp4", "dp2_tp4", "tp8"]  # tp8: kv heads replicated 4x (8x for MQA)
 TOKENS = np.random.RandomState(0).randint(3, 128, (3, 24))
 
@@ -95,6 +102,15 @@ def test_greedy_continuations_equal_transformers_generate(hf_models, name):
     for mesh in ("single", "dp2_tp4"):
         got = load(mesh, hf=d).generate_tokens(prompts, max_new_tokens=8, stop_at_eos=False)
         assert got == want, (name, mesh)
+
+
+@pytest.mark.parametrize("name", MOE_VARIANTS)
+def test_moe_logits_match_transformers_under_expert_parallelism(hf_models, name):
+    d, model = hf_models[name]
+    ref = reference_logits(model, TOKENS)
+    for mesh in ("dp2_ep4", "tp2_ep4"):
+        diff = np.abs(load(mesh, hf=d).logits(TOKENS) - ref).max()
+        assert diff <= 1e-4, f"{name} on {mesh}: {diff}"
 
 
 def test_mixtral_fused_expert_weights_load_the_same(hf_models, tmp_path):
@@ -263,7 +279,8 @@ BAD = {
     "shape_vs_config": (_config_disagrees, ["model.layers.0.mlp.gate_proj.weight", "[96, 64]", "[128, 64]"]),
     "missing_config": (lambda d: os.remove(os.path.join(d, "config.json")), ["no config.json"]),
     "unknown_arch": (_arch("GPT2LMHeadModel"), ["GPT2LMHeadModel", "not supported"]),
-    "moe_arch": (_arch("Qwen2MoeForCausalLM"), ["Qwen2MoeForCausalLM", "mixture-of-experts"]),
+    "moe_partly_dense": (lambda d: _edit_config(d, architectures=["Qwen2MoeForCausalLM"], decoder_sparse_step=2),
+                         ["decoder_sparse_step=2", "not supported"]),
     "missing_dir": (lambda d: shutil.rmtree(d), ["not found"]),
     "config_is_a_list": (_json_list("config.json"), ["config.json", "expected a JSON object"]),
     "generation_config_is_a_list": (_json_list("generation_config.json"), ["generation_config.json", "JSON object"]),

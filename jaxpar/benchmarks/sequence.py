@@ -204,12 +204,9 @@ def markdown(r) -> str:
 
 
 def plot(rows, out_dir) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
+    from jaxpar.benchmarks.plots import pyplot, save
+    plt = pyplot()
+    if plt is None:
         return []
     paths = []
     contexts = sorted({r["context"] for r in rows})
@@ -230,9 +227,5 @@ def plot(rows, out_dir) -> list[str]:
             ax.set_title(f"{att}")
             ax.legend(title="context", fontsize=7)
         fig.suptitle(title)
-        fig.tight_layout()
-        path = os.path.join(out_dir, fname)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save(plt, fig, out_dir, fname))
     return paths

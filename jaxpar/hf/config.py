@@ -8,15 +8,15 @@ from jaxpar.errors import ConfigError
 from jaxpar.hf.files import json_object
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-             "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral"}
-MOE = {"Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"}  # shared experts / per-layer sparsity: not yet
+             "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+             "Qwen3MoeForCausalLM": "qwen3_moe"}
 # config.json fields that change nothing at inference, or that jaxpar handles below
 IGNORED = {"architectures", "model_type", "transformers_version", "use_cache", "initializer_range",
            "attention_dropout", "pretraining_tp", "torch_dtype", "dtype", "rope_parameters", "layer_types",
            "max_window_layers", "sliding_window", "use_sliding_window", "mlp_bias", "tie_word_embeddings",
            "output_router_logits", "router_aux_loss_coef", "router_jitter_noise", "_name_or_path",
            "bos_token_id", "eos_token_id", "pad_token_id", "rope_scaling", "rope_theta", "id2label",
-           "label2id", "return_dict", "output_attentions", "output_hidden_states", "use_qk_norm"}
+           "label2id", "return_dict", "output_attentions", "output_hidden_states", "use_qk_norm", "qkv_bias", "decoder_sparse_step", "mlp_only_layers"}
 
 
 # fields that change the computation in ways jaxpar does not implement
@@ -34,14 +34,15 @@ def read_hf_config(directory: str) -> ModelConfig:
     raw = json_object(path)
     archs = raw.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else f"(none; model_type {raw.get('model_type')!r})"
-    if arch in MOE:
-        raise ConfigError(f"{path}: architecture {arch} is a mixture-of-experts model whose expert layout "
-                          f"(shared experts, per-layer sparsity) is not supported by this version of jaxpar yet")
     if arch not in SUPPORTED:
         raise ConfigError(f"{path}: architecture {arch} is not supported (supported: {', '.join(sorted(SUPPORTED))})")
     if raw.get("mlp_bias"):
         raise ConfigError(f"{path}: mlp_bias=true is not supported")
     kind = SUPPORTED[arch]
+    if kind.endswith("_moe") and (raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers")):
+        raise ConfigError(f"{path}: decoder_sparse_step={raw.get('decoder_sparse_step', 1)}, mlp_only_layers="
+                          f"{raw.get('mlp_only_layers')}: models mixing dense and sparse layers are not supported "
+                          f"(every layer must be a mixture of experts)")
     for k, what in REFUSED.items():
         if raw.get(k) not in (None, 1, 1.0):
             raise ConfigError(f"{path}: {k} is set: {what} are not supported")
@@ -55,10 +56,12 @@ def read_hf_config(directory: str) -> ModelConfig:
     scaling = raw.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     kw.update(rope_theta=float(theta), rope_scaling=scaling,
               tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)))
-    if kind == "qwen2":  # q/k/v projections have biases, the output projection none
-        kw.update(attention_bias=True, attention_out_bias=False)
-    if kind == "qwen3":
+    if kind == "qwen2" or (kind == "qwen2_moe" and raw.get("qkv_bias", True)):
+        kw.update(attention_bias=True, attention_out_bias=False)  # q/k/v projections have biases, o_proj none
+    if kind in ("qwen3", "qwen3_moe"):
         kw["qk_norm"] = True
+    if kind in ("qwen2_moe", "qwen3_moe"):
+        kw.setdefault("norm_topk_prob", False)  # the transformers default for these architectures
     # sliding-window attention is not implemented: a window shorter than the context caps the context
     window = raw.get("sliding_window")
     if window and (kind in ("mistral", "mixtral") or raw.get("use_sliding_window")):

@@ -23,7 +23,7 @@ def _heads(t, n, hd):  # [n*hd, ...] -> [n, hd, ...]
     return t.reshape((n, hd) + t.shape[1:])
 
 
-def plan(cfg: ModelConfig, fused: bool = False) -> dict:
+def plan(cfg: ModelConfig, experts: str = "mixtral") -> dict:
     """jaxpar parameter path -> (HF name template, expected HF shape, view: HF array -> jaxpar layout,
     axis of kv heads in the jaxpar layout or None). Templates with {} are per layer."""
     d, f, v, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_attention_heads,
@@ -57,15 +57,29 @@ def plan(cfg: ModelConfig, fused: bool = False) -> dict:
     if cfg.num_local_experts:
         for k in ("layers.mlp.w_gate", "layers.mlp.w_up", "layers.mlp.w_down"):
             del p[k]
-        p.update(_experts(cfg, fused))
+        p.update(_experts(cfg, experts))
+    if cfg.shared_expert_intermediate_size:
+        fs, m = cfg.shared_expert_intermediate_size, L + "mlp.shared_expert."
+        p.update({"layers.mlp.shared.w_gate": (m + "gate_proj.weight", (fs, d), lambda t: t.T, None),
+                  "layers.mlp.shared.w_up": (m + "up_proj.weight", (fs, d), lambda t: t.T, None),
+                  "layers.mlp.shared.w_down": (m + "down_proj.weight", (d, fs), lambda t: t.T, None),
+                  "layers.mlp.shared_gate": (L + "mlp.shared_expert_gate.weight", (1, d), lambda t: t.T, None)})
     return p
 
 
-def _experts(cfg: ModelConfig, fused: bool) -> dict:
-    """Mixtral experts, either one tensor per expert (block_sparse_moe.experts.{e}.w1/w2/w3, as Mixtral ships)
-    or fused per layer (mlp.experts.gate_up_proj [E, 2F, D] with gate first, mlp.experts.down_proj [E, D, F])."""
+def _experts(cfg: ModelConfig, style: str) -> dict:
+    """Experts in one of three forms: one tensor per expert as Mixtral ships them
+    (block_sparse_moe.experts.{e}.w1/w2/w3), one per expert as Qwen-MoE ships them
+    (mlp.experts.{e}.gate_proj/up_proj/down_proj), or fused per layer (mlp.experts.gate_up_proj [E, 2F, D]
+    with gate first, mlp.experts.down_proj [E, D, F])."""
     d, f, e = cfg.hidden_size, cfg.expert_ffn, cfg.num_local_experts
-    if fused:
+    if style == "qwen":
+        m = L + "mlp."
+        return {"layers.mlp.router": (m + "gate.weight", (e, d), lambda t: t.T, None),
+                "layers.mlp.w_gate": (m + "experts.{e}.gate_proj.weight", (f, d), lambda t: t.T, None),
+                "layers.mlp.w_up": (m + "experts.{e}.up_proj.weight", (f, d), lambda t: t.T, None),
+                "layers.mlp.w_down": (m + "experts.{e}.down_proj.weight", (d, f), lambda t: t.T, None)}
+    if style == "fused":
         m = L + "mlp."
         return {"layers.mlp.router": (m + "gate.weight", (e, d), lambda t: t.T, None),
                 "layers.mlp.w_gate": (m + "experts.gate_up_proj", (e, 2 * f, d),
@@ -102,13 +116,15 @@ def _flat(names) -> list[str]:
     return [n for x in names for n in (x if isinstance(x, list) else [x])]
 
 
-def is_fused(files: WeightFiles) -> bool:
-    return "model.layers.0.mlp.experts.gate_up_proj" in files
+def expert_style(files: WeightFiles) -> str:
+    if "model.layers.0.mlp.experts.gate_up_proj" in files:
+        return "fused"
+    return "qwen" if "model.layers.0.mlp.experts.0.gate_proj.weight" in files else "mixtral"
 
 
 def check(files: WeightFiles, cfg: ModelConfig, source: str) -> None:
     """Every tensor the config implies is present with the implied shape; else one clear line."""
-    for template, shape, _, _ in plan(cfg, is_fused(files)).values():
+    for template, shape, _, _ in plan(cfg, expert_style(files)).values():
         for name in _flat(_names(template, cfg.num_hidden_layers, cfg.num_local_experts)):
             if name not in files:
                 raise CheckpointError(f"{source}: weight {name} is missing from the safetensors files")
@@ -161,7 +177,7 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
     shardings = P.flatten(P.shardings(cfg, layout, kv_repeat))
     shapes = P.flatten(P.shapes(cfg, kv_repeat))
     dtype = np.dtype(cfg.dtype) if cfg.dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
-    todo = plan(cfg, is_fused(files))
+    todo = plan(cfg, expert_style(files))
     progress = Progress(len(todo))
     out: dict = {}
     for path, (template, _, view, kv_axis) in todo.items():

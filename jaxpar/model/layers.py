@@ -84,8 +84,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: column-parallel gate/up, row-parallel down: one all-reduce under tensor parallelism."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, f, dt = cfg.hidden_size, cfg.intermediate_size, cfg.dtype
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, ffn: int | None = None):
+        d, f, dt = cfg.hidden_size, ffn or cfg.intermediate_size, cfg.dtype
         self.w_gate = param(rngs, (d, f), ("embed", "mlp"), dt)
         self.w_up = param(rngs, (d, f), ("embed", "mlp"), dt)
         self.w_down = param(rngs, (f, d), ("mlp", "embed"), dt)
@@ -110,6 +110,10 @@ class MoE(nnx.Module):
         self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "mlp"), dt)
         self.w_up = param(rngs, (e, d, f), ("experts", "embed", "mlp"), dt)
         self.w_down = param(rngs, (e, f, d), ("experts", "mlp", "embed"), dt)
+        self.has_shared = bool(cfg.shared_expert_intermediate_size)
+        if self.has_shared:  # Qwen2-MoE: one more expert every token uses, scaled by a sigmoid gate
+            self.shared = MLP(cfg, rngs, cfg.shared_expert_intermediate_size)
+            self.shared_gate = param(rngs, (d, 1), ("embed", None), dt)
 
     def route(self, x):
         """x [B,S,D] -> chosen experts [B,S,k], their weights [B,S,k] and all router probabilities [B,S,E]
@@ -127,6 +131,8 @@ class MoE(nnx.Module):
         Switch-Transformer load-balancing loss E * sum_e(fraction routed to e * mean probability of e)."""
         idx, top, probs = self.route(x)
         out, load, dropped = expert_ffn(x, idx, top, valid, self.w_gate[...], self.w_up[...], self.w_down[...])
+        if self.has_shared:
+            out = out + jax.nn.sigmoid(jnp.einsum("bsd,do->bso", x, self.shared_gate[...])) * self.shared(x)
         stats = {"load": load, "dropped": dropped}
         if router_aux:
             n = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)

@@ -24,7 +24,8 @@ def add_model_args(p: Parser, mesh_required: bool = True) -> None:
     p.add_argument("--mesh", required=mesh_required, default=None if mesh_required else "single",
                    help="mesh file (YAML) or the name of a shipped mesh, e.g. meshes/tp4.yaml or tp4")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--model", help="model config file or shipped model name (default: the embedded tiny-add); "
+    g.add_argument("--model", help="model config file or shipped model name (default: the embedded tiny-add, "
+                                   "or tiny-add-moe on a mesh with an expert axis); "
                                    "a config with no checkpoint runs with random weights")
     g.add_argument("--checkpoint", help="jaxpar (Orbax) checkpoint directory")
     g.add_argument("--hf", help="Hugging Face model directory (safetensors)")

@@ -50,9 +50,30 @@ def make_batch(rng, n: int, exclude: set):
     return tokens, mask
 
 
+def upcycle(dense: dict, moe: dict, noise: float, seed: int) -> dict:
+    """Sparse upcycling (Komatsuzaki et al. 2022): a mixture-of-experts model starts from a trained dense one.
+    Every parameter but the MLP is copied; each expert starts as the dense MLP plus a little noise (so the
+    experts can diverge), and the router keeps its random initialisation. With top-k weights renormalised to
+    sum to 1 and noise 0 the upcycled model computes exactly the dense one."""
+    import numpy as np
+    rng = np.random.RandomState(seed)
+    out = {k: v for k, v in dense.items() if k != "layers"}
+    layers = {k: v for k, v in dense["layers"].items() if k != "mlp"}
+    mlp = {"router": moe["layers"]["mlp"]["router"]}
+    for name in ("w_gate", "w_up", "w_down"):
+        w = np.asarray(dense["layers"]["mlp"][name])  # [layers, ...]
+        e = moe["layers"]["mlp"][name].shape[1]
+        stacked = np.repeat(w[:, None], e, axis=1)
+        mlp[name] = (stacked + noise * w.std() * rng.standard_normal(stacked.shape)).astype(w.dtype)
+    layers["mlp"] = mlp
+    out["layers"] = layers
+    return out
+
+
 def train(steps: int, batch: int = 128, lr: float = 3e-3, seed: int = 0, log_every: int = 100, log=None,
-          model: str = "tiny-add", aux_weight: float = 0.01):
-    """Returns (config, params, losses)."""
+          model: str = "tiny-add", aux_weight: float = 0.01, init_from: str | None = None, noise: float = 0.05):
+    """Returns (config, params, losses). init_from: a dense checkpoint to upcycle into `model` (a
+    mixture-of-experts config with the same shapes otherwise)."""
     log = log or (lambda msg: print(msg, flush=True))
     import jax
     import jax.numpy as jnp
@@ -67,6 +88,12 @@ def train(steps: int, batch: int = 128, lr: float = 3e-3, seed: int = 0, log_eve
     with nnx.use_eager_sharding(False):
         from jaxpar.model.decoder import Decoder
         params = nnx.to_pure_dict(nnx.state(Decoder(cfg, nnx.Rngs(seed)), nnx.Param))
+    if init_from:
+        import jaxpar
+        dense = jaxpar.load(mesh="single", checkpoint=init_from, devices=jax.devices()[:1])
+        params = jax.tree.map(jnp.asarray, upcycle(dense.params, params, noise, seed))
+        log(f"upcycled from {init_from} ({dense.config.intermediate_size}-wide MLP -> "
+            f"{cfg.num_local_experts} experts)")
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10 + 1), max(steps, 2), lr * 0.02)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
     opt_state = opt.init(params)
@@ -109,6 +136,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m jaxpar.train.add", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-add", help="shipped config to train (tiny-add or tiny-add-moe)")
     ap.add_argument("--aux-weight", type=float, default=0.01, help="load-balancing loss weight (MoE)")
+    ap.add_argument("--init-from", help="dense checkpoint to upcycle into the mixture-of-experts --model")
+    ap.add_argument("--noise", type=float, default=0.05, help="upcycling: noise added to each expert (x std)")
     ap.add_argument("--steps", type=int, default=12000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -116,7 +145,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="checkpoint directory to write (default: none)")
     args = ap.parse_args(argv)
     cfg, params, losses = train(args.steps, args.batch, args.lr, args.seed, model=args.model,
-                                aux_weight=args.aux_weight)
+                                aux_weight=args.aux_weight, init_from=args.init_from, noise=args.noise)
     from jaxpar.engine import checkpoint as ckpt
     from jaxpar.engine.engine import Engine
     from jaxpar.layout.mesh_file import parse_mesh
@@ -129,7 +158,8 @@ def main(argv=None):
     if args.out:
         ckpt.save(args.out, cfg, params)
         with open(os.path.join(args.out, "train_stats.json"), "w") as f:
-            json.dump({"model": args.model, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+            json.dump({"model": args.model, "init_from": args.init_from and os.path.relpath(args.init_from),
+                       "noise": args.noise, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                        "seed": args.seed, "aux_weight": args.aux_weight,
                        "final_loss": float(np.mean(losses[-100:])), "heldout_accuracy": acc}, f, indent=1)
 
