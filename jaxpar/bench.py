@@ -90,7 +90,8 @@ def main(argv=None):
                    help="batch sizes for decode tokens/s on --throughput-mesh (default 1 16)")
     p.add_argument("--throughput-mesh", default="single")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt in throughput runs")
-    p.add_argument("--accuracy", action="store_true", help="also score the default model on 1,000 held-out sums")
+    p.add_argument("--accuracy", action="store_true",
+                   help="also score the embedded models on 1,000 held-out sums (tiny-add on dp8, tiny-add-moe on ep8)")
     p.add_argument("--out", default="bench_out", help="directory for results.json (default bench_out)")
     args = p.parse_args(argv)
     cli.setup_devices(args.fake_devices)
@@ -101,8 +102,11 @@ def main(argv=None):
                              for b in args.throughput_batches]
     if args.accuracy:
         from jaxpar.train.add import accuracy, heldout_problems
+        import jaxpar
         results["accuracy"] = {"heldout_problems": 1000,
-                               "exact_match": accuracy(_engine("dp8", args), heldout_problems())}
+                               "exact_match": accuracy(_engine("dp8", args), heldout_problems()),
+                               "exact_match_moe_ep8": accuracy(jaxpar.load(mesh="ep8", model="tiny-add-moe"),
+                                                               heldout_problems())}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -151,7 +155,8 @@ def markdown(r) -> str:
                    f"{x['tpot_ms']:.2f} | {x['ttft_ms']:.1f} |")
     if "accuracy" in r:
         out += ["", f"tiny-add exact match on {r['accuracy']['heldout_problems']} held-out problems: "
-                    f"{r['accuracy']['exact_match'] * 100:.1f}%"]
+                    f"{r['accuracy']['exact_match'] * 100:.1f}% (dp8); tiny-add-moe: "
+                    f"{r['accuracy']['exact_match_moe_ep8'] * 100:.1f}% (ep8)"]
     return "\n".join(out)
 
 
