@@ -8,7 +8,8 @@ import time
 
 from jaxpar.tools import cli
 
-SHIPPED = ["single", "dp8", "tp2", "tp4", "tp8", "dp2_tp4", "sp4", "sp8", "sp4_ulysses", "dp2_sp2_tp2"]
+SHIPPED = ["single", "dp8", "tp2", "tp4", "tp8", "dp2_tp4", "sp4", "sp8", "sp4_ulysses", "dp2_sp2_tp2", "pp2", "pp4",
+           "pp2_tp4", "ep8", "dp2_ep4", "tp2_ep4"]  # expert meshes run tiny-add-moe (their default model)
 
 
 def _engine(mesh, args):
@@ -75,9 +76,13 @@ def main(argv=None):
     if argv[:1] == ["moe"]:
         from jaxpar.benchmarks import experts
         return experts.main(argv[1:])
+    if argv[:1] == ["pp"]:
+        from jaxpar.benchmarks import pipeline
+        return pipeline.main(argv[1:])
     p = cli.parser("bench", "Measure layouts side by side and write a table. `python -m jaxpar.bench seq "
                    "--help`: the sequence-parallelism sweep (memory and communication against N and context); "
-                   "`python -m jaxpar.bench moe --help`: expert parallelism against capacity factor, EP vs TP.")
+                   "`python -m jaxpar.bench moe --help`: expert parallelism against capacity factor, EP vs TP; "
+                   "`python -m jaxpar.bench pp --help`: pipeline bubble against microbatches, PP vs TP latency.")
     p.add_argument("--mesh", nargs="+", default=SHIPPED, help="mesh files or shipped names (default: all shipped)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", help="model config or shipped name (default: the embedded tiny-add)")

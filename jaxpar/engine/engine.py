@@ -57,7 +57,7 @@ class Engine:
     # ---- sizes -------------------------------------------------------------------------------------------
     @property
     def batch_multiple(self) -> int:
-        return self.layout.size("batch")
+        return self.layout.batch_multiple
 
     def params_bytes_per_device(self) -> int:
         return P.bytes_per_device(self.params)

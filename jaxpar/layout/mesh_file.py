@@ -13,7 +13,7 @@ AXES = ("data", "stage", "expert", "seq", "tensor")
 KEYS = ("axes", "attention", "microbatches", "capacity_factor", "rules")
 ATTENTION = ("dense", "ring", "ulysses")
 # Axes whose parallel kernels have not landed in this version: a mesh giving them size > 1 is refused.
-UNSUPPORTED_AXES = {"stage": "pipeline parallelism"}
+UNSUPPORTED_AXES: dict = {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,7 +94,8 @@ def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLa
     names = list(mesh_cfg.axes) or ["data"]
     shape = [mesh_cfg.axes[a] for a in mesh_cfg.axes] or [1]
     mesh = Mesh(np.array(devices[:mesh_cfg.device_count]).reshape(shape), tuple(names), axis_types=(AxisType.Auto,) * len(names))
-    return ModelLayout(Layout(mesh, rules, mesh_cfg.attention, mesh_cfg.capacity_factor), mesh_cfg, rep)
+    return ModelLayout(Layout(mesh, rules, mesh_cfg.attention, mesh_cfg.capacity_factor, mesh_cfg.microbatches),
+                       mesh_cfg, rep)
 
 
 def _check_residual(mesh_cfg: MeshConfig, rules: dict, cfg: ModelConfig) -> None:

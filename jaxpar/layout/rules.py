@@ -11,7 +11,7 @@ import dataclasses
 import math
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 LOGICAL_AXES = ("batch", "seq", "residual_seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
                 "layers", "experts", "cache_seq")
@@ -26,8 +26,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "head_dim": (),
     "mlp": ("tensor",),
-    "vocab": ("tensor",),
-    "layers": (),
+    "vocab": ("tensor", "stage"),  # embedding and LM head split over pipeline stages too (BENCHMARKS.md)
+    "layers": ("stage",),  # consecutive layers per pipeline stage
     "experts": ("expert",),
     "cache_seq": ("seq",),  # KV cache slots
 }
@@ -40,6 +40,12 @@ class Layout:
     rules: dict
     attention: str = "dense"
     capacity_factor: float = 0.0  # expert buffer capacity (0 = dropless)
+    microbatches: int = 1  # pipeline microbatches (when layers are split over stages)
+
+    @property
+    def batch_multiple(self) -> int:
+        """Batches are padded to a multiple of this: the batch split, times the microbatches of a pipeline."""
+        return self.size("batch") * (self.microbatches if self.size("layers") > 1 else 1)
 
     def for_decode(self) -> "Layout":
         """Decode computes one token per row: its activations have no sequence to split (the KV cache keeps
@@ -63,6 +69,14 @@ class Layout:
 
     def sharding(self, names) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(names))
+
+    def shard_map(self, f, in_specs, out_specs):
+        """jax.shard_map over this layout's mesh, manual over every axis not already manual: inside the
+        pipeline (manual over `stage`) the kernels nest, over the remaining axes of the context mesh."""
+        ctx = jax.sharding.get_abstract_mesh()
+        manual = {a for a, t in zip(ctx.axis_names, ctx.axis_types) if t == AxisType.Manual}
+        return jax.shard_map(f, mesh=ctx if manual else self.mesh, in_specs=in_specs, out_specs=out_specs,
+                             axis_names=frozenset(a for a in self.mesh.axis_names if a not in manual))
 
 
 def make_rules(overrides: dict | None = None) -> dict:

@@ -1,8 +1,8 @@
-"""A Llama-family decoder, written once. Layers are stacked on a leading `layers` axis and scanned, so the
-compiled program (and compile time) does not grow with depth."""
+"""A Llama-family decoder, written once. Layers are stacked on a leading `layers` axis and scanned (or
+pipelined over `stage`, parallel/pipeline.py), so the compiled program (and compile time) does not grow with
+depth."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -11,6 +11,7 @@ from jaxpar.layout.rules import constrain
 from jaxpar.model.layers import Block, RMSNorm, param
 from jaxpar.model.rope import inv_frequencies, rope_tables
 from jaxpar.parallel.embedding import embed_lookup
+from jaxpar.parallel.pipeline import run_layers
 
 
 class Decoder(nnx.Module):
@@ -47,17 +48,18 @@ class Decoder(nnx.Module):
         x = constrain(embed_lookup(self.embed[...], tokens), ("batch", "residual_seq", "embed"))
         cos, sin = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
         graph, state = nnx.split(self.layers)
-        if valid is None:
-            valid = jnp.ones(tokens.shape, bool)
+        rows = {"cos": cos, "sin": sin, "positions": positions,
+                "valid": jnp.ones(tokens.shape, bool) if valid is None else valid}
+        extra = {}
+        if decode is not None:
+            rows["decode_pos"], extra["prompt_len"] = decode
 
-        def body(h, xs):
-            layer_state, layer_cache = xs
-            h, layer_cache, stats = nnx.merge(graph, layer_state)(h, cos, sin, positions, layer_cache, decode,
-                                                                  valid, router_aux)
-            return h, (layer_cache, stats)
+        def layer(h, layer_state, layer_cache, rows, extra):
+            dec = (rows["decode_pos"], extra["prompt_len"]) if "decode_pos" in rows else None
+            return nnx.merge(graph, layer_state)(h, rows["cos"], rows["sin"], rows["positions"], layer_cache, dec,
+                                                 rows["valid"], router_aux)
 
-        x, (cache, stats) = jax.lax.scan(body, x, (state, cache))
-        return x, cache, stats
+        return run_layers(layer, state, x, rows, cache, extra)
 
     def logits(self, h):
         """Final norm and LM head; logits are vocab-sharded, float32."""

@@ -37,7 +37,7 @@ def prefill_attention(q, k, v, positions):
     if axes is None or lay.attention == "dense":
         return attend(q, k, v, positions[:, :, None] >= positions[:, None, :])
     body = ring_attention_local if lay.attention == "ring" else ulysses_attention_local
-    return jax.shard_map(functools.partial(body, axis=axes, n=n), mesh=lay.mesh,
+    return lay.shard_map(functools.partial(body, axis=axes, n=n),
                          in_specs=(lay.spec(Q), lay.spec(KV), lay.spec(KV)), out_specs=lay.spec(Q))(q, k, v)
 
 
@@ -46,7 +46,7 @@ def write_prompt(cache, new):
     axes, n, lay = _seq("cache_seq")
     if axes is None:
         return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), 0, axis=1)
-    return jax.shard_map(write_prompt_local, mesh=lay.mesh, in_specs=(lay.spec(CACHE), lay.spec(KV)),
+    return lay.shard_map(write_prompt_local, in_specs=(lay.spec(CACHE), lay.spec(KV)),
                          out_specs=lay.spec(CACHE))(cache, new)
 
 
@@ -60,8 +60,8 @@ def decode_attention(q, k, v, cache, pos, prompt_len):
         mask = (jnp.arange(ck.shape[1])[None, :] <= pos[:, None])[:, None, :]
         return attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask), (ck, cv)
     row = lay.spec(("batch",))
-    out, ck, cv = jax.shard_map(
-        functools.partial(decode_local, axis=axes, n=n), mesh=lay.mesh,
+    out, ck, cv = lay.shard_map(
+        functools.partial(decode_local, axis=axes, n=n),
         in_specs=(lay.spec(Q), lay.spec(KV), lay.spec(KV), lay.spec(CACHE), lay.spec(CACHE), row, lay.spec(())),
         out_specs=(lay.spec(Q), lay.spec(CACHE), lay.spec(CACHE)))(q, k, v, *cache, pos, prompt_len)
     return out, (ck, cv)

@@ -23,6 +23,5 @@ def embed_lookup(table, tokens):
         rows = jnp.take(tbl, jnp.where(ok, rel, 0), axis=0)
         return jax.lax.psum(jnp.where(ok[..., None], rows, jnp.zeros((), rows.dtype)), axes)
 
-    return jax.shard_map(local, mesh=lay.mesh,
-                         in_specs=(lay.spec(("vocab", "embed")), lay.spec(("batch", "seq"))),
+    return lay.shard_map(local, in_specs=(lay.spec(("vocab", "embed")), lay.spec(("batch", "seq"))),
                          out_specs=lay.spec(("batch", "seq", "embed")))(table, tokens)

@@ -32,8 +32,7 @@ def top_k_per_token(probs, k: int):
     if lay is None or lay.mesh.size == 1:
         return jax.lax.top_k(probs, k)
     spec = lay.spec(("batch", "seq", None))
-    return jax.shard_map(lambda p: tuple(jax.lax.top_k(p, k)), mesh=lay.mesh, in_specs=spec,
-                         out_specs=(spec, spec))(probs)
+    return lay.shard_map(lambda p: tuple(jax.lax.top_k(p, k)), in_specs=spec, out_specs=(spec, spec))(probs)
 
 
 def capacity(tokens: int, k: int, experts: int, factor: float) -> int:
@@ -57,9 +56,8 @@ def expert_ffn(x, idx, weights, valid, w_gate, w_up, w_down):
                              tensor_axes=tensor_axes, token_axes=tokens_axes, cap=cap)
     tok = lay.spec(("batch", "seq", "embed"))
     choice = lay.spec(("batch", "seq", None))
-    out, stats = jax.shard_map(
-        body, mesh=lay.mesh,
-        in_specs=(tok, choice, choice, lay.spec(("batch", "seq")), lay.spec(("experts", "embed", "mlp")),
+    out, stats = lay.shard_map(
+        body, in_specs=(tok, choice, choice, lay.spec(("batch", "seq")), lay.spec(("experts", "embed", "mlp")),
                   lay.spec(("experts", "embed", "mlp")), lay.spec(("experts", "mlp", "embed"))),
         out_specs=(tok, lay.spec(())))(x, idx, weights, valid, w_gate, w_up, w_down)
     return out, stats[:-1], stats[-1]

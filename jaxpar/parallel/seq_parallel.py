@@ -32,5 +32,5 @@ def row_parallel(eq: str, x, w, x_names: tuple, w_names: tuple):
 
     def local(x, w):
         return jax.lax.psum_scatter(jnp.einsum(eq, x, w), axes, scatter_dimension=1, tiled=True)
-    return jax.shard_map(local, mesh=lay.mesh, in_specs=(lay.spec(x_names), lay.spec(w_names)),
+    return lay.shard_map(local, in_specs=(lay.spec(x_names), lay.spec(w_names)),
                          out_specs=lay.spec(RESIDUAL))(x, w)

@@ -1,0 +1,92 @@
+"""The stack of layers, run either as one scan or pipelined over the `stage` axis in the same SPMD program.
+
+Pipeline (GPipe schedule, for prefill and decode alike): the stacked layers are split over `stage` (each
+device holds L/P consecutive layers and their KV cache), the batch is cut into M microbatches (microbatch m
+holds rows m, m+M, m+2M, ...), and the program runs M+P-1 ticks. At tick t stage s works on microbatch
+t-s when 0 <= t-s < M (otherwise it idles: the P-1 fill and drain ticks of the bubble, (P-1)/(M+P-1) of
+the time); then every stage hands its activations to the next with one `ppermute`. Stage 0 takes
+microbatch t from the input; the last stage's results are gathered once at the end. Only activations move
+between stages, never weights."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxpar.layout.rules import active
+
+
+def run_layers(layer, state, x, rows, cache, extra):
+    """Apply every layer to x [B, S, D].
+
+    layer(h, layer_state, layer_cache, rows, extra) -> (h, layer_cache, stats) applies one layer;
+    state: the stacked layer parameters (leading layers axis); rows: a pytree of per-row inputs (leading
+    batch axis); cache: per-layer cache pytree (leading layers axis, then batch) or None; extra: inputs every
+    row shares. Returns (x, cache, stats) with stats stacked over layers."""
+    lay = active()
+    if lay is None or lay.size("layers") == 1:
+        def body(h, xs):
+            layer_state, layer_cache = xs
+            h, layer_cache, stats = layer(h, layer_state, layer_cache, rows, extra)
+            return h, (layer_cache, stats)
+        x, (cache, stats) = jax.lax.scan(body, x, (state, cache))
+        return x, cache, stats
+    return _pipeline(layer, state, x, rows, cache, extra, lay)
+
+
+def _microbatches(tree, m):
+    """[B, ...] -> [B/m, m, ...]: microbatch j is rows j, j+m, ... (keeps a batch split over `data` intact)."""
+    return jax.tree.map(lambda a: a.reshape((a.shape[0] // m, m) + a.shape[1:]), tree)
+
+
+def _pipeline(layer, state, x, rows, cache, extra, lay):
+    axis = lay.axes("layers")
+    p = lay.size("layers")
+    m = lay.microbatches
+    b = x.shape[0]
+
+    def local(state, x, rows, cache, extra):
+        s = jax.lax.axis_index(axis)
+        xs, rs = _microbatches(x, m), _microbatches(rows, m)
+        cs = None if cache is None else jax.tree.map(
+            lambda a: a.reshape((a.shape[0], a.shape[1] // m, m) + a.shape[2:]), cache)
+
+        def stack(h, mb, cache_mb, valid):
+            def body(h, xs):
+                layer_state, layer_cache = xs
+                h, layer_cache, stats = layer(h, layer_state, layer_cache, {**mb, "valid": mb["valid"] & valid},
+                                              extra)
+                return h, (layer_cache, stats)
+            return jax.lax.scan(body, h, (state, cache_mb))
+
+        def tick(carry, t):
+            buf, outs, cs, acc = carry
+            j = t - s
+            working = (j >= 0) & (j < m)
+            j = jnp.clip(j, 0, m - 1)
+            mb = jax.tree.map(lambda a: a[:, j], rs)
+            inp = jnp.where(s == 0, xs[:, jnp.minimum(t, m - 1)], buf)
+            cache_mb = None if cs is None else jax.tree.map(lambda a: a[:, :, j], cs)
+            h, (cache_new, stats) = stack(inp, mb, cache_mb, working)
+            if cs is not None:  # idle ticks leave the cache as it was
+                cs = jax.tree.map(lambda a, new, old: a.at[:, :, j].set(jnp.where(working, new, old)),
+                                  cs, cache_new, cache_mb)
+            outs = outs.at[:, j].set(jnp.where(working & (s == p - 1), h, outs[:, j]))
+            acc = jax.tree.map(jnp.add, acc, stats)
+            buf = jax.lax.ppermute(h, axis, [(i, i + 1) for i in range(p - 1)])
+            return (buf, outs, cs, acc), None
+
+        h0 = jnp.zeros_like(xs[:, 0])
+        zero_stats = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda: stack(h0, jax.tree.map(lambda a: a[:, 0], rs),
+                          None if cs is None else jax.tree.map(lambda a: a[:, :, 0], cs), True))[1][1])
+        carry = (h0, jnp.zeros_like(xs), cs, zero_stats)
+        (_, outs, cs, acc), _ = jax.lax.scan(tick, carry, jnp.arange(m + p - 1))
+        out = jax.lax.psum(jnp.where(s == p - 1, outs, jnp.zeros((), outs.dtype)), axis)  # last stage's
+        cache = None if cs is None else jax.tree.map(lambda a: a.reshape(a.shape[:1] + (b,) + a.shape[3:]), cs)
+        return out.reshape(x.shape), cache, acc
+
+    staged = P(axis if len(axis) > 1 else axis[0])
+    return jax.shard_map(local, mesh=lay.mesh, in_specs=(staged, P(), P(), staged, P()),
+                         out_specs=(P(), staged, staged), axis_names=frozenset(axis),
+                         check_vma=False)(state, x, rows, cache, extra)
