@@ -1,0 +1,57 @@
+"""Real model shapes (configs/), sized without allocating anything: the parameter shapes come from the model
+code and their per-device bytes from the layout, so these check the layout against seed 002's figures."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from jaxpar.config import load_config
+from jaxpar.engine import params as P
+from jaxpar.engine.steps import Steps
+from jaxpar.layout.mesh_file import parse_mesh
+from jaxpar.layout.plan import plan_layout
+
+REAL = ["llama3-8b", "llama3-70b", "llama3.1-405b", "mistral-7b", "mixtral-8x7b", "qwen3-30b-a3b"]
+PARAMS_B = {"llama3-8b": 8.03, "llama3-70b": 70.55, "llama3.1-405b": 405.85, "mistral-7b": 7.25,
+            "mixtral-8x7b": 46.70, "qwen3-30b-a3b": 30.53}  # published parameter counts, billions
+
+
+def cfg_of(name):
+    return load_config(os.path.join(ROOT, "configs", name + ".yaml"))
+
+
+def per_device_gb(cfg, axes):
+    ml = plan_layout(parse_mesh({"axes": axes}, "m"), cfg, jax.devices())
+    return P.bytes_per_device(P.abstract_params(cfg, ml.layout, ml.kv_repeat)) / 1e9, ml
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_parameter_count_matches_the_published_one(name):
+    cfg = cfg_of(name)
+    n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(P.shapes(cfg)))
+    assert abs(n / 1e9 - PARAMS_B[name]) / PARAMS_B[name] < 0.005, n
+
+
+def test_llama3_70b_weights_per_gpu_by_tensor_parallel_degree():
+    """Seed 002: bf16 weights per GPU of about 140 / 70 / 35 / 17.5 GB for TP 1 / 2 / 4 / 8 (141.1 / 70.5 /
+    35.3 / 17.6 from the real shapes); one 80 GB GPU cannot hold the model."""
+    cfg = cfg_of("llama3-70b")
+    for tp, want in ((1, 141.1), (2, 70.5), (4, 35.3), (8, 17.6)):
+        got, _ = per_device_gb(cfg, {"tensor": tp} if tp > 1 else {})
+        assert abs(got - want) / want < 0.005, (tp, got)
+        assert (got < 80) == (tp > 1)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_kv_cache_bytes_per_token(name):
+    """KV bytes per token = 2 (K and V) x layers x kv heads x head_dim x bytes; per device / tensor."""
+    cfg = cfg_of(name)
+    want = 2 * cfg.num_hidden_layers * cfg.kv_heads * cfg.head_size * 2
+    for tp in (1, 8):
+        _, ml = per_device_gb(cfg, {"tensor": tp} if tp > 1 else {})
+        steps = Steps(cfg, ml.layout, ml.kv_repeat)
+        cache = jax.ShapeDtypeStruct(steps.cache_shape(1, 1), np.dtype(jax.numpy.bfloat16), sharding=steps.cache_sh)
+        per_device = 2 * P.bytes_per_device(cache)
+        assert per_device * tp == want * ml.kv_repeat, (tp, per_device)  # kv heads replicated when tp > kv
