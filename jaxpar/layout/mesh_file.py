@@ -12,8 +12,6 @@ from jaxpar.errors import MeshFileError
 AXES = ("data", "stage", "expert", "seq", "tensor")
 KEYS = ("axes", "attention", "microbatches", "capacity_factor", "rules")
 ATTENTION = ("dense", "ring", "ulysses")
-# Axes whose parallel kernels have not landed in this version: a mesh giving them size > 1 is refused.
-UNSUPPORTED_AXES: dict = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +98,6 @@ def _parse_axes(axes_in, source: str) -> dict:
     minus = [a for a, s in axes.items() if s == -1]
     if len(minus) > 1:
         raise MeshFileError(f"{source}: axes: only one axis may be -1, got {len(minus)} ({', '.join(minus)})")
-    for a, what in UNSUPPORTED_AXES.items():
-        if axes.get(a, 1) != 1:
-            raise MeshFileError(f"{source}: axes.{a}={axes[a]}: {what} is not supported by this version of jaxpar yet")
     return axes
 
 
