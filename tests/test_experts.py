@@ -103,6 +103,7 @@ def test_capacity_rule():
     assert capacity(16, 2, 8, 0.0) == 16  # dropless: worst case, every token to one expert
     assert capacity(16, 2, 8, 1.0) == 4 and capacity(16, 2, 8, 1.25) == 5
     assert capacity(1, 2, 8, 1.0) == 1 and capacity(16, 2, 8, 100.0) == 16
+    assert capacity(200, 2, 8, 1.1) == 55  # 1.1 * 200 * 2 / 8 is 55.000000000000007 in floating point
 
 
 def test_layouts_the_model_cannot_take_are_refused():

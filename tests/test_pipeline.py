@@ -94,3 +94,13 @@ def test_batch_pads_to_whole_microbatches():
     assert eng.batch_multiple == 4
     eng.generate(["1+1="], max_new_tokens=3)
     assert eng.last_stats["batch_padded"] == 4
+
+
+@pytest.mark.parametrize("axes", [{"stage": 2, "tensor": 4}, {"stage": 2, "expert": 4}])
+def test_bfloat16_pipelines_combined_with_other_axes(axes):
+    """bf16 reductions inside the pipeline's shard_map run in float32 (XLA:CPU aborts otherwise)."""
+    mesh = parse_mesh({"axes": axes, "microbatches": 2}, "bf16")
+    model = "tiny-add-moe" if "expert" in axes else None
+    want = jaxpar.load(mesh=mesh_path("single"), model=model, dtype="bfloat16", devices=jax.devices()[:1])
+    eng = jaxpar.load(mesh=mesh, model=model, dtype="bfloat16")
+    assert eng.generate(PROMPTS[:3], max_new_tokens=6) == want.generate(PROMPTS[:3], max_new_tokens=6)

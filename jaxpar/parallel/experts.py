@@ -39,7 +39,7 @@ def capacity(tokens: int, k: int, experts: int, factor: float) -> int:
     """Buffer slots per expert for `tokens` tokens of one device."""
     if factor <= 0:
         return tokens
-    return max(1, min(tokens, math.ceil(factor * tokens * k / experts)))
+    return max(1, min(tokens, math.ceil(round(factor * tokens * k / experts, 6))))  # no float-noise extra slot
 
 
 def expert_ffn(x, idx, weights, valid, w_gate, w_up, w_down):
@@ -95,8 +95,8 @@ def _dispatch_local(x, idx, weights, valid, w_gate, w_up, w_down, *, axis, ep, t
     xin = recv.transpose(1, 0, 2, 3).reshape(e_local, ep * cap, d)
     h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xin, w_gate)) * jnp.einsum("ecd,edf->ecf", xin, w_up)
     y = jnp.einsum("ecf,efd->ecd", h, w_down)
-    if tensor_axes:
-        y = jax.lax.psum(y, tensor_axes)
+    if tensor_axes:  # in float32: XLA:CPU cannot promote a bf16 all-reduce inside the pipeline's shard_map
+        y = jax.lax.psum(y.astype(jnp.float32), tensor_axes).astype(x.dtype)
     back = jax.lax.all_to_all(y.reshape(e_local, ep, cap, d).transpose(1, 0, 2, 3), axis, 0, 0, tiled=True)
     got = back.reshape(e, cap, d)[jnp.where(keep, expert, 0), jnp.where(keep, slot, 0)]
     scale = (weights.reshape(t * k) * keep).astype(x.dtype)

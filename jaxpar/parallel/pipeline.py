@@ -82,7 +82,9 @@ def _pipeline(layer, state, x, rows, cache, extra, lay):
                           None if cs is None else jax.tree.map(lambda a: a[:, :, 0], cs), True))[1][1])
         carry = (h0, jnp.zeros_like(xs), cs, zero_stats)
         (_, outs, cs, acc), _ = jax.lax.scan(tick, carry, jnp.arange(m + p - 1))
-        out = jax.lax.psum(jnp.where(s == p - 1, outs, jnp.zeros((), outs.dtype)), axis)  # last stage's
+        # the last stage's results to every stage; summed in float32 (XLA:CPU aborts promoting a bf16
+        # all-reduce over a manual axis), exact since every other stage adds zeros
+        out = jax.lax.psum(jnp.where(s == p - 1, outs, 0).astype(jnp.float32), axis).astype(outs.dtype)
         cache = None if cs is None else jax.tree.map(lambda a: a.reshape(a.shape[:1] + (b,) + a.shape[3:]), cs)
         return out.reshape(x.shape), cache, acc
 
