@@ -2,8 +2,6 @@
 decode throughput) and the default model's accuracy. Writes a Markdown table and JSON."""
 from __future__ import annotations
 
-import json
-import os
 import time
 
 from jaxpar.tools import cli
@@ -112,17 +110,13 @@ def main(argv=None):
                                "exact_match": accuracy(_engine("dp8", args), heldout_problems()),
                                "exact_match_moe_ep8": accuracy(jaxpar.load(mesh="ep8", model="tiny-add-moe"),
                                                                heldout_problems())}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(markdown(results))
-    for path in plot_layouts(results["layouts"], args.out):
-        print(f"wrote {path}")
+    from jaxpar.benchmarks.output import publish
+    publish(args.out, "results.json", results, markdown(results), lambda out: plot_layouts(results["layouts"], out))
 
 
 def plot_layouts(rows, out_dir) -> list[str]:
     """Two PNGs: memory per device and bytes moved per device per step, one bar group per layout."""
-    from jaxpar.benchmarks.plots import pyplot, save
+    from jaxpar.benchmarks.output import pyplot, save
     plt = pyplot()
     if plt is None:
         return []

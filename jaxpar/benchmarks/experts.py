@@ -7,10 +7,9 @@ dropped, and whether the answers stay right. Then bytes moved per token by prefi
 mesh and on a tensor-parallel mesh of the same size, read from the compiled programs."""
 from __future__ import annotations
 
-import json
-import os
 import time
 
+from jaxpar.benchmarks.output import publish
 from jaxpar.tools import cli
 
 FACTORS = [0.5, 1.0, 1.25, 2.0, 0.0]
@@ -90,10 +89,7 @@ def main(argv=None):
     result = {"model": args.model, "batch": args.batch, "capacity": sweep_capacity(args)}
     print("bytes moved per token:", flush=True)
     result["bytes_per_token"] = bytes_per_token(args)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "moe.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(markdown(result))
+    publish(args.out, "moe.json", result, markdown(result))
 
 
 def markdown(r) -> str:

@@ -9,9 +9,9 @@ larger than the machine's cores, each fake device computing on one thread. Laten
 ppN against tpN on the same model."""
 from __future__ import annotations
 
-import json
 import os
 
+from jaxpar.benchmarks.output import publish
 from jaxpar.tools import cli
 
 MODEL = dict(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
@@ -85,12 +85,7 @@ def main(argv=None):
                    args.new_tokens, args.repeats)
     latency.insert(0, {"mesh": "single", "decode_ms": single["tpot_s"] * 1e3, "prefill_ms": single["ttft_s"] * 1e3})
     result = {"model": MODEL, "batch": args.batch, "ideal_stage": ideal, "bubble": bubble, "latency": latency}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "pp.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(markdown(result))
-    for path in plot(bubble, args.out):
-        print(f"wrote {path}")
+    publish(args.out, "pp.json", result, markdown(result), lambda out: plot(bubble, out))
 
 
 def markdown(r) -> str:
@@ -106,7 +101,7 @@ def markdown(r) -> str:
 
 
 def plot(rows, out_dir) -> list[str]:
-    from jaxpar.benchmarks.plots import pyplot, save
+    from jaxpar.benchmarks.output import pyplot, save
     plt = pyplot()
     if plt is None:
         return []

@@ -8,10 +8,9 @@ layer exceeds compute time per layer) with this machine's measured bandwidth and
 h100-nvlink and tpu-v5e figures, for this model and for a Llama-3-8B-shaped one."""
 from __future__ import annotations
 
-import json
-import os
 import time
 
+from jaxpar.benchmarks.output import publish
 from jaxpar.tools import cli
 
 CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768]
@@ -171,12 +170,7 @@ def main(argv=None):
     result = {"model": args.model, "dtype": args.dtype, "rows": rows,
               "machine": {"flops": machine.peak_flops, "permute_bytes_per_s": machine.link_bytes_per_s},
               "crossover": crossover(cfg, machine)}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "seq.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(markdown(result))
-    for path in plot(rows, args.out):
-        print(f"wrote {path}")
+    publish(args.out, "seq.json", result, markdown(result), lambda out: plot(rows, out))
 
 
 def markdown(r) -> str:
@@ -204,7 +198,7 @@ def markdown(r) -> str:
 
 
 def plot(rows, out_dir) -> list[str]:
-    from jaxpar.benchmarks.plots import pyplot, save
+    from jaxpar.benchmarks.output import pyplot, save
     plt = pyplot()
     if plt is None:
         return []

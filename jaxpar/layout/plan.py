@@ -24,9 +24,13 @@ class ModelLayout:
         return self.layout.mesh
 
 
+def _live(mesh_cfg: MeshConfig, rules: dict, logical: str) -> list:
+    """The mesh axes of size > 1 that split a logical axis."""
+    return [a for a in rules.get(logical, ()) if mesh_cfg.size(a) > 1]
+
+
 def _axes_desc(mesh_cfg: MeshConfig, rules: dict, logical: str) -> str:
-    axes = [a for a in rules.get(logical, ()) if mesh_cfg.size(a) > 1]
-    return " x ".join(f"{a}={mesh_cfg.size(a)}" for a in axes)
+    return " x ".join(f"{a}={mesh_cfg.size(a)}" for a in _live(mesh_cfg, rules, logical))
 
 
 # activations and cache, by logical names (the model's `constrain` calls and the KV cache)
@@ -102,7 +106,7 @@ def _check_residual(mesh_cfg: MeshConfig, rules: dict, cfg: ModelConfig) -> None
     """`residual_seq` is the sequence's axes, optionally followed by the axes the row-parallel projections
     contract over (NVIDIA-style sequence parallelism: their sums become reduce-scatters)."""
     def live(lg):
-        return [a for a in rules.get(lg, ()) if mesh_cfg.size(a) > 1]
+        return _live(mesh_cfg, rules, lg)
     res, seq = live("residual_seq"), live("seq")
     extra = res[len(seq):]
     if res[:len(seq)] != seq or not extra:
@@ -123,14 +127,14 @@ def _check_seq(mesh_cfg: MeshConfig, rules: dict, cfg: ModelConfig) -> None:
     """A `seq` axis: the prompt's sequence and the cache slots must split over the same mesh axes (the
     kernels hand one to the other); Ulysses also splits heads over seq x tensor."""
     src = mesh_cfg.source
-    live = {lg: tuple(a for a in rules.get(lg, ()) if mesh_cfg.size(a) > 1) for lg in ("seq", "cache_seq")}
-    if live["seq"] != live["cache_seq"]:
-        raise LayoutError(f"{src}: rules: seq -> {list(live['seq'])} and cache_seq -> {list(live['cache_seq'])} "
+    seq, cache_seq = _live(mesh_cfg, rules, "seq"), _live(mesh_cfg, rules, "cache_seq")
+    if seq != cache_seq:
+        raise LayoutError(f"{src}: rules: seq -> {seq} and cache_seq -> {cache_seq} "
                           f"must name the same mesh axes (prefill hands its sequence shards to the KV cache)")
     if mesh_cfg.attention == "ulysses":
         n = int(np.prod([mesh_cfg.size(a) for a in rules.get("heads", ()) + rules.get("seq", ())]))
         if cfg.num_attention_heads % n:
-            raise LayoutError(f"{src}: attention: ulysses splits heads over {_axes_desc(mesh_cfg, rules, 'heads')}"
-                              f"{' x ' if _axes_desc(mesh_cfg, rules, 'heads') else ''}"
+            heads = _axes_desc(mesh_cfg, rules, "heads")
+            raise LayoutError(f"{src}: attention: ulysses splits heads over {heads}{' x ' if heads else ''}"
                               f"{_axes_desc(mesh_cfg, rules, 'seq')} = {n} devices, but model "
                               f"num_attention_heads={cfg.num_attention_heads} is not divisible by {n}")

@@ -60,7 +60,7 @@ def _pipeline(layer, state, x, rows, cache, extra, lay):
             return jax.lax.scan(body, h, (state, cache_mb))
 
         def tick(carry, t):
-            buf, outs, cs, acc = carry
+            buf, outs, cs = carry
             j = t - s
             working = (j >= 0) & (j < m)
             j = jnp.clip(j, 0, m - 1)
@@ -72,16 +72,12 @@ def _pipeline(layer, state, x, rows, cache, extra, lay):
                 cs = jax.tree.map(lambda a, new, old: a.at[:, :, j].set(jnp.where(working, new, old)),
                                   cs, cache_new, cache_mb)
             outs = outs.at[:, j].set(jnp.where(working & (s == p - 1), h, outs[:, j]))
-            acc = jax.tree.map(jnp.add, acc, stats)
             buf = jax.lax.ppermute(h, axis, [(i, i + 1) for i in range(p - 1)])
-            return (buf, outs, cs, acc), None
+            return (buf, outs, cs), stats  # idle ticks route nothing, so their statistics are zero
 
-        h0 = jnp.zeros_like(xs[:, 0])
-        zero_stats = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: stack(h0, jax.tree.map(lambda a: a[:, 0], rs),
-                          None if cs is None else jax.tree.map(lambda a: a[:, :, 0], cs), True))[1][1])
-        carry = (h0, jnp.zeros_like(xs), cs, zero_stats)
-        (_, outs, cs, acc), _ = jax.lax.scan(tick, carry, jnp.arange(m + p - 1))
+        carry = (jnp.zeros_like(xs[:, 0]), jnp.zeros_like(xs), cs)
+        (_, outs, cs), per_tick = jax.lax.scan(tick, carry, jnp.arange(m + p - 1))
+        acc = jax.tree.map(lambda a: a.sum(axis=0), per_tick)
         # the last stage's results to every stage; summed in float32 (XLA:CPU aborts promoting a bf16
         # all-reduce over a manual axis), exact since every other stage adds zeros
         out = jax.lax.psum(jnp.where(s == p - 1, outs, 0).astype(jnp.float32), axis).astype(outs.dtype)

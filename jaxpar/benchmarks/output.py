@@ -1,5 +1,19 @@
-"""matplotlib for the benchmarks' PNGs: headless, and optional (no plots without it)."""
+"""What the benchmarks write: a JSON of the results, a Markdown table on stdout, and PNG plots (matplotlib,
+headless and optional: no plots without it)."""
 from __future__ import annotations
+
+import json
+import os
+
+
+def publish(out_dir: str, json_name: str, result: dict, table: str, plot=None) -> None:
+    """Write out_dir/json_name, print the table, then call plot(out_dir) -> paths and name what it wrote."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, json_name), "w") as f:
+        json.dump(result, f, indent=1)
+    print(table)
+    for path in plot(out_dir) if plot else []:
+        print(f"wrote {path}")
 
 
 def pyplot():
@@ -16,7 +30,6 @@ def pyplot():
 
 def save(plt, fig, out_dir: str, fname: str) -> str:
     """Lay out, write out_dir/fname at the benchmarks' resolution, close; -> the path."""
-    import os
     fig.tight_layout()
     path = os.path.join(out_dir, fname)
     fig.savefig(path, dpi=110)
