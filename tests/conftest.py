@@ -22,12 +22,14 @@ def mesh_path(name: str) -> str:
 _ENGINES: dict = {}
 
 
-def engine(mesh: str, **kw):
-    """One engine per (mesh, options) for the whole session: compiling is the slow part."""
+def engine(mesh: str, inline: dict | None = None, **kw):
+    """One engine per (mesh, options) for the whole session: compiling is the slow part. mesh names a shipped
+    mesh, or, with `inline` (a mesh file's contents), a layout not shipped as a file (names are unique)."""
     import jaxpar
+    from jaxpar.layout.mesh_file import parse_mesh
     key = (mesh, tuple(sorted(kw.items())))
     if key not in _ENGINES:
-        _ENGINES[key] = jaxpar.load(mesh=mesh_path(mesh), **kw)
+        _ENGINES[key] = jaxpar.load(mesh=parse_mesh(inline, mesh) if inline else mesh_path(mesh), **kw)
     return _ENGINES[key]
 
 

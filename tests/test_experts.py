@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxpar
-from conftest import ROOT, mesh_path
+from conftest import ROOT, engine, mesh_path
 from jaxpar.engine import params as P
 from jaxpar.errors import JaxparError, LayoutError
 from jaxpar.inspect import inspect_engine
@@ -21,15 +21,8 @@ INLINE = {"dp2_ep2_tp2": {"axes": {"data": 2, "expert": 2, "tensor": 2}},
           "ep4_ample": {"axes": {"expert": 4}, "capacity_factor": 4.0},  # E/k: capacity = all tokens
           "ep2_sp2": {"axes": {"expert": 2, "seq": 2}, "attention": "ring"}}
 TOKENS = np.random.RandomState(3).randint(0, 512, (5, 13))
-_ENG: dict = {}
-
-
 def moe_engine(name, model=MOE):
-    key = (name, model)
-    if key not in _ENG:
-        mesh = parse_mesh(INLINE[name], name) if name in INLINE else mesh_path(name)
-        _ENG[key] = jaxpar.load(mesh=mesh, model=model, devices=jax.devices()[:1] if name == "single" else None)
-    return _ENG[key]
+    return engine(name, INLINE.get(name), model=model)
 
 
 @pytest.mark.parametrize("name", EP_MESHES + list(INLINE))

@@ -16,15 +16,8 @@ INLINE = {"pp2_dp2_tp2": {"axes": {"stage": 2, "data": 2, "tensor": 2}, "microba
           "pp4_m1": {"axes": {"stage": 4}, "microbatches": 1},
           "pp2_m8": {"axes": {"stage": 2}, "microbatches": 8},
           "pp2_sp2_tp2": {"axes": {"stage": 2, "seq": 2, "tensor": 2}, "attention": "ring", "microbatches": 2}}
-_ENG: dict = {}
-
-
-def pp_engine(name, model=None):
-    key = (name, model)
-    if key not in _ENG:
-        _ENG[key] = jaxpar.load(mesh=parse_mesh(INLINE[name], name) if name in INLINE else mesh_path(name),
-                                model=model)
-    return _ENG[key]
+def pp_engine(name):
+    return engine(name, INLINE.get(name))
 
 
 @pytest.mark.parametrize("name", list(INLINE))
@@ -52,7 +45,7 @@ def test_pipeline_with_experts_matches_single():
 @pytest.mark.parametrize("mesh,p,m", [("pp2", 2, 4), ("pp4", 4, 4), ("pp2_tp4", 2, 4), ("pp2_m8", 2, 8),
                                       ("pp4_m1", 4, 1)])
 def test_stages_pass_activations_only(mesh, p, m):
-    eng = engine(mesh) if mesh in ("pp2", "pp4", "pp2_tp4") else pp_engine(mesh)
+    eng = pp_engine(mesh)
     r = inspect_engine(eng, batch=8, prompt_len=16)
     cfg = eng.config
     d, tp = cfg.hidden_size, eng.layout.size("heads")

@@ -1,6 +1,5 @@
 """Sequence parallelism: ring and Ulysses attention, the sequence-split KV cache, NVIDIA-style sequence
 parallelism. Same answers as `single`; the collectives the formulas predict; memory that falls with N."""
-import jax
 import numpy as np
 import pytest
 
@@ -20,7 +19,6 @@ INLINE = {  # layouts not shipped as files: XLA's own attention on a split seque
     "tp2_nvsp": {"axes": {"tensor": 2}, "rules": {"residual_seq": "tensor"}},
     "sp2_tp4_nvsp": {"axes": {"seq": 2, "tensor": 4}, "attention": "ring", "rules": {"residual_seq": ["seq", "tensor"]}},
 }
-_LONG: dict = {}
 
 
 def mesh_of(name):
@@ -28,10 +26,7 @@ def mesh_of(name):
 
 
 def long_engine(name):
-    if name not in _LONG:
-        devices = jax.devices()[:1] if name == "single" else None
-        _LONG[name] = jaxpar.load(mesh=mesh_of(name), model=LONG, devices=devices)
-    return _LONG[name]
+    return engine(name, INLINE.get(name), model=LONG)
 
 
 # ---- zigzag placement ------------------------------------------------------------------------------------
