@@ -200,15 +200,27 @@ def shipped_model_dir(name: str) -> str | None:
     return d if os.path.isfile(os.path.join(d, "config.yaml")) else None
 
 
+PACKAGE_CONFIGS = os.path.join(os.path.dirname(__file__), "configs")  # real model shapes (the repository's
+# top-level configs/ links here)
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(PACKAGE_CONFIGS) if f.endswith(".yaml"))
+
+
 def load_config(path_or_name: str) -> ModelConfig:
-    """A config YAML/JSON path, or the name of a shipped model (e.g. `tiny-add`)."""
+    """A config YAML/JSON path, the name of a shipped model (e.g. `tiny-add`) or of a shipped config
+    (`llama3-70b`: configs/)."""
     path = path_or_name
     if not os.path.exists(path):
         d = shipped_model_dir(path_or_name)
         if d:
             path = os.path.join(d, "config.yaml")
+        elif os.sep not in path and os.path.isfile(os.path.join(PACKAGE_CONFIGS, path + ".yaml")):
+            path = os.path.join(PACKAGE_CONFIGS, path + ".yaml")
         else:
-            raise ConfigError(f"{path_or_name}: no such model config file or shipped model name")
+            raise ConfigError(f"{path_or_name}: no such model config file, shipped model or shipped config "
+                              f"({', '.join(shipped_config_names())})")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)

@@ -23,3 +23,7 @@ class CheckpointError(JaxparError):
 
 class GenerationError(JaxparError):
     """Bad generation arguments (max_new_tokens, temperature, top-k, top-p, prompt length)."""
+
+
+class HardwareError(JaxparError):
+    """A hardware preset name or hardware file that cannot be used."""

@@ -52,9 +52,9 @@ def _check_axis_reuse(cfg: ModelConfig, rules: dict, mesh_cfg: MeshConfig) -> No
                                       f"{lg}, two dimensions of one tensor {names}")
 
 
-def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLayout:
-    devices = list(devices if devices is not None else jax.devices())
-    mesh_cfg = mesh_cfg.resolved(len(devices))
+def check_layout(mesh_cfg: MeshConfig, cfg: ModelConfig) -> int:
+    """Refuse a layout the model cannot take (mesh_cfg resolved, no -1); returns kv_repeat. Needs no devices,
+    so the planner checks layouts for hardware it does not have."""
     rules = make_rules(mesh_cfg.rules)
     src = mesh_cfg.source
 
@@ -86,20 +86,26 @@ def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLa
     ulysses = n_seq > 1 and mesh_cfg.attention == "ulysses"
     kv, s = cfg.kv_heads, size("kv_heads") * (size("seq") if ulysses else 1)
     if kv % s == 0:
-        rep = 1
-    elif s % kv == 0:
-        rep = s // kv  # replicate kv heads: each device holds one copy of the kv head its query heads use
-    else:
-        how = _axes_desc(mesh_cfg, rules, "kv_heads") + (" (kv heads per device) x seq=" + str(n_seq) +
-                                                         " (ulysses)" if ulysses else "")
-        raise LayoutError(f"{src}: axes {how}: model num_key_value_heads={kv} "
-                          f"neither divides by {s} nor divides {s}, so kv heads cannot be split or replicated "
-                          f"evenly")
+        return 1
+    if s % kv == 0:
+        return s // kv  # replicate kv heads: each device holds one copy of the kv head its query heads use
+    how = _axes_desc(mesh_cfg, rules, "kv_heads") + (" (kv heads per device) x seq=" + str(n_seq) +
+                                                     " (ulysses)" if ulysses else "")
+    raise LayoutError(f"{src}: axes {how}: model num_key_value_heads={kv} "
+                      f"neither divides by {s} nor divides {s}, so kv heads cannot be split or replicated "
+                      f"evenly")
+
+
+def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLayout:
+    devices = list(devices if devices is not None else jax.devices())
+    mesh_cfg = mesh_cfg.resolved(len(devices))
+    rep = check_layout(mesh_cfg, cfg)
     names = list(mesh_cfg.axes) or ["data"]
     shape = [mesh_cfg.axes[a] for a in mesh_cfg.axes] or [1]
-    mesh = Mesh(np.array(devices[:mesh_cfg.device_count]).reshape(shape), tuple(names), axis_types=(AxisType.Auto,) * len(names))
-    return ModelLayout(Layout(mesh, rules, mesh_cfg.attention, mesh_cfg.capacity_factor, mesh_cfg.microbatches),
-                       mesh_cfg, rep)
+    mesh = Mesh(np.array(devices[:mesh_cfg.device_count]).reshape(shape), tuple(names),
+                axis_types=(AxisType.Auto,) * len(names))
+    return ModelLayout(Layout(mesh, make_rules(mesh_cfg.rules), mesh_cfg.attention, mesh_cfg.capacity_factor,
+                              mesh_cfg.microbatches), mesh_cfg, rep)
 
 
 def _check_residual(mesh_cfg: MeshConfig, rules: dict, cfg: ModelConfig) -> None:

@@ -1,0 +1,169 @@
+"""The communication model: which collectives jaxpar's prefill and decode programs run on a layout, how often,
+and how many bytes each moves per device, computed from the model config and the mesh file alone.
+
+It mirrors the kernels in jaxpar/parallel and the model's sharding constraints, and it is tested against
+the compiled programs (`jaxpar.inspect`) on every shipped mesh. Sizes use the engine's padded shapes
+(`Step`). Each collective is a `Comm`: its op, the mesh axes it runs over (which sets the link it uses on
+real hardware), how many times it runs in one step, and the bytes one run leaves on each device (the op's
+result, the convention of `inspect`)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxpar.analysis.hlo import COLLECTIVES
+from jaxpar.config import ModelConfig
+from jaxpar.layout.mesh_file import MeshConfig
+from jaxpar.layout.rules import make_rules
+
+F32 = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Comm:
+    op: str  # one of hlo.COLLECTIVES
+    axes: tuple  # mesh axes the collective runs over
+    count: int  # runs per step
+    bytes: int  # per device, per run (the result's size on one device)
+    what: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.count * self.bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One compiled step's padded shapes: batch rows, tokens per row in this step, KV cache slots."""
+    batch: int
+    tokens: int
+    cache: int
+    decode: bool
+
+
+class Axes:
+    """The logical-axis table resolved against a mesh file's sizes, without devices (what Layout does for a
+    real mesh). `decode=True` drops the sequence split of activations, as Layout.for_decode."""
+
+    def __init__(self, mesh_cfg: MeshConfig, decode: bool = False):
+        self.mesh_cfg = mesh_cfg
+        self.rules = make_rules(mesh_cfg.rules)
+        if decode:
+            self.rules = {**self.rules, "seq": (), "residual_seq": ()}
+
+    def axes(self, logical: str) -> tuple:
+        return tuple(a for a in self.rules.get(logical, ()) if self.mesh_cfg.size(a) > 1)
+
+    def size(self, logical: str) -> int:
+        return math.prod(self.mesh_cfg.size(a) for a in self.axes(logical))
+
+
+def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, dtype_bytes: int) -> list:
+    """The collectives of one prefill (step.decode False) or decode step."""
+    ax = Axes(mesh_cfg, decode=step.decode)
+    e, h, hd = dtype_bytes, cfg.hidden_size, cfg.head_size
+    b_loc = step.batch // ax.size("batch")
+    s_loc = step.tokens // ax.size("seq")
+    stages = ax.size("layers")
+    micro = mesh_cfg.microbatches if stages > 1 else 1
+    ticks = micro + stages - 1 if stages > 1 else 1
+    runs = cfg.num_hidden_layers // stages * ticks  # layer executions per device per step
+    rows = b_loc // micro  # rows one layer execution works on
+    out: list = []
+
+    def add(op, axes, count, nbytes, what):
+        if axes and count and nbytes:
+            out.append(Comm(op, tuple(axes), int(count), int(nbytes), what))
+
+    act = rows * s_loc * h * e  # one layer's activations on one device
+    add("all-reduce", ax.axes("vocab"), 1, b_loc * s_loc * h * e, "vocab-parallel embedding")
+    out += _attention(cfg, ax, kv_repeat, step, rows, s_loc, runs, e)
+    res_extra = ax.axes("residual_seq")[len(ax.axes("seq")):]  # NVIDIA-style SP: the row-parallel sums
+    for name, split in (("attention output", ax.axes("heads")), ("MLP down", _ffn_tensor_axes(cfg, ax))):
+        if not split:
+            continue
+        if res_extra:
+            add("reduce-scatter", split, runs, act // math.prod(mesh_cfg.size(a) for a in split),
+                f"{name} (sequence-parallel)")
+            add("all-gather", split, runs, act, f"{name}: sequence gathered for the next matmul")
+        else:
+            add("all-reduce", split, runs, act, f"{name} (tensor parallel)")
+    if cfg.num_local_experts:
+        out += _experts(cfg, ax, mesh_cfg, rows, s_loc, runs, e)
+    if stages > 1:
+        add("collective-permute", ax.axes("layers"), ticks, act, "pipeline: activations to the next stage")
+        add("all-reduce", ax.axes("layers"), 1, b_loc * s_loc * h * F32, "pipeline: last stage's output")
+    if not step.decode:
+        add("all-reduce", ax.axes("residual_seq"), 1, b_loc * h * e, "last prompt token (masked sum over the "
+                                                                     "sequence split)")
+    add("all-gather", ax.axes("vocab"), 1, b_loc * cfg.vocab_size * F32, "logits gathered for sampling")
+    return out
+
+
+def _ffn_tensor_axes(cfg: ModelConfig, ax: Axes) -> tuple:
+    """The axes the FFN's row-parallel output is summed over by an all-reduce in the model (with an expert
+    axis the sum happens inside the expert kernel instead, on its buffers)."""
+    if cfg.num_local_experts and ax.size("experts") > 1:
+        return ()
+    return ax.axes("mlp")
+
+
+def _attention(cfg, ax: Axes, kv_repeat, step: Step, rows, s_loc, runs, e) -> list:
+    hd = cfg.head_size
+    heads = cfg.num_attention_heads // ax.size("heads")
+    kv = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
+    out = []
+    if step.decode:
+        seq = ax.axes("cache_seq")
+        if seq:  # FlashDecoding across devices: one max and one (packed) sum per layer, float32
+            out.append(Comm("all-reduce", seq, runs, rows * heads * F32, "decode attention: max over seq"))
+            out.append(Comm("all-reduce", seq, runs, rows * heads * (hd + 1) * F32, "decode attention: sum over seq"))
+        return out
+    seq = ax.axes("seq")
+    n = ax.size("seq")
+    if not seq:
+        return out
+    kind = ax.mesh_cfg.attention
+    if kind == "ring":
+        out.append(Comm("collective-permute", seq, runs * 2 * (n - 1), rows * s_loc * kv * hd * e,
+                        "ring attention: K and V blocks around the ring"))
+    elif kind == "ulysses":
+        out.append(Comm("all-to-all", seq, runs, rows * s_loc * (heads + 2 * kv) * hd * e,
+                        "Ulysses: Q/K/V sequence-split to head-split"))
+        out.append(Comm("all-to-all", seq, runs, rows * s_loc * heads * hd * e, "Ulysses: output back"))
+    else:  # dense: XLA gathers K and V over the sequence (and, once, the positions for the mask)
+        out.append(Comm("all-gather", seq, runs * 2, rows * s_loc * n * kv * hd * e, "dense attention: K, V gathered"))
+        out.append(Comm("all-gather", seq, 1, step.batch // ax.size("batch") * step.tokens * 4,
+                        "dense attention: positions gathered for the mask"))
+    return out
+
+
+def _experts(cfg, ax: Axes, mesh_cfg: MeshConfig, rows, s_loc, runs, e) -> list:
+    from jaxpar.parallel.experts import capacity
+    n_exp, h = cfg.num_local_experts, cfg.hidden_size
+    stats = (n_exp + 1) * F32  # tokens per expert + dropped, summed over the devices holding tokens
+    token_axes = ax.axes("batch") + ax.axes("seq")
+    stages = ax.axes("layers")
+    # under a pipeline each stage's statistics [L/P layers] are gathered over the stages: load, then dropped
+    gather = [Comm("all-gather", stages, 1, cfg.num_hidden_layers * n_exp * F32, "expert load per layer"),
+              Comm("all-gather", stages, 1, cfg.num_hidden_layers * F32, "dropped assignments per layer")] \
+        if stages else []
+    if ax.size("experts") == 1:  # every expert on every token: nothing is dropped, only the load is summed
+        return ([Comm("all-reduce", token_axes, runs, n_exp * F32, "expert load statistics")] if token_axes
+                else []) + gather
+    cap = capacity(rows * s_loc, cfg.num_experts_per_tok, n_exp, mesh_cfg.capacity_factor)
+    buf = n_exp * cap * h
+    out = [Comm("all-to-all", ax.axes("experts"), 2 * runs, buf * e, "expert dispatch and return")]
+    if ax.axes("mlp"):
+        out.append(Comm("all-reduce", ax.axes("mlp"), runs, buf * F32, "expert FFN (tensor parallel, float32)"))
+    out.append(Comm("all-reduce", token_axes, runs, stats, "expert load statistics"))
+    return out + gather
+
+
+def summarise(comms: list) -> dict:
+    """The `inspect` schema: op -> {count, bytes} (bytes summed over runs)."""
+    out = {c: {"count": 0, "bytes": 0} for c in COLLECTIVES}
+    for c in comms:
+        out[c.op]["count"] += c.count
+        out[c.op]["bytes"] += c.total
+    return out

@@ -1,0 +1,134 @@
+"""Sizing from the model config and a mesh file alone: parameter and KV cache bytes per device, FLOPs and
+HBM bytes of one step, and a workspace estimate. Parameter bytes come from the model code's own parameter
+shapes and logical axes (the abstract model), so they are exactly what `jaxpar.load` would place."""
+from __future__ import annotations
+
+import math
+
+from jaxpar.analysis.comm import Axes, Step
+from jaxpar.config import ModelConfig
+from jaxpar.layout.mesh_file import MeshConfig
+
+DTYPE_BYTES = {"float32": 4, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
+ALIASES = {"bfloat16": "bf16", "fp32": "float32", "f32": "float32"}
+
+
+def _leaves(cfg: ModelConfig, kv_repeat: int):
+    """(shape, logical names) of every parameter, from the abstract model (nothing allocated)."""
+    from jaxpar.engine import params as P
+    names = P.flatten(P.logical_names(cfg, kv_repeat))
+    shapes = P.flatten(P.shapes(cfg, kv_repeat))
+    return [(tuple(shapes[k].shape), names[k]) for k in names]
+
+
+def param_count(cfg: ModelConfig) -> int:
+    leaves = _leaves(cfg, 1)
+    return sum(math.prod(s) for s, _ in leaves)
+
+
+def params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int) -> int:
+    """Parameters one device holds (the layout divides every split dimension evenly)."""
+    ax = Axes(mesh_cfg)
+    leaves = _leaves(cfg, kv_repeat)
+    return sum(math.prod(s) // math.prod(ax.size(n) for n in names if n) for s, names in leaves)
+
+
+def layer_params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int) -> int:
+    """One layer's parameters on one device (what each layer execution reads)."""
+    ax = Axes(mesh_cfg)
+    leaves = _leaves(cfg, kv_repeat)
+    total = 0
+    for s, names in leaves:
+        if "layers" in names:
+            total += math.prod(s) // cfg.num_hidden_layers // math.prod(
+                ax.size(n) for n in names if n and n != "layers")
+    return total
+
+
+def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, batch: int, cache: int,
+                        kv_bytes: float) -> float:
+    """K and V for `batch` padded rows of `cache` slots: [layers, batch, cache_seq, kv_heads, head_dim] x 2."""
+    ax = Axes(mesh_cfg)
+    split = ax.size("layers") * ax.size("batch") * ax.size("cache_seq") * ax.size("kv_heads")
+    return 2 * cfg.num_hidden_layers * batch * cache * cfg.kv_heads * kv_repeat * cfg.head_size * kv_bytes / split
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv_bytes: float) -> float:
+    """2 (K and V) x layers x kv heads x head_dim x bytes: the whole model, one token."""
+    return 2 * cfg.num_hidden_layers * cfg.kv_heads * cfg.head_size * kv_bytes
+
+
+def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, weight_bytes: float,
+              act_bytes: float) -> dict:
+    """What one device does in one step, as jaxpar runs it: `layer_runs` executions of one layer (L/P per
+    pipeline tick, M+P-1 ticks), each with `layer_flops` and `layer_bytes` of HBM traffic (its weights, and
+    the KV cache it reads or writes), plus the LM head once. MoE layers compute what the program computes:
+    every expert on every token without an expert axis, full capacity buffers with one."""
+    ax = Axes(mesh_cfg, decode=step.decode)
+    stages = ax.size("layers")
+    micro = mesh_cfg.microbatches if stages > 1 else 1
+    ticks = micro + stages - 1 if stages > 1 else 1
+    rows = step.batch // ax.size("batch") // micro
+    tokens = rows * step.tokens // ax.size("seq")
+    hd, h = cfg.head_size, cfg.hidden_size
+    heads = cfg.num_attention_heads // ax.size("heads")
+    kv = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
+    layer_w = layer_params_per_device(cfg, mesh_cfg, kv_repeat)
+    attn_w = h * (2 * heads + 2 * kv) * hd
+    if cfg.num_local_experts:
+        from jaxpar.parallel.experts import capacity
+        f_loc = cfg.expert_ffn // ax.size("mlp")
+        if ax.size("experts") > 1:
+            slots = cfg.num_local_experts * capacity(tokens, cfg.num_experts_per_tok, cfg.num_local_experts,
+                                                     mesh_cfg.capacity_factor)
+        else:
+            slots = tokens * cfg.num_local_experts
+        ffn_flops = 2 * 3 * h * f_loc * slots + 2 * h * cfg.num_local_experts * tokens
+        if cfg.shared_expert_intermediate_size:
+            ffn_flops += 2 * 3 * h * cfg.shared_expert_intermediate_size // ax.size("mlp") * tokens
+    else:
+        ffn_flops = 2 * 3 * h * (cfg.intermediate_size // ax.size("mlp")) * tokens
+    cache_loc = step.cache // Axes(mesh_cfg).size("cache_seq")
+    if step.decode:
+        ctx = cache_loc  # every cached slot is read
+        kv_io = rows * cache_loc * kv * hd * 2 * act_bytes
+    else:
+        ctx = step.tokens / 2  # causal: on average half the prompt (zigzag keeps devices balanced)
+        kv_io = rows * (step.tokens // ax.size("seq")) * kv * hd * 2 * act_bytes
+    attn_flops = 4 * tokens * ctx * heads * hd
+    layer_flops = 2 * attn_w * tokens + attn_flops + ffn_flops
+    b_loc = step.batch // ax.size("batch")
+    head_flops = 2 * h * cfg.vocab_size // ax.size("vocab") * b_loc  # logits for each row's last position
+    head_bytes = h * cfg.vocab_size // ax.size("vocab") * weight_bytes
+    return {"layer_runs": cfg.num_hidden_layers // stages * ticks, "layer_flops": layer_flops,
+            "layer_bytes": layer_w * weight_bytes + kv_io, "head_flops": head_flops, "head_bytes": head_bytes,
+            "tokens_per_layer_run": tokens}
+
+
+def workspace_bytes(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, act_bytes: float) -> float:
+    """Largest transient of a prefill step (an estimate, not the compiler's plan): one layer's activations
+    and its attention score block (float32; a ring step holds one (S/N)^2 block, Ulysses and dense attention
+    the whole sequence for their heads)."""
+    ax = Axes(mesh_cfg, decode=step.decode)
+    n_seq = ax.size("seq")
+    stages = ax.size("layers")
+    micro = mesh_cfg.microbatches if stages > 1 else 1
+    rows = step.batch // ax.size("batch") // micro
+    s_loc = step.tokens // n_seq
+    heads = cfg.num_attention_heads // ax.size("heads")
+    kv = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
+    f_loc = (cfg.expert_ffn * max(cfg.num_experts_per_tok, 1) if cfg.num_local_experts else cfg.intermediate_size)
+    f_loc //= ax.size("mlp")
+    acts = rows * s_loc * (4 * cfg.hidden_size + 3 * f_loc + (heads + 2 * kv) * cfg.head_size) * act_bytes
+    if step.decode:
+        keys = step.cache // Axes(mesh_cfg).size("cache_seq")
+        scores_heads, q = heads, 1
+    elif n_seq > 1 and mesh_cfg.attention == "ring":
+        keys, scores_heads, q = s_loc, heads, s_loc
+    elif n_seq > 1 and mesh_cfg.attention == "ulysses":
+        keys, scores_heads, q = step.tokens, heads // n_seq, step.tokens
+    else:
+        keys, scores_heads, q = step.tokens, heads, s_loc
+    scores = rows * scores_heads * q * keys * 4
+    logits = step.batch // ax.size("batch") * cfg.vocab_size * 4
+    return acts + scores + logits

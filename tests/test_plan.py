@@ -1,0 +1,199 @@
+"""The planner (`python -m jaxpar.plan`): its communication model against the compiled programs, the
+reference texts' sizing facts, and its recommendations."""
+import json
+import os
+
+import pytest
+
+from conftest import engine
+from jaxpar import plan as plan_cli
+from jaxpar.analysis import comm as C
+from jaxpar.analysis import planner as PL
+from jaxpar.analysis import sizing as S
+from jaxpar.analysis.hardware import PRESETS, load_hardware
+from jaxpar.bench import SHIPPED
+from jaxpar.config import load_config
+from jaxpar.inspect import inspect_engine
+from jaxpar.layout.mesh_file import MeshConfig, parse_mesh
+from jaxpar.layout.plan import check_layout
+
+# layouts not shipped as files whose collectives differ in kind: a pipeline around expert dispatch
+# (statistics gathered over stages), NVIDIA-style SP (reduce-scatters), capacity-limited EP with TP
+EXTRA = {"pp2_ep4_m2": ({"axes": {"stage": 2, "expert": 4}, "microbatches": 2}, "tiny-add-moe"),
+         "tp2_nvsp": ({"axes": {"tensor": 2}, "rules": {"residual_seq": "tensor"}}, "tiny-add"),
+         "ep4_tp2_cf": ({"axes": {"expert": 4, "tensor": 2}, "capacity_factor": 1.25}, "tiny-add-moe")}
+
+
+def predicted(eng, r):
+    """The planner's collectives for the shapes inspect compiled."""
+    mc = eng.model_layout.mesh_cfg
+    out = {}
+    for key, step in (("prefill", C.Step(r["batch"], r["prompt_len"], r["cache_len"], False)),
+                      ("decode", C.Step(r["batch"], 1, r["cache_len"], True))):
+        out[key] = C.summarise(C.step_collectives(eng.config, mc, eng.kv_repeat, step, 4))
+    return out
+
+
+def assert_close(pred, real, where):
+    for step in ("prefill", "decode"):
+        for op, v in real[step]["collectives"].items():
+            p = pred[step][op]
+            assert p["count"] == v["count"], (where, step, op, p, v)
+            assert abs(p["bytes"] - v["bytes"]) <= 0.10 * v["bytes"], (where, step, op, p, v)
+
+
+@pytest.mark.parametrize("mesh", SHIPPED)
+def test_predicted_collectives_match_the_compiled_program(mesh):
+    """Every shipped mesh, the default model (tiny-add-moe on expert meshes): every collective's count per
+    step, and its bytes within 10% (they agree exactly), padded batch and prompt included; params and KV
+    cache bytes per device exactly."""
+    eng = engine(mesh)
+    r = inspect_engine(eng, batch=3, prompt_len=37, max_new_tokens=16)
+    assert_close(predicted(eng, r), r, mesh)
+    mc = eng.model_layout.mesh_cfg
+    assert S.params_per_device(eng.config, mc, eng.kv_repeat) * 4 == r["params_bytes_per_device"]
+    assert S.kv_bytes_per_device(eng.config, mc, eng.kv_repeat, r["batch"], r["cache_len"], 4) == \
+        r["kv_cache_bytes_per_device"]
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA))
+def test_predicted_collectives_on_other_layouts(name):
+    inline, model = EXTRA[name]
+    eng = engine(name, inline, model=model)
+    r = inspect_engine(eng, batch=8, prompt_len=16, max_new_tokens=16)
+    assert_close(predicted(eng, r), r, name)
+
+
+def test_a_wrong_prediction_is_caught():
+    """The comparison above can fail: one layer fewer in the model changes the counts."""
+    eng = engine("tp2")
+    r = inspect_engine(eng, batch=3, prompt_len=37, max_new_tokens=16)
+    wrong = eng.config.replace(num_hidden_layers=eng.config.num_hidden_layers - 1)
+    mc = eng.model_layout.mesh_cfg
+    pred = {k: C.summarise(C.step_collectives(wrong, mc, 1, C.Step(r["batch"], s, r["cache_len"], k == "decode"),
+                                              4)) for k, s in (("prefill", r["prompt_len"]), ("decode", 1))}
+    with pytest.raises(AssertionError):
+        assert_close(pred, r, "tp2 with a layer missing")
+
+
+def run_plan(capsys, *argv):
+    plan_cli.main(list(argv) + ["--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_llama3_70b_weights_per_gpu_and_kv_per_token(capsys):
+    """Seed 002: about 141/70.5/35.3/17.6 GB of bf16 weights per GPU at TP 1/2/4/8 (it rounds to
+    140/70/35/17.5), and 70B bf16 does not fit one 80 GB GPU; KV bytes per token = 2 x layers x kv heads x
+    head_dim x 2 (327,680 for Llama-3-70B)."""
+    r = run_plan(capsys, "--model", "llama3-70b", "--devices", "8", "--mesh", "single", "tp2", "tp4", "tp8")
+    by = {x["name"]: x for x in r["layouts"]}
+    for name, want in (("single", 141.1), ("tp2", 70.5), ("tp4", 35.3), ("tp8", 17.6)):
+        assert abs(by[name]["weights_bytes_per_device"] / 1e9 - want) / want < 0.005, name
+    assert not by["single"]["fits"] and by["tp8"]["fits"]
+    assert r["sizing"]["kv_bytes_per_token"] == 2 * 80 * 8 * 128 * 2 == 327680
+    one = run_plan(capsys, "--model", "llama3-70b", "--devices", "1")
+    assert one["layouts"][0]["weights_bytes_per_device"] > 80e9 and not one["layouts"][0]["fits"]
+    assert one["recommended"] is None
+
+
+def test_deepseek_v3_fp8_needs_a_full_node_of_b200(capsys):
+    """Seed 003: 671B parameters in FP8 = 671 GB; x 1.8 for KV cache = ~1,208 GB; rounded up over B200
+    instances of 180/360/720/1,440 GB: 8 B200, although 4 (720 GB) would hold the weights alone."""
+    r = run_plan(capsys, "--params", "671B", "--dtype", "fp8", "--hardware", "b200-nvlink")
+    assert r["weights_bytes"]["fp8"] == 671e9
+    assert abs(r["required_bytes"] - 1207.8e9) < 1e9
+    assert r["min_devices"] == 8
+    assert PL.min_devices(671e9, PRESETS["b200-nvlink"]) == 4
+
+
+def test_recommendation_is_topology_aware(capsys):
+    """Seed 002: Llama-3-70B at batch 1 on 8 H100 over NVLink: TP over all 8, inside the node. On a
+    two-socket PCIe Gen4 server a smaller TP degree that stays inside one socket. Seed 003: a dense model
+    too big for one node: TP8 inside each node, PP2 across the InfiniBand link."""
+    nv = run_plan(capsys, "--model", "llama3-70b", "--devices", "8", "--hardware", "h100-nvlink")["recommended"]
+    assert nv["fits"] and nv["mesh"]["axes"] == {"tensor": 8}
+    pcie = run_plan(capsys, "--model", "llama3-70b", "--devices", "8", "--hardware", "pcie4-cross-socket")
+    rec = pcie["recommended"]
+    assert rec["fits"] and rec["mesh"]["axes"]["tensor"] < 8
+    assert "qpi-upi" not in rec["decode"]["links"]  # the per-layer all-reduces stay inside a socket
+    tp8 = next(x for x in pcie["layouts"] if x["mesh"]["axes"] == {"tensor": 8})
+    assert tp8["est_decode_ms"] > rec["est_decode_ms"]
+    two = run_plan(capsys, "--model", "llama3.1-405b", "--devices", "16", "--nodes", "2", "--network", "ib-ndr")
+    assert two["recommended"]["mesh"]["axes"] == {"stage": 2, "tensor": 8}
+    assert "llama3.1-405b" and two["recommended"]["weights_bytes_per_device"] < 80e9
+
+
+def test_layout_time_grows_with_slower_links():
+    """The roofline's communication term: the same layout is slower over PCIe than over NVLink, and a
+    group crossing the socket link pays its bandwidth."""
+    cfg = load_config("llama3-70b")
+    mc = MeshConfig(axes={"tensor": 8})
+    req = PL.Request(1, 4096, 256, "bf16", "bf16", 0.1)
+    rep = check_layout(mc, cfg)
+    fast = PL.evaluate(cfg, mc, rep, PRESETS["a100-nvlink"], req)
+    slow = PL.evaluate(cfg, mc, rep, PRESETS["pcie4-cross-socket"], req)
+    assert slow["decode"]["comm_ms"] > 10 * fast["decode"]["comm_ms"]
+    assert PL.group_span(MeshConfig(axes={"data": 2, "tensor": 4}), ("tensor",)) == 4
+    assert PL.group_span(MeshConfig(axes={"data": 2, "tensor": 4}), ("data",)) == 5
+    assert PRESETS["pcie4-cross-socket"].link_for(4).name == "pcie4"
+    assert PRESETS["pcie4-cross-socket"].link_for(5).name == "qpi-upi"
+
+
+def test_every_preset_loads_and_a_user_file_works(tmp_path, capsys):
+    for name in ("h100-nvlink", "h200-nvlink", "b200-nvlink", "a100-nvlink", "a100-pcie", "pcie4-cross-socket",
+                 "tpu-v5e", "tpu-v5p", "tpu-v6e"):
+        hw = load_hardware(name)
+        assert hw.memory_bytes > 0 and hw.peak("bf16") > 0 and hw.links
+    f = tmp_path / "mine.yaml"
+    f.write_text("memory_gb: 24\nhbm_gb_per_s: 1000\ntflops: {bf16: 165}\n"
+                 "links:\n  - {name: pcie4, group: 2, gb_per_s: 32, latency_us: 1}\n")
+    r = run_plan(capsys, "--model", "tiny-add", "--devices", "2", "--hardware", str(f), "--dtype", "float32")
+    assert r["hardware"]["memory_bytes"] == 24e9 and r["recommended"]["fits"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "tiny-add", "--hardware", "nope"], "neither a preset"),
+    (["--model", "tiny-add", "--devices", "16"], "holds 8"),
+    (["--model", "tiny-add", "--devices", "16", "--nodes", "2"], "--network"),
+    (["--model", "tiny-add", "--devices", "12", "--nodes", "5", "--network", "roce"], "equal nodes"),
+    (["--model", "tiny-add", "--context", "100000"], "context window"),
+    (["--model", "tiny-add", "--dtype", "fp9"], "--dtype"),
+    (["--params", "lots"], "--params"),
+    (["--model", "tiny-add", "--mesh", "tp8", "--devices", "4"], "only 4 devices"),
+])
+def test_plan_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        from jaxpar.tools import cli
+        cli.run(plan_cli.main, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
+
+
+def test_bad_hardware_file_names_file_and_field(tmp_path, capsys):
+    f = tmp_path / "bad.yaml"
+    f.write_text("memory_gb: 24\nhbm_gb_per_s: -1\ntflops: {bf16: 1}\nlinks: [{group: 2, gb_per_s: 1}]\n")
+    with pytest.raises(SystemExit):
+        from jaxpar.tools import cli
+        cli.run(plan_cli.main, ["--model", "tiny-add", "--devices", "2", "--hardware", str(f)])
+    err = capsys.readouterr().err
+    assert str(f) in err and "hbm_gb_per_s" in err
+
+
+def test_json_schema_and_write_mesh(tmp_path, capsys):
+    """SPEC's schema; the recommended layout saved with --write-mesh is a mesh file jaxpar loads."""
+    out = tmp_path / "best.yaml"
+    r = run_plan(capsys, "--model", "tiny-add", "--devices", "8", "--dtype", "float32", "--batch", "8",
+                 "--context", "32", "--write-mesh", str(out))
+    x = r["layouts"][0]
+    for key in ("mesh", "weights_bytes_per_device", "kv_bytes_per_device", "fits", "est_prefill_ms",
+                "est_decode_ms"):
+        assert key in x
+    assert set(x["prefill"]["collectives"]) == set(x["decode"]["collectives"]) == {
+        "all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"}
+    import yaml
+    from jaxpar.layout.mesh_file import load_mesh_file
+    saved = load_mesh_file(str(out))
+    assert saved.axes == r["recommended"]["mesh"]["axes"]
+    assert parse_mesh(yaml.safe_load(out.read_text()), "x").device_count == 8
+    assert os.path.getsize(out) > 0
