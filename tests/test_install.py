@@ -23,6 +23,9 @@ def test_wheel_install_runs_shipped_mesh_and_model(tmp_path):
                         "--prompt", "123+456="], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "579\n"
+    r = subprocess.run([sys.executable, "-m", "jaxpar.plan", "--model", "llama3-70b", "--hardware", "tpu-v5p",
+                        "--json"], capture_output=True, text=True, cwd=tmp_path, env=env)  # package data
+    assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-c", "import jaxpar; print(jaxpar.__file__)"], capture_output=True,
                        text=True, cwd=tmp_path, env=env)
     assert r.stdout.startswith(str(target))

@@ -120,7 +120,7 @@ def test_recommendation_is_topology_aware(capsys):
     assert tp8["est_decode_ms"] > rec["est_decode_ms"]
     two = run_plan(capsys, "--model", "llama3.1-405b", "--devices", "16", "--nodes", "2", "--network", "ib-ndr")
     assert two["recommended"]["mesh"]["axes"] == {"stage": 2, "tensor": 8}
-    assert "llama3.1-405b" and two["recommended"]["weights_bytes_per_device"] < 80e9
+    assert two["recommended"]["weights_bytes_per_device"] < 80e9 < 2 * two["recommended"]["weights_bytes_per_device"]
 
 
 def test_layout_time_grows_with_slower_links():

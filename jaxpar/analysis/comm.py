@@ -61,7 +61,7 @@ class Axes:
 def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, dtype_bytes: int) -> list:
     """The collectives of one prefill (step.decode False) or decode step."""
     ax = Axes(mesh_cfg, decode=step.decode)
-    e, h, hd = dtype_bytes, cfg.hidden_size, cfg.head_size
+    e, h = dtype_bytes, cfg.hidden_size
     b_loc = step.batch // ax.size("batch")
     s_loc = step.tokens // ax.size("seq")
     stages = ax.size("layers")

@@ -35,3 +35,25 @@ def save(plt, fig, out_dir: str, fname: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def progress(done: int, total: int, label: str = "", width: int = 28) -> None:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, one line per update otherwise)."""
+    import sys
+    filled = int(width * done / max(total, 1))
+    bar = "#" * filled + "-" * (width - filled)
+    end = "\n" if done >= total or not sys.stderr.isatty() else ""
+    sys.stderr.write(f"\r[{bar}] {done}/{total} {label:<40}{end}")
+    sys.stderr.flush()
+
+
+def write_csv(out_dir: str, name: str, rows: list) -> str:
+    """rows (dicts with the same flat keys) -> out_dir/name; returns the path."""
+    import csv
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        w.writeheader()
+        w.writerows(rows)
+    return path

@@ -70,8 +70,9 @@ def measure_machine() -> dict:
         for _ in range(10):
             perm(x).block_until_ready()
         bw = 10 * 16 * 2 ** 20 / (time.perf_counter() - t0)
-    from jaxpar.analysis.hardware import Hardware
-    return Hardware("this-cpu", flops, float("nan"), bw, 0.0, "measured: f32 1024^3 matmul; 16 MiB ppermute")
+    from jaxpar.analysis.hardware import Hardware, Link
+    return Hardware("this-cpu", float("nan"), float("nan"), {"bf16": flops, "float32": flops},
+                    (Link("fake-devices", len(devs), bw, 0.0),), "measured: f32 1024^3 matmul; 16 MiB ppermute")
 
 
 def sweep(args) -> list[dict]:
