@@ -146,6 +146,8 @@ def print_human(r: dict, top: int) -> None:
               f"{share:>8.1f}{x['est_request_ms'] / 1e3:>11.3f}  {', '.join(x['decode']['links'] or ['-'])}")
     if rec:
         print(f"\nrecommended: {rec['name']}: {json.dumps(rec['mesh'])}")
+        print("  weights per device: " + ", ".join(f"{d} {_gb(b)}" for d, b in
+                                                   rec["weights_bytes_per_device_by_dtype"].items()))
     else:
         print("\nnothing fits: more devices, a smaller dtype, a smaller batch or context")
 

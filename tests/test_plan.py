@@ -90,6 +90,8 @@ def test_llama3_70b_weights_per_gpu_and_kv_per_token(capsys):
     for name, want in (("single", 141.1), ("tp2", 70.5), ("tp4", 35.3), ("tp8", 17.6)):
         assert abs(by[name]["weights_bytes_per_device"] / 1e9 - want) / want < 0.005, name
     assert not by["single"]["fits"] and by["tp8"]["fits"]
+    d = by["tp8"]["weights_bytes_per_device_by_dtype"]
+    assert d["bf16"] == 2 * d["fp8"] == 2 * d["int8"] == 4 * d["int4"] == by["tp8"]["weights_bytes_per_device"]
     assert r["sizing"]["kv_bytes_per_token"] == 2 * 80 * 8 * 128 * 2 == 327680
     one = run_plan(capsys, "--model", "llama3-70b", "--devices", "1")
     assert one["layouts"][0]["weights_bytes_per_device"] > 80e9 and not one["layouts"][0]["fits"]
@@ -197,3 +199,15 @@ def test_json_schema_and_write_mesh(tmp_path, capsys):
     assert saved.axes == r["recommended"]["mesh"]["axes"]
     assert parse_mesh(yaml.safe_load(out.read_text()), "x").device_count == 8
     assert os.path.getsize(out) > 0
+
+
+def test_plan_reads_a_hugging_face_directory(tmp_path, capsys):
+    """--model takes a Hugging Face directory: only its config.json is read (no weights needed)."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+           "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+           "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = run_plan(capsys, "--model", str(tmp_path), "--devices", "8", "--mesh", "tp8")
+    assert abs(r["sizing"]["params"] / 1e9 - 8.03) < 0.01  # Llama-3-8B
+    assert r["layouts"][0]["weights_bytes_per_device"] * 8 > r["sizing"]["weights_bytes"]["bf16"]

@@ -108,7 +108,8 @@ def evaluate(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, hw: Hardwar
     """One layout: memory per device, fits, collectives and estimated step times."""
     pre, dec = padded_steps(cfg, mesh_cfg, req)
     wb, ab = S.DTYPE_BYTES[req.dtype], S.DTYPE_BYTES[req.kv_dtype]
-    weights = S.params_per_device(cfg, mesh_cfg, kv_repeat) * wb
+    n_params = S.params_per_device(cfg, mesh_cfg, kv_repeat)
+    weights = n_params * wb
     kv = S.kv_bytes_per_device(cfg, mesh_cfg, kv_repeat, pre.batch, pre.cache, ab)
     work = max(S.workspace_bytes(cfg, mesh_cfg, kv_repeat, pre, ab), S.workspace_bytes(cfg, mesh_cfg, kv_repeat,
                                                                                         dec, ab))
@@ -117,6 +118,7 @@ def evaluate(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, hw: Hardwar
     out = {"name": mesh_name(mesh_cfg), "mesh": mesh_dict(mesh_cfg), "devices": mesh_cfg.device_count,
            "kv_repeat": kv_repeat, "batch_padded": pre.batch, "context_padded": pre.tokens,
            "weights_bytes_per_device": int(weights), "kv_bytes_per_device": int(kv),
+           "weights_bytes_per_device_by_dtype": {d: int(n_params * b) for d, b in S.DTYPE_BYTES.items()},
            "workspace_bytes_per_device": int(work), "memory_bytes_per_device": int(need),
            "memory_budget_bytes": int(budget), "fits": need <= budget}
     for key, step in (("prefill", pre), ("decode", dec)):
