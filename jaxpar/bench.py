@@ -45,7 +45,9 @@ def main(argv=None):
             cli.fail(f"--{name} must be positive, got {getattr(args, name)}")
     if args.new_tokens < 1 or args.repeats < 1:
         cli.fail("--new-tokens and --repeats must be >= 1")
-    cli.setup_devices(args.fake_devices)
+    cli.start(args)
+    import os
+    os.makedirs(args.out, exist_ok=True)  # before the sweep: an unwritable --out fails now, not after it
     import jaxpar
     from jaxpar.benchmarks import sweep
     from jaxpar.benchmarks.output import publish, write_csv
@@ -54,6 +56,9 @@ def main(argv=None):
         return jaxpar.load(mesh=mesh, model=args.model, checkpoint=args.checkpoint, dtype=args.dtype)
     results = {"devices": _device_summary(), "sweep": sweep.sweep(args, load)}
     table = sweep.markdown(results["sweep"], results["devices"])
+    if args.dtype == "bfloat16" and "(cpu)" in results["devices"]:
+        table += ("\n\nbfloat16 on XLA:CPU: the compiled collectives move float32 (the CPU compiler widens "
+                  "them), so measured bytes are twice the prediction, which is what GPUs and TPUs move.")
     if args.accuracy:
         from jaxpar.train.add import accuracy, heldout_problems
         results["accuracy"] = {"heldout_problems": 1000,

@@ -22,7 +22,7 @@ def convert(hf: str, out: str, mesh: str = "single", dtype: str = "float32") -> 
     eng = jaxpar.load(mesh=mesh, hf=hf, dtype=dtype)
     eng.save(out)
     for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(hf, name)):
+        if os.path.isfile(os.path.join(hf, name)) and cli.is_main():
             shutil.copy(os.path.join(hf, name), os.path.join(out, name))
     return out
 
@@ -34,7 +34,7 @@ def main(argv=None):
     p.add_argument("--mesh", default="single", help="mesh to stream the weights through (default single)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args(argv)
-    cli.setup_devices(args.fake_devices)
+    cli.start(args)
     print(f"wrote {convert(args.hf, args.out, args.mesh, args.dtype)}")
 
 

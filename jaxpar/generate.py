@@ -61,7 +61,7 @@ def main(argv=None):
                                                         "(Hugging Face models with a chat_template)")
     p.add_argument("--stats", action="store_true", help="print timings and per-device memory to stderr")
     args = p.parse_args(argv)
-    cli.setup_devices(args.fake_devices)
+    cli.start(args)
     from jaxpar.engine.engine import check_sampling
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
     engine = cli.load_engine(args)

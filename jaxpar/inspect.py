@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=16, help="sets the KV cache length (default 16)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
-    cli.setup_devices(args.fake_devices)
+    cli.start(args)
     r = inspect_engine(cli.load_engine(args), args.batch, args.prompt_len, args.max_new_tokens)
     if args.json:
         print(json.dumps(r, indent=1))

@@ -21,12 +21,14 @@ def _dtype(name: str) -> str:
 
 
 def _params(text: str) -> float:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*", text)
-    if not m:
+    try:
+        n = float(text)
+    except ValueError:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT])\s*", text)
+        n = float(m.group(1)) * {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()] if m else -1
+    if not (n >= 1 and math.isfinite(n)):
         cli.fail(f"--params must be a parameter count like 671B, 70e9 or 8000M, got {text!r}")
-    if not m.group(2) and "e" in text.lower():
-        return float(text)
-    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    return n
 
 
 def load_model(spec: str):
@@ -52,10 +54,12 @@ def hardware(args):
                  f"{hw.devices_per_node}; give --nodes K (and --network) to span nodes")
     if nodes > 1 and not args.network:
         cli.fail(f"--nodes {nodes} needs --network (one of ib-ndr, ib-hdr, roce)")
+    if nodes == 1 and args.network:
+        cli.fail(f"--network {args.network} connects nodes: give --nodes K (K > 1) too")
     return hw.with_nodes(nodes, per_node, network(args.network) if nodes > 1 else None)
 
 
-def size_by_params(args, hw) -> dict:
+def size_by_params(args, hw) -> dict:  # hw: the preset (whole nodes), not the devices asked for
     """Sizing from a parameter count alone (architectures jaxpar does not run): weights in each dtype and
     reference 003's minimum instance, weights x KV allowance rounded up to 1, 2, 4, 8 devices or whole nodes."""
     from jaxpar.analysis.planner import min_devices
@@ -68,7 +72,7 @@ def size_by_params(args, hw) -> dict:
             "hardware": hw.name, "device_memory_bytes": hw.memory_bytes}
 
 
-def plan(args, hw, cfg) -> dict:
+def plan(args, hw, cfg, preset) -> dict:
     from jaxpar.analysis import planner as PL
     from jaxpar.analysis import sizing as S
     from jaxpar.layout.mesh_file import load_mesh_file
@@ -91,7 +95,7 @@ def plan(args, hw, cfg) -> dict:
     kv_tok = S.kv_bytes_per_token(cfg, S.DTYPE_BYTES[args.kv_dtype])
     sizing = {"params": n_params, "weights_bytes": weights, "kv_bytes_per_token": kv_tok,
               "kv_bytes": kv_tok * args.batch * args.context, "kv_allowance": args.kv_allowance,
-              "min_devices_by_allowance": PL.min_devices(weights[args.dtype] * args.kv_allowance, hw)}
+              "min_devices_by_allowance": PL.min_devices(weights[args.dtype] * args.kv_allowance, preset)}
     return {"model": cfg_summary(cfg), "hardware": hw_summary(hw), "devices": args.devices,
             "request": {"batch": args.batch, "context": args.context, "new_tokens": args.new_tokens,
                         "dtype": args.dtype, "kv_dtype": args.kv_dtype, "headroom": args.headroom},
@@ -154,7 +158,7 @@ def print_human(r: dict, top: int) -> None:
 
 def main(argv=None):
     from jaxpar.analysis.hardware import network_names, preset_names
-    p = cli.parser("plan", __doc__.splitlines()[0].split(": ", 1)[1])
+    p = cli.parser("plan", __doc__.splitlines()[0].split(": ", 1)[1], devices=False)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="model config file, shipped name (tiny-add, llama3-70b, ...) or Hugging Face "
                                    "directory")
@@ -193,8 +197,11 @@ def main(argv=None):
         cli.fail(f"--kv-allowance must be >= 1, got {args.kv_allowance}")
     if args.capacity_factor < 0:
         cli.fail(f"--capacity-factor must be >= 0, got {args.capacity_factor}")
-    hw = hardware(args)
+    from jaxpar.analysis.hardware import load_hardware
+    if args.write_mesh:
+        _check_writable(args.write_mesh)
     if args.params:
+        hw = load_hardware(args.hardware)
         r = size_by_params(args, hw)
         if args.json:
             print(json.dumps(r, indent=1))
@@ -204,20 +211,29 @@ def main(argv=None):
             print(f"{args.dtype} weights x {args.kv_allowance} KV allowance = {_gb(r['required_bytes'])}: minimum "
                   f"{r['min_devices']} x {hw.name} ({_gb(hw.memory_bytes)} each)")
         return
+    preset, hw = load_hardware(args.hardware), hardware(args)
     cfg = load_model(args.model)
     if args.context is None:
         args.context = min(4096, cfg.max_position_embeddings)
     if args.context > cfg.max_position_embeddings:
         cli.fail(f"--context {args.context} exceeds the model's context window of {cfg.max_position_embeddings}")
-    r = plan(args, hw, cfg)
-    if args.write_mesh and r["recommended"]:
-        import yaml
-        with open(args.write_mesh, "w") as f:
-            yaml.safe_dump(r["recommended"]["mesh"], f, sort_keys=False)
+    r = plan(args, hw, cfg, preset)
     if args.json:
         print(json.dumps(r, indent=1))
     else:
         print_human(r, args.top)
+    if args.write_mesh:
+        if not r["recommended"]:
+            cli.fail(f"--write-mesh {args.write_mesh}: no layout fits, so no mesh file was written")
+        import yaml
+        with open(args.write_mesh, "w") as f:
+            yaml.safe_dump(r["recommended"]["mesh"], f, sort_keys=False)
+
+
+def _check_writable(path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK) or os.path.isdir(path):
+        cli.fail(f"--write-mesh {path}: cannot write there (directory {d} missing or not writable)")
 
 
 if __name__ == "__main__":

@@ -35,18 +35,16 @@ def predicted(eng, r):
 
 
 def assert_close(pred, real, where):
+    """The issue asks for 10%; the model is exact, so equality is asserted (counts and bytes)."""
     for step in ("prefill", "decode"):
         for op, v in real[step]["collectives"].items():
-            p = pred[step][op]
-            assert p["count"] == v["count"], (where, step, op, p, v)
-            assert abs(p["bytes"] - v["bytes"]) <= 0.10 * v["bytes"], (where, step, op, p, v)
+            assert pred[step][op] == v, (where, step, op, pred[step][op], v)
 
 
 @pytest.mark.parametrize("mesh", SHIPPED)
 def test_predicted_collectives_match_the_compiled_program(mesh):
-    """Every shipped mesh, the default model (tiny-add-moe on expert meshes): every collective's count per
-    step, and its bytes within 10% (they agree exactly), padded batch and prompt included; params and KV
-    cache bytes per device exactly."""
+    """Every shipped mesh, the default model (tiny-add-moe on expert meshes): every collective's count and
+    bytes per step, padded batch and prompt included; params and KV cache bytes per device."""
     eng = engine(mesh)
     r = inspect_engine(eng, batch=3, prompt_len=37, max_new_tokens=16)
     assert_close(predicted(eng, r), r, mesh)
@@ -62,6 +60,22 @@ def test_predicted_collectives_on_other_layouts(name):
     eng = engine(name, inline, model=model)
     r = inspect_engine(eng, batch=8, prompt_len=16, max_new_tokens=16)
     assert_close(predicted(eng, r), r, name)
+
+
+@pytest.mark.parametrize("mesh", ["tp4", "sp4", "pp2_tp4", "ep8"])
+def test_planner_pads_as_the_engine_does(mesh, capsys):
+    """jaxpar.plan's own shapes (batch, prompt and KV cache buckets) and memory per device are the
+    compiled program's: the full path from the command line, not only the communication function."""
+    eng = engine(mesh)
+    r = inspect_engine(eng, batch=3, prompt_len=20, max_new_tokens=24)
+    model = "tiny-add-moe" if "ep" in mesh else "tiny-add"
+    p = run_plan(capsys, "--model", model, "--devices", "8", "--mesh", mesh, "--batch", "3", "--context", "20",
+                 "--new-tokens", "24", "--dtype", "float32")["layouts"][0]
+    assert (p["batch_padded"], p["context_padded"]) == (r["batch"], r["prompt_len"])
+    assert p["weights_bytes_per_device"] == r["params_bytes_per_device"]
+    assert p["kv_bytes_per_device"] == r["kv_cache_bytes_per_device"]
+    for step in ("prefill", "decode"):
+        assert p[step]["collectives"] == r[step]["collectives"], step
 
 
 def test_a_wrong_prediction_is_caught():
@@ -98,6 +112,23 @@ def test_llama3_70b_weights_per_gpu_and_kv_per_token(capsys):
     assert one["recommended"] is None
 
 
+def test_params_accepts_the_forms_it_offers(capsys):
+    for text in ("671B", "671e9", "671000M", "6.71e11"):
+        assert run_plan(capsys, "--params", text, "--dtype", "fp8", "--hardware", "b200-nvlink")["params"] == 671e9
+
+
+def test_mixture_of_experts_and_odd_device_counts(capsys):
+    """MoE models plan with expert layouts; device counts that are not powers of two and multi-node
+    networks enumerate every divisor's layouts without error."""
+    r = run_plan(capsys, "--model", "mixtral-8x7b", "--devices", "8", "--batch", "64", "--context", "2048",
+                 "--capacity-factor", "1.25")
+    assert any("expert" in x["mesh"]["axes"] for x in r["layouts"]) and r["recommended"]["fits"]
+    assert run_plan(capsys, "--model", "qwen3-30b-a3b", "--devices", "8")["recommended"]["fits"]
+    r = run_plan(capsys, "--model", "llama3-8b", "--devices", "12", "--nodes", "2", "--network", "roce")
+    assert {x["devices"] for x in r["layouts"]} <= {1, 2, 3, 4, 6, 12} and r["recommended"]["fits"]
+    assert run_plan(capsys, "--model", "llama3-70b", "--devices", "3")["sizing"]["min_devices_by_allowance"] == 4
+
+
 def test_deepseek_v3_fp8_needs_a_full_node_of_b200(capsys):
     """Seed 003: 671B parameters in FP8 = 671 GB; x 1.8 for KV cache = ~1,208 GB; rounded up over B200
     instances of 180/360/720/1,440 GB: 8 B200, although 4 (720 GB) would hold the weights alone."""
@@ -125,9 +156,27 @@ def test_recommendation_is_topology_aware(capsys):
     assert two["recommended"]["weights_bytes_per_device"] < 80e9 < 2 * two["recommended"]["weights_bytes_per_device"]
 
 
+def test_roofline_step_time_by_hand():
+    """Llama-3-70B tp8 decode at batch 1 on H100 is memory-bound: each GPU reads its 17.64 GB of weights
+    and its KV cache at 3.35 TB/s, plus 2 x 80 + 1 all-reduces of 16 KiB (bf16 hidden 8192) at 450 GB/s
+    with 2 x 7 hops of 0.1 us, the logits gather, and the LM head."""
+    cfg = load_config("llama3-70b")
+    mc = MeshConfig(axes={"tensor": 8})
+    req = PL.Request(1, 4096, 256, "bf16", "bf16", 0.1)
+    x = PL.evaluate(cfg, mc, check_layout(mc, cfg), PRESETS["h100-nvlink"], req)
+    kv = 2 * 80 * 8192 * 1 * 128 * 2 / 8  # 8192 slots (4096 + 256 new, bucketed), one kv head per GPU
+    weights = x["weights_bytes_per_device"]
+    mem_ms = (weights + kv) / 3.35e12 * 1e3
+    ar_ms = 161 * (2 * 7 / 8 * 8192 * 2 / 450e9 + 14 * 0.1e-6) * 1e3
+    gather_ms = (7 / 8 * 128256 * 4 / 450e9 + 7 * 0.1e-6) * 1e3
+    assert x["decode"]["bound"] == "memory"
+    assert abs(x["decode"]["comm_ms"] - ar_ms - gather_ms) < 1e-9
+    assert abs(x["est_decode_ms"] - (mem_ms + ar_ms + gather_ms)) / x["est_decode_ms"] < 0.01
+
+
 def test_layout_time_grows_with_slower_links():
     """The roofline's communication term: the same layout is slower over PCIe than over NVLink, and a
-    group crossing the socket link pays its bandwidth."""
+    group that crosses a socket or node boundary pays that link, wherever the group starts."""
     cfg = load_config("llama3-70b")
     mc = MeshConfig(axes={"tensor": 8})
     req = PL.Request(1, 4096, 256, "bf16", "bf16", 0.1)
@@ -135,17 +184,28 @@ def test_layout_time_grows_with_slower_links():
     fast = PL.evaluate(cfg, mc, rep, PRESETS["a100-nvlink"], req)
     slow = PL.evaluate(cfg, mc, rep, PRESETS["pcie4-cross-socket"], req)
     assert slow["decode"]["comm_ms"] > 10 * fast["decode"]["comm_ms"]
-    assert PL.group_span(MeshConfig(axes={"data": 2, "tensor": 4}), ("tensor",)) == 4
-    assert PL.group_span(MeshConfig(axes={"data": 2, "tensor": 4}), ("data",)) == 5
-    assert PRESETS["pcie4-cross-socket"].link_for(4).name == "pcie4"
-    assert PRESETS["pcie4-cross-socket"].link_for(5).name == "qpi-upi"
+    sock = PRESETS["pcie4-cross-socket"]
+    dp_tp = MeshConfig(axes={"data": 2, "tensor": 4})
+    assert PL.link_of(dp_tp, ("tensor",), sock).name == "pcie4"
+    assert PL.link_of(dp_tp, ("data",), sock).name == "qpi-upi"
+    from jaxpar.analysis.hardware import network
+    two_nodes = PRESETS["h100-nvlink"].with_nodes(2, 3, network("roce"))  # 3 devices per node
+    dp3_tp2 = MeshConfig(axes={"data": 3, "tensor": 2})  # tensor pairs {0,1} {2,3} {4,5}: {2,3} spans nodes
+    assert PL.link_of(dp3_tp2, ("tensor",), two_nodes).name == "roce"
+    assert PL.link_of(MeshConfig(axes={"data": 2, "tensor": 3}), ("tensor",), two_nodes).name == "nvlink4"
 
 
 def test_every_preset_loads_and_a_user_file_works(tmp_path, capsys):
-    for name in ("h100-nvlink", "h200-nvlink", "b200-nvlink", "a100-nvlink", "a100-pcie", "pcie4-cross-socket",
-                 "tpu-v5e", "tpu-v5p", "tpu-v6e"):
+    figures = {"h100-nvlink": (80, 3350, 989, 450), "h200-nvlink": (141, 4800, 989, 450),
+               "b200-nvlink": (180, 8000, 2250, 900), "a100-nvlink": (80, 2039, 312, 300),
+               "a100-pcie": (80, 1935, 312, 32), "h100-pcie": (80, 2000, 756, 64),
+               "pcie4-cross-socket": (80, 1935, 312, 32), "pcie5-cross-socket": (80, 2000, 756, 64),
+               "tpu-v5e": (16, 819, 197, 50), "tpu-v5p": (95, 2765, 459, 100), "tpu-v6e": (32, 1640, 918, 112)}
+    for name, (mem, hbm, tf, link) in figures.items():
         hw = load_hardware(name)
-        assert hw.memory_bytes > 0 and hw.peak("bf16") > 0 and hw.links
+        got = (hw.memory_bytes / 1e9, hw.hbm_bytes_per_s / 1e9, hw.peak("bf16") / 1e12, hw.link_bytes_per_s / 1e9)
+        assert got == (mem, hbm, tf, link), name
+    assert [ln.name for ln in PRESETS["pcie4-cross-socket"].links] == ["pcie4", "qpi-upi"]
     f = tmp_path / "mine.yaml"
     f.write_text("memory_gb: 24\nhbm_gb_per_s: 1000\ntflops: {bf16: 165}\n"
                  "links:\n  - {name: pcie4, group: 2, gb_per_s: 32, latency_us: 1}\n")
@@ -161,6 +221,9 @@ def test_every_preset_loads_and_a_user_file_works(tmp_path, capsys):
     (["--model", "tiny-add", "--context", "100000"], "context window"),
     (["--model", "tiny-add", "--dtype", "fp9"], "--dtype"),
     (["--params", "lots"], "--params"),
+    (["--model", "tiny-add", "--network", "roce"], "--nodes"),
+    (["--model", "tiny-add", "--write-mesh", "/nonexistent-dir/x.yaml"], "cannot write"),
+    (["--model", "llama3-70b", "--devices", "1", "--write-mesh", "/tmp/jaxpar-never.yaml"], "no layout fits"),
     (["--model", "tiny-add", "--mesh", "tp8", "--devices", "4"], "only 4 devices"),
 ])
 def test_plan_errors(argv, needle, capsys):
@@ -175,10 +238,11 @@ def test_plan_errors(argv, needle, capsys):
 def test_bad_hardware_file_names_file_and_field(tmp_path, capsys):
     f = tmp_path / "bad.yaml"
     f.write_text("memory_gb: 24\nhbm_gb_per_s: -1\ntflops: {bf16: 1}\nlinks: [{group: 2, gb_per_s: 1}]\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         from jaxpar.tools import cli
         cli.run(plan_cli.main, ["--model", "tiny-add", "--devices", "2", "--hardware", str(f)])
     err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "Traceback" not in err
     assert str(f) in err and "hbm_gb_per_s" in err
 
 

@@ -70,6 +70,14 @@ class Hardware:
             name = f"{nodes} x {per_node} {self.name} over {network.name}"
         return dataclasses.replace(self, name=name, links=links)
 
+    def link_for_ids(self, ids) -> Link:
+        """The level that connects these device numbers: the innermost whose blocks of `group` consecutive
+        devices hold them all."""
+        for link in self.links:
+            if len({i // link.group for i in ids}) == 1:
+                return link
+        return self.links[-1]
+
     def link_for(self, span: int) -> Link:
         """The slowest level a group of devices spanning `span` consecutive device numbers has to cross: the
         innermost level whose group holds all of them."""
@@ -80,8 +88,14 @@ class Hardware:
 
 
 def _num(v, where: str, positive=True) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
-        raise HardwareError(f"{where} must be a positive number, got {v!r}")
+    if isinstance(v, str):  # YAML reads 1e3 (no dot) as a string
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or \
+            (positive and v == 0):
+        raise HardwareError(f"{where} must be a {'positive' if positive else 'non-negative'} number, got {v!r}")
     return float(v)
 
 
@@ -95,8 +109,6 @@ def _link(d, where: str, name=None, group=None) -> Link:
     if group is None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
         raise HardwareError(f"{where}.group must be a positive integer (devices on this level), got {g!r}")
     lat = _num(d.get("latency_us", 0.0), f"{where}.latency_us", positive=False)
-    if lat < 0:
-        raise HardwareError(f"{where}.latency_us must be >= 0, got {lat}")
     return Link(str(name or d.get("name", "link")), int(g), _num(d.get("gb_per_s"), f"{where}.gb_per_s") * 1e9,
                 lat * 1e-6)
 

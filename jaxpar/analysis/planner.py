@@ -54,23 +54,31 @@ def mesh_dict(mesh_cfg: MeshConfig) -> dict:
     return d
 
 
-def group_span(mesh_cfg: MeshConfig, axes) -> int:
-    """How many consecutive device numbers one group of a collective over `axes` spans (devices are
-    numbered row-major over the mesh axes, outermost first, as on real hardware the innermost axis is the
-    closest devices)."""
+def groups(mesh_cfg: MeshConfig, axes) -> list:
+    """The device numbers of every group of a collective over `axes`. Devices are numbered row-major over
+    the mesh axes, outermost first: the innermost axis gets consecutive devices, which on real systems are
+    the closest ones (jax.make_mesh orders them so)."""
+    import itertools
     names = list(mesh_cfg.axes)
-    stride, strides = 1, {}
-    for a in reversed(names):
-        strides[a] = stride
-        stride *= mesh_cfg.axes[a]
-    return 1 + sum((mesh_cfg.size(a) - 1) * strides[a] for a in axes)
+    sizes = [mesh_cfg.axes[a] for a in names]
+    out: dict = {}
+    for idx, coord in enumerate(itertools.product(*[range(n) for n in sizes])):
+        key = tuple(c for a, c in zip(names, coord) if a not in axes)
+        out.setdefault(key, []).append(idx)
+    return list(out.values())
+
+
+def link_of(mesh_cfg: MeshConfig, axes, hw: Hardware):
+    """The slowest link any group of a collective over `axes` crosses."""
+    levels = [hw.link_for_ids(g) for g in groups(mesh_cfg, axes)]
+    return max(levels, key=hw.links.index)
 
 
 def comm_seconds(c: C.Comm, mesh_cfg: MeshConfig, hw: Hardware) -> float:
     n = math.prod(mesh_cfg.size(a) for a in c.axes)
     if n <= 1:
         return 0.0
-    link = hw.link_for(group_span(mesh_cfg, c.axes))
+    link = link_of(mesh_cfg, c.axes, hw)
     bw, lat = link.bytes_per_s, link.latency_s
     one = {"all-reduce": 2 * (n - 1) / n * c.bytes / bw + 2 * (n - 1) * lat,
            "all-gather": (n - 1) / n * c.bytes / bw + (n - 1) * lat,
@@ -89,7 +97,8 @@ def padded_steps(cfg: ModelConfig, mesh_cfg: MeshConfig, req: Request) -> tuple:
     b = batch_bucket(req.batch, multiple)
     ctx = cfg.max_position_embeddings
     s = seq_bucket(req.context, ctx, seq_mult)
-    return C.Step(b, s, s, False), C.Step(b, 1, s, True)
+    t = seq_bucket(req.context + req.new_tokens, ctx, seq_mult)  # the cache holds the new tokens too
+    return C.Step(b, s, t, False), C.Step(b, 1, t, True)
 
 
 def step_seconds(cfg, mesh_cfg, kv_repeat, step: C.Step, hw: Hardware, req: Request, comms) -> dict:
@@ -126,7 +135,7 @@ def evaluate(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, hw: Hardwar
         t = step_seconds(cfg, mesh_cfg, kv_repeat, step, hw, req, comms)
         out[key] = {"collectives": C.summarise(comms), "compute_ms": t["compute_s"] * 1e3,
                     "comm_ms": t["comm_s"] * 1e3, "bound": t["bound"],
-                    "links": sorted({hw.link_for(group_span(mesh_cfg, c.axes)).name for c in comms})}
+                    "links": sorted({link_of(mesh_cfg, c.axes, hw).name for c in comms})}
         out[f"est_{key}_ms"] = t["total_s"] * 1e3
     out["est_request_ms"] = out["est_prefill_ms"] + req.new_tokens * out["est_decode_ms"]
     out["tokens_per_s"] = req.batch * 1e3 / out["est_decode_ms"]
@@ -144,9 +153,16 @@ def _factorisations(n: int, k: int):
 
 
 def candidates(cfg: ModelConfig, devices: int, batch: int, capacity_factor: float = 0.0):
-    """Every mesh on exactly `devices` devices the model can take: data x stage x expert x seq x tensor
-    (outermost first, so tensor is the innermost, closest devices); ring and Ulysses attention for a seq
-    axis; microbatches 1, P and 2P (as the batch allows) for a pipeline."""
+    """Every mesh of `devices` devices, or of a divisor of them (the first ones), the model can take:
+    data x stage x expert x seq x tensor (outermost first, so tensor is the innermost, closest devices);
+    ring and Ulysses attention for a seq axis; microbatches 1, P and 2P (as the batch allows) for a
+    pipeline."""
+    for n in range(1, devices + 1):
+        if devices % n == 0:
+            yield from _candidates(cfg, n, batch, capacity_factor)
+
+
+def _candidates(cfg: ModelConfig, devices: int, batch: int, capacity_factor: float):
     from jaxpar.layout.plan import check_layout
     for sizes in _factorisations(devices, len(AXES)):
         axes = dict(zip(AXES, sizes))
@@ -168,13 +184,15 @@ def candidates(cfg: ModelConfig, devices: int, batch: int, capacity_factor: floa
 
 
 def recommend(layouts: list) -> dict | None:
-    """The fastest layout that fits: least time for one request (prefill + new tokens of decode); ties go to
-    fewer bytes over the slowest links, then to more free memory."""
+    """The fastest layout that fits: least time for one request (prefill + new tokens of decode); ties
+    (within 0.1%) go to fewer devices, then to less communication time, then to more free memory."""
     fit = [x for x in layouts if x["fits"]]
     if not fit:
         return None
-    return min(fit, key=lambda x: (round(x["est_request_ms"], 6), x["prefill"]["comm_ms"] + x["decode"]["comm_ms"],
-                                   x["memory_bytes_per_device"]))
+    best = min(x["est_request_ms"] for x in fit)
+    near = [x for x in fit if x["est_request_ms"] <= best * 1.001]
+    return min(near, key=lambda x: (x["devices"], x["prefill"]["comm_ms"] + x["decode"]["comm_ms"],
+                                    x["memory_bytes_per_device"]))
 
 
 def min_devices(total_bytes: float, hw: Hardware, options=None) -> int | None:

@@ -28,9 +28,9 @@ def program(op: str, mesh, n: int):
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=out, check_vma=False))
 
 
-def measure(op: str, nbytes: int, mesh, n: int, repeats: int) -> float:
-    """Seconds per call, best of `repeats`, for a message of nbytes per device (the op's result on one device,
-    the convention of `inspect`)."""
+def measure(op: str, nbytes: int, mesh, n: int, repeats: int) -> tuple:
+    """(seconds per call, best of `repeats`; the op's result bytes on one device, the convention of
+    `inspect`) for a message of about nbytes per device (rounded to whole float32 elements per device)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -38,13 +38,14 @@ def measure(op: str, nbytes: int, mesh, n: int, repeats: int) -> float:
     per_device = max(per_device - per_device % n, n)
     x = jax.device_put(jnp.ones((n * per_device,), jnp.float32), NamedSharding(mesh, P("x")))
     f = program(op, mesh, n)
-    f(x).block_until_ready()
+    y = f(x).block_until_ready()
+    result_bytes = y.addressable_shards[0].data.nbytes
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         f(x).block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    return best
+    return best, result_bytes
 
 
 def run(args) -> dict:
@@ -59,9 +60,9 @@ def run(args) -> dict:
     rows, done = [], 0
     for op in OPS:
         for s in sizes:
-            t = measure(op, s, mesh, n, args.repeats)
-            rows.append({"op": op, "bytes": s, "seconds": t, "algbw_gb_s": s / t / 1e9,
-                         "busbw_gb_s": s / t / 1e9 * bus_factor(op, n)})
+            t, nbytes = measure(op, s, mesh, n, args.repeats)
+            rows.append({"op": op, "bytes": nbytes, "seconds": t, "algbw_gb_s": nbytes / t / 1e9,
+                         "busbw_gb_s": nbytes / t / 1e9 * bus_factor(op, n)})
             done += 1
             progress(done, len(OPS) * len(sizes), f"{op} {s:,} bytes")
     return {"devices": f"{n} x {devs[0].device_kind} ({devs[0].platform})", "n": n, "rows": rows,
@@ -74,6 +75,8 @@ def fit_link(rows: list, n: int) -> dict:
     import numpy as np
     s = np.array([x["bytes"] for x in rows], float)
     t = np.array([x["seconds"] for x in rows], float)
+    if n < 2 or len(set(s)) < 2:
+        return None  # nothing to fit: one device, or one message size
     slope, icpt = np.polyfit(s, t, 1)
     bw = 2 * (n - 1) / n / slope if slope > 0 and n > 1 else float("inf")
     lat = max(icpt, 0.0) / (2 * (n - 1)) if n > 1 else 0.0
@@ -86,8 +89,8 @@ def markdown(r: dict, hw) -> str:
            "| op | " + " | ".join(_size(s) for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for op in OPS:
         by = {x["bytes"]: x for x in r["rows"] if x["op"] == op}
-        out.append(f"| {op} | " + " | ".join(f"{by[s]['busbw_gb_s']:.2f}" for s in sizes) + " |")
-    f = r["fit"]
+        out.append(f"| {op} | " + " | ".join(f"{by[s]['busbw_gb_s']:.2f}" if s in by else "-" for s in sizes) + " |")
+    f = r["fit"] or {"gb_per_s": float("nan"), "latency_us": float("nan")}
     out += ["", f"fitted to the all-reduce times (the planner's ring model), for a hardware file: "
                 f"`links: [{{name: measured, group: {r['n']}, gb_per_s: {f['gb_per_s']:.3g}, "
                 f"latency_us: {f['latency_us']:.3g}}}]`"]
@@ -141,11 +144,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.min_log2 < 4 or args.max_log2 < args.min_log2 or args.max_log2 > 34:
         cli.fail(f"--min-log2/--max-log2 must satisfy 4 <= min <= max <= 34, got {args.min_log2}, {args.max_log2}")
-    cli.setup_devices(args.fake_devices)
     from jaxpar.analysis.hardware import load_hardware
+    from jaxpar.errors import HardwareError
+    try:
+        hw = load_hardware(args.compare)
+    except HardwareError as e:
+        cli.fail(str(e).replace("--hardware", "--compare"))
+    cli.start(args)
     from jaxpar.benchmarks.output import publish
     r = run(args)
-    hw = load_hardware(args.compare)
     publish(args.out, "collectives.json", r, markdown(r, hw), lambda out: plot(r, out))
 
 

@@ -84,7 +84,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
-    cli.setup_devices(args.fake_devices or 8)
+    cli.start(args, fake_default=8)
     print(f"capacity factor on ep{args.experts} (batch {args.batch}, {args.new_tokens} new tokens):", flush=True)
     result = {"model": args.model, "batch": args.batch, "capacity": sweep_capacity(args)}
     print("bytes moved per token:", flush=True)

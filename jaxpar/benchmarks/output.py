@@ -7,7 +7,11 @@ import os
 
 
 def publish(out_dir: str, json_name: str, result: dict, table: str, plot=None) -> None:
-    """Write out_dir/json_name, print the table, then call plot(out_dir) -> paths and name what it wrote."""
+    """Write out_dir/json_name, print the table, then call plot(out_dir) -> paths and name what it wrote
+    (process 0 only, when several processes run the benchmark)."""
+    from jaxpar.tools.cli import is_main
+    if not is_main():
+        return
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, json_name), "w") as f:
         json.dump(result, f, indent=1)
@@ -48,10 +52,13 @@ def progress(done: int, total: int, label: str = "", width: int = 28) -> None:
 
 
 def write_csv(out_dir: str, name: str, rows: list) -> str:
-    """rows (dicts with the same flat keys) -> out_dir/name; returns the path."""
+    """rows (dicts with the same flat keys) -> out_dir/name (process 0 only); returns the path."""
     import csv
-    os.makedirs(out_dir, exist_ok=True)
+    from jaxpar.tools.cli import is_main
     path = os.path.join(out_dir, name)
+    if not is_main():
+        return path
+    os.makedirs(out_dir, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         w.writeheader()

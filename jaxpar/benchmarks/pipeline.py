@@ -49,7 +49,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.multi_thread:
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-    cli.setup_devices(args.fake_devices or 8)
+    cli.start(args, fake_default=8)
     import jax
     import jaxpar
     from jaxpar.config import config_from_dict

@@ -157,7 +157,7 @@ def main(argv=None):
     p.add_argument("--time-up-to", type=int, default=4096, help="time prefill for contexts up to this (default 4096)")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
-    cli.setup_devices(args.fake_devices or 8)
+    cli.start(args, fake_default=8)
     from jaxpar.config import load_config
     from jaxpar.errors import JaxparError
     cfg = load_config(args.model).replace(dtype=args.dtype)

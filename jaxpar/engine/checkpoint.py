@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
 import yaml
 
@@ -21,8 +22,9 @@ def save(directory: str, cfg: ModelConfig, params: dict, kv_repeat: int = 1, lay
     """With kv_repeat > 1 the duplicate kv heads are dropped on device first (needs the params' layout)."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    if jax.process_index() == 0:  # several processes write one checkpoint: Orbax coordinates the shards
+        with open(os.path.join(directory, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     ckpt = ocp.StandardCheckpointer()
     for name, leaf in P.flatten(P.canonical_kv(params, cfg, layout, kv_repeat)).items():
         ckpt.save(os.path.join(directory, "params", name), {"value": leaf}, force=True)

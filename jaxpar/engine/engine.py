@@ -13,7 +13,7 @@ from jaxpar.config import ModelConfig
 from jaxpar.errors import GenerationError
 from jaxpar.engine import params as P
 from jaxpar.engine.buckets import batch_bucket, seq_bucket
-from jaxpar.engine.steps import Steps
+from jaxpar.engine.steps import Steps, to_host
 from jaxpar.layout.plan import ModelLayout
 from jaxpar.parallel import zigzag
 
@@ -90,7 +90,7 @@ class Engine:
         valid = np.zeros((bp, sp), bool)
         valid[:b, :s] = True
         order = self.steps.seq_order(sp)
-        out = np.asarray(self.steps.logits(self.params, padded[:, order], valid[:, order]))
+        out = to_host(self.steps.logits(self.params, padded[:, order], valid[:, order]))
         return out[:b, zigzag.inverse(order)[:s]]
 
     def _check_ids(self, tokens, what: str = "") -> None:
@@ -165,7 +165,7 @@ class Engine:
                 # dispatch the next step before reading this token back, so host and device overlap
                 nxt = self.steps.decode(self.params, cache, tok, np.minimum(pos, t - 1), np.int32(s),
                                         ~done & (pos < t), row_ids, np.int32(step + 1), *sargs)
-            host = np.asarray(tok)
+            host = to_host(tok)
             t_first = t_first or time.perf_counter()
             for i in range(b):
                 if done[i]:

@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpar.layout.rules import activate, constrain
 from jaxpar.engine import params as P
@@ -16,13 +17,37 @@ from jaxpar.parallel import zigzag
 CACHE_NAMES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
 
-class InLayout:
-    """A jitted function that traces (and lowers) under its layout, so model code sees the mesh."""
+def to_global(x, sharding):
+    """Host data (the same in every process) -> one array laid out as `sharding` over every process's devices.
+    With several processes jit refuses numpy inputs for sharded arguments; each process fills only its own
+    devices' shards. Arrays already on the mesh pass through."""
+    if isinstance(x, jax.Array) and x.sharding.device_set == sharding.device_set:
+        return x
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
-    def __init__(self, fn, layout):
-        self.fn, self.layout = fn, layout
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process) array as numpy in this process: gathered across processes when this one
+    holds only part of it."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+class InLayout:
+    """A jitted function that traces (and lowers) under its layout, so model code sees the mesh. With several
+    processes (jax.distributed), host inputs become global arrays first (`in_shardings`: the top-level
+    shardings, None for static or pytree arguments)."""
+
+    def __init__(self, fn, layout, in_shardings=()):
+        self.fn, self.layout, self.in_shardings = fn, layout, in_shardings
 
     def __call__(self, *args, **kwargs):
+        if jax.process_count() > 1:
+            args = tuple(to_global(a, sh) if sh is not None else a
+                         for a, sh in zip(args, tuple(self.in_shardings) + (None,) * len(args)))
         with activate(self.layout):
             return self.fn(*args, **kwargs)
 
@@ -41,15 +66,17 @@ class Steps:
         row = lay.sharding(("batch",))
         rep = lay.sharding(())
         self.logits = InLayout(jax.jit(self._logits, in_shardings=(self.param_sh, tok2, tok2),
-                              out_shardings=lay.sharding(("batch", "seq", "vocab"))), lay)
+                              out_shardings=lay.sharding(("batch", "seq", "vocab"))), lay, (None, tok2, tok2))
         samp = (rep, rep, rep, rep)  # key, temperature, top_k, top_p
         # outputs: sampled tokens, the cache, and expert load statistics ({} for a dense model)
         self.prefill = InLayout(jax.jit(self._prefill, static_argnums=(10,), donate_argnums=(1,),
                                in_shardings=(self.param_sh, (self.cache_sh,) * 2, tok2, row, row, row) + samp,
-                               out_shardings=(row, (self.cache_sh,) * 2, rep)), lay)
+                               out_shardings=(row, (self.cache_sh,) * 2, rep)), lay,
+                                (None, None, tok2, row, row, row) + samp)
+        dec_in = (row, row, rep, row, row, rep) + samp
         self.decode = InLayout(jax.jit(self._decode, static_argnums=(12,), donate_argnums=(1,),
-                              in_shardings=(self.param_sh, (self.cache_sh,) * 2, row, row, rep, row, row, rep)
-                              + samp, out_shardings=(row, (self.cache_sh,) * 2, rep)), lay.for_decode())
+                              in_shardings=(self.param_sh, (self.cache_sh,) * 2) + dec_in,
+                              out_shardings=(row, (self.cache_sh,) * 2, rep)), lay.for_decode(), (None, None) + dec_in)
         self.new_cache = functools.lru_cache(maxsize=8)(self._cache_fn)
 
     def _model(self, params):

@@ -13,11 +13,119 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parser(prog: str, description: str) -> Parser:
+def parser(prog: str, description: str, devices: bool = True) -> Parser:
+    """The tool's parser with the options every tool that runs on devices takes: --fake-devices and the
+    multi-host group (devices=False: an analytic tool)."""
     p = Parser(prog=f"python -m jaxpar.{prog}", description=description)
     p.add_argument("--fake-devices", type=int, metavar="N",
-                   help="run on N simulated CPU devices (set before JAX starts)")
+                   help="run on N simulated CPU devices (set before JAX starts); with several processes, N each")
+    if devices:
+        g = p.add_argument_group("multi-host (one process per host, joined by JAX's distributed runtime)")
+        g.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="process 0's address, the same on every process; 'auto' lets JAX detect it (TPU pod "
+                            "slices, SLURM, Open MPI). Absent: auto when the environment is such a cluster, "
+                            "otherwise one process")
+        g.add_argument("--num-processes", type=int, metavar="N", help="how many processes (hosts) in all")
+        g.add_argument("--process-id", type=int, metavar="I", help="this process's rank, 0 to N-1 (0 prints)")
+        g.add_argument("--distributed-timeout", type=int, default=120, metavar="S",
+                       help="seconds to wait for the coordinator and the other processes (default 120)")
     return p
+
+
+def start(args, fake_default: int | None = None) -> None:
+    """Before anything touches JAX: fake devices, then the distributed runtime. Processes other than 0
+    print nothing on stdout."""
+    setup_devices(args.fake_devices or fake_default)
+    if setup_distributed(args):
+        import jax
+        if jax.process_index() != 0:
+            sys.stdout = open(os.devnull, "w")
+
+
+def _stdout_for_python_only() -> None:
+    """The collective libraries (gloo) print progress on file descriptor 1; send that to stderr and keep
+    stdout for the tool's own output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(saved, "w", buffering=1)
+
+
+def is_main() -> bool:
+    """Process 0 (or the only process): the one that prints and writes result files."""
+    if "jax" not in sys.modules:
+        return True
+    import jax
+    return jax.process_index() == 0
+
+
+CLUSTER_ENV = (("SLURM_NTASKS", "SLURM (srun)"), ("OMPI_COMM_WORLD_SIZE", "Open MPI (mpirun)"))
+
+
+def _cluster_env() -> str | None:
+    """The multi-process launcher this process runs under, if any (JAX detects its parameters itself)."""
+    for var, what in CLUSTER_ENV:
+        v = os.environ.get(var, "")
+        if v.isdigit() and int(v) > 1:
+            return what
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "a multi-host TPU slice"
+    return None
+
+
+def setup_distributed(args) -> bool:
+    """Join the processes into one runtime (jax.distributed.initialize); True if there is more than one
+    process. A process that cannot reach the coordinator fails with one clear line within the timeout."""
+    coord = getattr(args, "coordinator", None)
+    n, rank, timeout = getattr(args, "num_processes", None), getattr(args, "process_id", None), \
+        getattr(args, "distributed_timeout", 120)
+    if timeout is not None and timeout < 1:
+        fail(f"--distributed-timeout must be >= 1 second, got {timeout}")
+    if coord is None and n is None and rank is None:
+        if _cluster_env() is None:
+            return False
+        coord = "auto"
+    import jax
+    _stdout_for_python_only()
+    if coord in (None, "auto"):
+        try:
+            jax.distributed.initialize(num_processes=n, process_id=rank, initialization_timeout=timeout)
+        except (ValueError, RuntimeError) as e:
+            fail(f"--coordinator auto: JAX could not detect the cluster ({' '.join(str(e).split())[:300]}); "
+                 f"give --coordinator HOST:PORT --num-processes N --process-id I")
+        return jax.process_count() > 1
+    host, _, port = coord.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        fail(f"--coordinator must be HOST:PORT (e.g. 10.0.0.1:1234), got {coord!r}")
+    if n is None or rank is None:
+        fail("--coordinator needs --num-processes and --process-id")
+    if n < 1 or not 0 <= rank < n:
+        fail(f"--process-id must be in [0, --num-processes={n}), got {rank}")
+    import time
+    t0 = time.monotonic()
+    if rank != 0:
+        _wait_for(host.strip("[]"), int(port), timeout)
+    left = max(1, int(timeout - (time.monotonic() - t0)))
+    jax.distributed.initialize(coord, num_processes=n, process_id=rank, initialization_timeout=left)
+    return n > 1
+
+
+def _wait_for(host: str, port: int, timeout: float) -> None:
+    """Process 0 runs the coordinator; the others wait for its port to open, up to `timeout` seconds
+    (JAX's own wait ends by aborting the process with a stack trace)."""
+    import socket
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                fail(f"--coordinator {host}:{port}: cannot reach the coordinator (process 0) within {timeout} s "
+                     f"({e.strerror or e}); start process 0 first, and check the address and that the port is "
+                     f"open between the hosts")
+            time.sleep(0.5)
 
 
 def add_model_args(p: Parser, mesh_required: bool = True) -> None:
@@ -59,6 +167,8 @@ def run(main, argv=None) -> None:
         main(argv)
     except JaxparError as e:
         fail(str(e))
+    except OSError as e:  # a file or directory the user named cannot be read or written
+        fail(f"{str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:
         sys.exit(130)
 

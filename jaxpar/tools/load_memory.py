@@ -52,7 +52,7 @@ def main(argv=None):
     p.add_argument("--make-llama", type=int, metavar="MB", help="first write a random Llama of about MB to --hf")
     p.add_argument("--convert", metavar="OUT", help="measure `jaxpar.convert` to OUT (load + Orbax save) instead")
     args = p.parse_args(argv)
-    cli.setup_devices(args.fake_devices)
+    cli.start(args)
     if args.make_llama:
         make_llama(args.hf, args.make_llama)
     import os
