@@ -14,12 +14,15 @@ DEFAULT_MOE_MODEL = "tiny-add-moe"  # the default on meshes with an expert axis
 DTYPES = ("float32", "bfloat16")
 
 
-def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", seed: int = 0, devices=None):
+def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", seed: int = 0, devices=None,
+         unroll=None):
     """Build an Engine: a model laid out on a mesh.
 
     mesh: a mesh file path, a shipped mesh name (`tp4`), or a MeshConfig.
     model: None (the embedded default: tiny-add, or tiny-add-moe on a mesh with an expert axis; or the config
     stored with `checkpoint`), a config path, a shipped model name, or a ModelConfig. A model with no checkpoint gets random weights from `seed`.
+    unroll: layers applied one after another with per-layer weights and cache (True), or scanned over the
+    stacked layers (False); None: unrolled on CPU without a pipeline, scanned otherwise.
     """
     from jaxpar.engine import checkpoint as ckpt
     from jaxpar.engine import params as P
@@ -35,7 +38,7 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
     if hf is not None:
         if checkpoint is not None:
             raise JaxparError("give either --hf or --checkpoint, not both")
-        return _load_hf(hf, mesh_cfg, model, dtype, devices)
+        return _load_hf(hf, mesh_cfg, model, dtype, devices, unroll)
     if checkpoint is None and model is None:
         default = DEFAULT_MOE_MODEL if mesh_cfg.size("expert") > 1 else DEFAULT_MODEL
         checkpoint = os.path.join(shipped_model_dir(default), "checkpoint")
@@ -62,7 +65,7 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
     if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
         from jaxpar.hf.tokenizer import load_tokenizer  # a checkpoint converted from Hugging Face
         tokenizer = load_tokenizer(checkpoint, cfg)
-    return Engine(cfg, ml, params, tokenizer)
+    return Engine(cfg, ml, params, tokenizer, unroll)
 
 
 def _diff(a: ModelConfig, b: ModelConfig) -> str:
@@ -71,7 +74,7 @@ def _diff(a: ModelConfig, b: ModelConfig) -> str:
     return ", ".join(f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in keys[:4])
 
 
-def _load_hf(directory, mesh_cfg, model, dtype, devices):
+def _load_hf(directory, mesh_cfg, model, dtype, devices, unroll=None):
     from jaxpar.engine.engine import Engine
     from jaxpar.hf.config import read_hf_config
     from jaxpar.hf.tokenizer import load_tokenizer
@@ -82,4 +85,4 @@ def _load_hf(directory, mesh_cfg, model, dtype, devices):
     cfg = read_hf_config(str(directory)).replace(dtype=dtype)
     ml = plan_layout(mesh_cfg, cfg, devices)
     tokenizer = load_tokenizer(str(directory), cfg)
-    return Engine(cfg, ml, weights.load(str(directory), cfg, ml.layout, ml.kv_repeat), tokenizer)
+    return Engine(cfg, ml, weights.load(str(directory), cfg, ml.layout, ml.kv_repeat), tokenizer, unroll)

@@ -55,13 +55,15 @@ def test_memory_per_device_is_total_over_shards(mesh, tp):
     assert r["kv_cache_bytes_per_device"] == kv_total * eng.kv_repeat // (dp * tp)
 
 
-def test_inspect_counts_loop_trips():
-    """The scanned layers compile to one while loop; its body's collectives count once per layer."""
+@pytest.mark.parametrize("unroll", [False, True])
+def test_inspect_counts_loop_trips(unroll):
+    """Scanned layers compile to one while loop whose body's collectives count once per layer; unrolled
+    layers (the CPU default) repeat them in the program: the same count either way."""
     from jaxpar.analysis.hlo import collectives
-    text = engine("tp2").steps.logits.lower(engine("tp2").params, np.zeros((1, 16), np.int32),
-                                          np.ones((1, 16), bool)).compile().as_text()
-    assert "known_trip_count" in text
-    assert collectives(text)["all-reduce"]["count"] == 2 * engine("tp2").config.num_hidden_layers + 1
+    eng = engine("tp2", unroll=unroll)
+    text = eng.steps.logits.lower(eng.params, np.zeros((1, 16), np.int32), np.ones((1, 16), bool)).compile().as_text()
+    assert ("known_trip_count" in text) == (not unroll)
+    assert collectives(text)["all-reduce"]["count"] == 2 * eng.config.num_hidden_layers + 1
 
 
 HLO = """HloModule m
@@ -102,14 +104,15 @@ def test_hlo_parser_counts_trips_async_pairs_and_tuples():
 
 
 def test_program_size_does_not_grow_with_depth():
-    """Layers are stacked and scanned: 2 and 12 layers compile to the same number of HLO instructions."""
+    """Scanned (unroll=False, the default on GPU/TPU): 2 and 12 layers compile to the same number of HLO
+    instructions."""
     import jaxpar
     from jaxpar.config import ModelConfig
     sizes = []
     for layers in (2, 12):
         cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-        eng = jaxpar.load(mesh="tp2", model=cfg)
+        eng = jaxpar.load(mesh="tp2", model=cfg, unroll=False)
         text = eng.steps.logits.lower(eng.params, np.zeros((1, 8), np.int32), np.ones((1, 8), bool)).compile().as_text()
         sizes.append(sum(1 for line in text.splitlines() if " = " in line))
     assert sizes[0] == sizes[1], sizes

@@ -40,16 +40,26 @@ def check_sampling(max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0) 
         raise GenerationError(f"--seed must be an integer in [0, 2**63), got {seed!r}")
 
 
+def unroll_by_default(layout) -> bool:
+    """Layers unrolled (per-layer weights and cache) on CPU, where a scan copies each layer's weights out of
+    the stacked array; scanned on GPU/TPU, and always under a pipeline (stages hold stacked layers)."""
+    return layout.size("layers") == 1 and layout.mesh.devices.flat[0].platform == "cpu"
+
+
 class Engine:
-    def __init__(self, cfg: ModelConfig, model_layout: ModelLayout, params: dict, tokenizer):
+    def __init__(self, cfg: ModelConfig, model_layout: ModelLayout, params: dict, tokenizer, unroll=None):
         self.config = cfg
         self.tokenizer = tokenizer
         self.model_layout = model_layout
         self.layout = model_layout.layout
         self.mesh = model_layout.mesh
         self.kv_repeat = model_layout.kv_repeat
-        self.params = params
-        self.steps = Steps(cfg, self.layout, self.kv_repeat)
+        self.unrolled = unroll_by_default(self.layout) if unroll is None else bool(unroll)
+        if self.unrolled and self.layout.size("layers") > 1:
+            raise GenerationError("unroll=True needs a layout without a stage axis (pipeline stages hold "
+                                  "stacked layers)")
+        self.params = P.unstack(params, cfg, self.layout, self.kv_repeat) if self.unrolled else params
+        self.steps = Steps(cfg, self.layout, self.kv_repeat, self.unrolled)
         self._caches: dict = {}  # (batch, length) -> KV cache, allocated once per bucket and reused
         self.last_stats: dict = {}
         self.eos_ids = cfg.eos_ids or tuple(getattr(tokenizer, "eos_ids", ()))
@@ -63,14 +73,13 @@ class Engine:
         return P.bytes_per_device(self.params)
 
     def cache_struct(self, batch: int, length: int):
-        shape = self.steps.cache_shape(batch, length)
-        s = jax.ShapeDtypeStruct(shape, np.dtype(self.config.dtype), sharding=self.steps.cache_sh)
-        return (s, s)
+        return self.steps.cache_struct(batch, length)
 
     def save(self, directory: str) -> None:
         """Write an Orbax checkpoint (+ config.yaml) that `jaxpar.load(checkpoint=...)` restores on any mesh."""
         from jaxpar.engine import checkpoint
-        checkpoint.save(directory, self.config, self.params, self.kv_repeat, self.layout)
+        params = P.stack(self.params, self.config, self.layout, self.kv_repeat)
+        checkpoint.save(directory, self.config, params, self.kv_repeat, self.layout)
 
     # ---- full forward ------------------------------------------------------------------------------------
     def logits(self, tokens) -> np.ndarray:

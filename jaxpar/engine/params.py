@@ -136,3 +136,35 @@ def bytes_per_device(tree) -> int:
         for d in sh.device_set:
             totals[d] = totals.get(d, 0) + per
     return max(totals.values()) if totals else 0
+
+
+def layer_shardings(cfg: ModelConfig, layout: Layout, kv_repeat: int = 1) -> dict:
+    """Shardings of one layer's parameters (the layers subtree without its leading layers axis)."""
+    def one(names):
+        return layout.sharding(tuple(n for n in names[1:]))
+    return jax.tree.map(one, logical_names(cfg, kv_repeat)["layers"], is_leaf=_is_names)
+
+
+def unstack(params: dict, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1) -> dict:
+    """Stacked parameters -> the unrolled form: `layers` becomes a list of per-layer dicts, each array laid
+    out as its slice was (split on device, one parameter at a time)."""
+    n = cfg.num_hidden_layers
+    flat, shard = flatten(params["layers"]), flatten(layer_shardings(cfg, layout, kv_repeat))
+    per = {k: jax.jit(lambda a: tuple(a[i] for i in range(n)), out_shardings=(shard[k],) * n)(v)
+           for k, v in flat.items()}
+    return {**{k: v for k, v in params.items() if k != "layers"},
+            "layers": [unflatten({k: per[k][i] for k in per}) for i in range(n)]}
+
+
+def stack(params: dict, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1) -> dict:
+    """Inverse of unstack (the form checkpoints store)."""
+    if not is_unstacked(params):
+        return params
+    sh = flatten(shardings(cfg, layout, kv_repeat)["layers"])
+    flat = [flatten(d) for d in params["layers"]]
+    out = {k: jax.jit(lambda *a: jnp.stack(a), out_shardings=sh[k])(*[f[k] for f in flat]) for k in flat[0]}
+    return {**{k: v for k, v in params.items() if k != "layers"}, "layers": unflatten(out)}
+
+
+def is_unstacked(params: dict) -> bool:
+    return isinstance(params.get("layers"), list)

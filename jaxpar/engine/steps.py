@@ -57,11 +57,20 @@ class InLayout:
 
 
 class Steps:
-    def __init__(self, cfg, layout, kv_repeat):
-        self.cfg, self.layout, self.kv_repeat = cfg, layout, kv_repeat
+    """unrolled: parameters and KV cache in the per-layer form (P.unstack), the layers applied one after
+    another; otherwise stacked and scanned (or pipelined)."""
+
+    def __init__(self, cfg, layout, kv_repeat, unrolled: bool = False):
+        self.cfg, self.layout, self.kv_repeat, self.unrolled = cfg, layout, kv_repeat, unrolled
         lay = layout
         self.param_sh = P.shardings(cfg, lay, kv_repeat)
         self.cache_sh = lay.sharding(CACHE_NAMES)
+        cache_tree = (self.cache_sh,) * 2
+        if unrolled:
+            layer_sh = P.layer_shardings(cfg, lay, kv_repeat)
+            self.param_sh = {**self.param_sh, "layers": [layer_sh] * cfg.num_hidden_layers}
+            cache_tree = [(lay.sharding(CACHE_NAMES[1:]),) * 2] * cfg.num_hidden_layers
+        self.cache_tree_sh = cache_tree
         tok2 = lay.sharding(("batch", "seq"))
         row = lay.sharding(("batch",))
         rep = lay.sharding(())
@@ -70,26 +79,37 @@ class Steps:
         samp = (rep, rep, rep, rep)  # key, temperature, top_k, top_p
         # outputs: sampled tokens, the cache, and expert load statistics ({} for a dense model)
         self.prefill = InLayout(jax.jit(self._prefill, static_argnums=(10,), donate_argnums=(1,),
-                               in_shardings=(self.param_sh, (self.cache_sh,) * 2, tok2, row, row, row) + samp,
-                               out_shardings=(row, (self.cache_sh,) * 2, rep)), lay,
+                               in_shardings=(self.param_sh, cache_tree, tok2, row, row, row) + samp,
+                               out_shardings=(row, cache_tree, rep)), lay,
                                 (None, None, tok2, row, row, row) + samp)
         dec_in = (row, row, rep, row, row, rep) + samp
         self.decode = InLayout(jax.jit(self._decode, static_argnums=(12,), donate_argnums=(1,),
-                              in_shardings=(self.param_sh, (self.cache_sh,) * 2) + dec_in,
-                              out_shardings=(row, (self.cache_sh,) * 2, rep)), lay.for_decode(), (None, None) + dec_in)
+                              in_shardings=(self.param_sh, cache_tree) + dec_in,
+                              out_shardings=(row, cache_tree, rep)), lay.for_decode(), (None, None) + dec_in)
         self.new_cache = functools.lru_cache(maxsize=8)(self._cache_fn)
 
     def _model(self, params):
-        return P.bind(self.cfg, self.kv_repeat, params)
+        """The bound model, and the keyword that hands it the per-layer parameters in the unrolled form."""
+        if self.unrolled:
+            rest = {k: v for k, v in params.items() if k != "layers"}
+            return P.bind(self.cfg, self.kv_repeat, rest), {"layers": params["layers"]}
+        return P.bind(self.cfg, self.kv_repeat, params), {}
 
     def cache_shape(self, batch: int, length: int):
         c = self.cfg
         return (c.num_hidden_layers, batch, length, c.kv_heads * self.kv_repeat, c.head_size)
 
-    def _cache_fn(self, batch: int, length: int):
+    def cache_struct(self, batch: int, length: int):
+        """The KV cache's abstract arrays: (k, v) [layers, batch, slots, kv_heads, head_dim], or per layer."""
         shape, dt = self.cache_shape(batch, length), jnp.dtype(self.cfg.dtype)
-        return jax.jit(lambda: (jnp.zeros(shape, dt), jnp.zeros(shape, dt)),
-                       out_shardings=(self.cache_sh,) * 2)
+        if self.unrolled:
+            return [tuple(jax.ShapeDtypeStruct(shape[1:], dt, sharding=sh) for sh in pair) for pair in self.cache_tree_sh]
+        return tuple(jax.ShapeDtypeStruct(shape, dt, sharding=self.cache_sh) for _ in range(2))
+
+    def _cache_fn(self, batch: int, length: int):
+        structs = self.cache_struct(batch, length)
+        return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs),
+                       out_shardings=self.cache_tree_sh)
 
     def seq_order(self, s: int):
         """The position computed at each sequence index: zigzag when the sequence is split (identity
@@ -105,9 +125,9 @@ class Steps:
 
     def _logits(self, params, tokens, valid):
         """tokens [B, S] in `seq_order`; logits come back in the same order. valid [B, S]: real tokens."""
-        model = self._model(params)
+        model, kw = self._model(params)
         pos = jnp.broadcast_to(jnp.asarray(self.seq_order(tokens.shape[1]), jnp.int32), tokens.shape)
-        h, _, _ = model(tokens, pos, valid=valid)
+        h, _, _ = model(tokens, pos, valid=valid, **kw)
         return model.logits(h)
 
     def _sample(self, logits, row_ids, key, step, temperature, top_k, top_p, greedy):
@@ -116,9 +136,9 @@ class Steps:
 
     def _prefill(self, params, cache, tokens, lengths, active, row_ids, key, temperature, top_k, top_p, greedy):
         """tokens [B, S] in the layout's sequence order (`seq_order`); active [B]: real rows."""
-        model = self._model(params)
+        model, kw = self._model(params)
         pos = jnp.broadcast_to(jnp.asarray(self.seq_order(tokens.shape[1]), jnp.int32), tokens.shape)
-        h, cache, stats = model(tokens, pos, cache=cache, valid=(pos < lengths[:, None]) & active[:, None])
+        h, cache, stats = model(tokens, pos, cache=cache, valid=(pos < lengths[:, None]) & active[:, None], **kw)
         # each row's last prompt token, picked by position (a masked sum: one small all-reduce when the
         # sequence is split, where indexing would gather the whole sequence)
         last = constrain(jnp.sum(jnp.where((pos == (lengths - 1)[:, None])[..., None], h, jnp.zeros((), h.dtype)),
@@ -131,8 +151,8 @@ class Steps:
                 top_p, greedy):
         """prompt_len: the prompt bucket the cache was prefilled with (fixes where each position is cached
         when the cache is split over `seq`). active [B]: rows still generating."""
-        model = self._model(params)
+        model, kw = self._model(params)
         h, cache, stats = model(tokens[:, None], pos[:, None], cache=cache, decode=(pos, prompt_len),
-                                valid=active[:, None])
+                                valid=active[:, None], **kw)
         logits = model.logits(h)[:, 0]
         return self._sample(logits, row_ids, key, step, temperature, top_k, top_p, greedy), cache, stats

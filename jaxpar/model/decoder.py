@@ -3,6 +3,7 @@ pipelined over `stage`, parallel/pipeline.py), so the compiled program (and comp
 depth."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -34,7 +35,7 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
-    def __call__(self, tokens, positions, cache=None, decode=None, valid=None, router_aux=False):
+    def __call__(self, tokens, positions, cache=None, decode=None, valid=None, router_aux=False, layers=None):
         """tokens, positions [B, S] -> hidden [B, S, embed] (before the final norm) and the updated cache.
 
         cache None: plain causal forward. cache (k, v) [layers, B, T, kv_heads, head_dim] and decode None:
@@ -43,7 +44,10 @@ class Decoder(nnx.Module):
         the zigzag order (parallel/zigzag.py) and positions say which position each index holds.
         valid [B,S] marks real tokens (default all): mixture-of-experts layers do not route the others.
         Returns (hidden, cache, stats): stats are per-layer expert statistics stacked on a leading layers
-        axis ({} for a dense model)."""
+        axis ({} for a dense model).
+
+        layers: per-layer parameter dicts (the unrolled form, engine/params.unstack), used in place of the
+        stacked `self.layers`; the cache is then a list of per-layer (k, v)."""
         cfg = self.cfg
         x = constrain(embed_lookup(self.embed[...], tokens), ("batch", "residual_seq", "embed"))
         cos, sin = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
@@ -59,6 +63,8 @@ class Decoder(nnx.Module):
             return nnx.merge(graph, layer_state)(h, rows["cos"], rows["sin"], rows["positions"], layer_cache, dec,
                                                  rows["valid"], router_aux)
 
+        if layers is not None:
+            state = [_state_of(state, d) for d in layers]
         return run_layers(layer, state, x, rows, cache, extra)
 
     def logits(self, h):
@@ -69,3 +75,10 @@ class Decoder(nnx.Module):
         else:
             out = jnp.einsum("bsd,dv->bsv", h, self.lm_head[...], preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "seq", "vocab"))
+
+
+def _state_of(template, values: dict):
+    """An nnx State shaped like `template` (the stacked layers' state) holding one layer's arrays."""
+    st = jax.tree.map(lambda x: x, template)
+    nnx.replace_by_pure_dict(st, values)
+    return st

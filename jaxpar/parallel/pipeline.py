@@ -22,7 +22,20 @@ def run_layers(layer, state, x, rows, cache, extra):
     layer(h, layer_state, layer_cache, rows, extra) -> (h, layer_cache, stats) applies one layer;
     state: the stacked layer parameters (leading layers axis); rows: a pytree of per-row inputs (leading
     batch axis); cache: per-layer cache pytree (leading layers axis, then batch) or None; extra: inputs every
-    row shares. Returns (x, cache, stats) with stats stacked over layers."""
+    row shares. Returns (x, cache, stats) with stats stacked over layers.
+
+    state as a list of per-layer states (and cache as a list of per-layer caches): the layers are applied
+    one after another in the program (unrolled), so each layer's weights are read where they lie. XLA:CPU
+    copies the slice of stacked weights a scan step takes, tripling the bytes a decode step moves."""
+    if isinstance(state, list):
+        stats = []
+        new_cache = []
+        for i, layer_state in enumerate(state):
+            x, layer_cache, st = layer(x, layer_state, None if cache is None else cache[i], rows, extra)
+            new_cache.append(layer_cache)
+            stats.append(st)
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats and stats[0] else stats[0] if stats else {}
+        return x, (None if cache is None else new_cache), stacked
     lay = active()
     if lay is None or lay.size("layers") == 1:
         def body(h, xs):
