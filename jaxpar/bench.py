@@ -22,11 +22,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return importlib.import_module(f"jaxpar.benchmarks.{SUBCOMMANDS[argv[0]]}").main(argv[1:])
+    if "--vs-transformers" in argv:
+        from jaxpar.benchmarks import vs_transformers
+        return vs_transformers.main([a for a in argv if a != "--vs-transformers"])
     p = cli.parser("bench", "Measure layouts side by side: meshes x batch x context, written as sweep.json, "
                    "sweep.csv, a Markdown table and PNG plots. Focused benchmarks (each with --help): "
                    "`bench seq` (sequence parallelism against N and context), `bench moe` (expert parallelism "
                    "against capacity factor, EP vs TP), `bench pp` (pipeline bubble, PP vs TP), "
-                   "`bench collectives` (collective bandwidth against message size).")
+                   "`bench collectives` (collective bandwidth against message size); `bench --vs-transformers` "
+                   "(decode and prefill speed against Hugging Face transformers on this CPU).")
     p.add_argument("--mesh", nargs="+", default=SHIPPED, help="mesh files or shipped names (default: all shipped)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", help="model config or shipped name (default: tiny-add; tiny-add-moe on expert meshes)")
@@ -39,6 +43,8 @@ def main(argv=None):
     p.add_argument("--accuracy", action="store_true",
                    help="also score the embedded models on 1,000 held-out sums (tiny-add on dp8, tiny-add-moe on ep8)")
     p.add_argument("--out", default="bench_out", help="output directory (default bench_out)")
+    p.add_argument("--vs-transformers", action="store_true", help="run the transformers comparison instead "
+                                                                  "(its own options: bench --vs-transformers --help)")
     args = p.parse_args(argv)
     for name in ("batches", "contexts"):
         if any(v < 1 for v in getattr(args, name)):

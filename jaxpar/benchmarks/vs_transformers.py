@@ -82,3 +82,81 @@ def time_jaxpar(directory: str, batch: int, prompt: int, new: int, repeats: int,
 
 def _prompts(batch: int, length: int) -> np.ndarray:
     return np.random.RandomState(0).randint(3, SHAPE["vocab_size"], (batch, length)).astype(np.int64)
+
+
+def host_overhead(directory: str, mesh: str, new: int, repeats: int) -> dict:
+    """Per-token host overhead of the streaming path on a mesh: (streaming - whole loop) / tokens, batch 1."""
+    import jaxpar
+    eng = jaxpar.load(mesh=mesh, hf=directory)
+    prompt = [list(_prompts(1, 16)[0])]
+    times = {}
+    for whole in (True, False):
+        def gen():
+            return eng.generate_tokens(prompt, max_new_tokens=new, stop_at_eos=False, whole_loop=whole)
+        gen()
+        times[whole] = min(_timed(gen) for _ in range(repeats))
+    return {"mesh": mesh, "whole_loop_s": times[True], "streaming_s": times[False],
+            "overhead_ms_per_token": (times[False] - times[True]) / new * 1e3}
+
+
+def run(args) -> dict:
+    d = make_model(os.path.join(args.out, "llama-100m"))
+    r = {"model": {**SHAPE, "params": None}, "bandwidth": read_bandwidth(), "decode": [], "prefill": None}
+    new = args.new_tokens
+    for b in args.batches:
+        j = time_jaxpar(d, b, 16, new, args.repeats)
+        t = time_transformers(d, b, 16, new, args.repeats)
+        r["model"]["params"] = j["params_bytes"] // 4
+        same = bool((j["tokens"] == t["tokens"]).all())
+        r["decode"].append({"batch": b, "jaxpar_tokens_per_s": j["decode_tokens_per_s"],
+                            "transformers_tokens_per_s": t["decode_tokens_per_s"],
+                            "speedup": j["decode_tokens_per_s"] / t["decode_tokens_per_s"], "same_tokens": same,
+                            "jaxpar_read_bytes_per_s": j["params_bytes"] * j["decode_tokens_per_s"] / b})
+        print(f"  decode batch {b}: jaxpar {j['decode_tokens_per_s']:.1f} tokens/s, transformers "
+              f"{t['decode_tokens_per_s']:.1f}", flush=True)
+    j = time_jaxpar(d, 1, args.prefill, 2, args.repeats)
+    t = time_transformers(d, 1, args.prefill, 2, args.repeats)
+    r["prefill"] = {"tokens": args.prefill, "jaxpar_s": j["prefill_s"], "transformers_s": t["prefill_s"],
+                    "speedup": t["prefill_s"] / j["prefill_s"]}
+    r["host_overhead"] = [host_overhead(d, m, 32, args.repeats) for m in args.overhead_meshes]
+    return r
+
+
+def markdown(r: dict) -> str:
+    bw = r["bandwidth"]["machine"]
+    out = [f"model: Llama, {r['model']['params'] / 1e6:.1f} M parameters, float32; machine read bandwidth "
+           f"{bw / 1e9:.1f} GB/s (numpy {r['bandwidth']['numpy'] / 1e9:.1f}, torch {r['bandwidth']['torch'] / 1e9:.1f})",
+           "", "| decode | jaxpar tokens/s | transformers tokens/s | jaxpar / transformers | same tokens | "
+               "weights read per step (GB/s, share of machine) |", "|---|---|---|---|---|---|"]
+    for x in r["decode"]:
+        out.append(f"| batch {x['batch']} | {x['jaxpar_tokens_per_s']:.1f} | {x['transformers_tokens_per_s']:.1f} | "
+                   f"{x['speedup']:.2f}x | {'yes' if x['same_tokens'] else 'no'} | "
+                   f"{x['jaxpar_read_bytes_per_s'] / 1e9:.1f} ({x['jaxpar_read_bytes_per_s'] / bw * 100:.0f}%) |")
+    p = r["prefill"]
+    out += ["", f"prefill of {p['tokens']} tokens (batch 1, to the first token): jaxpar {p['jaxpar_s'] * 1e3:.0f} ms, "
+                f"transformers {p['transformers_s'] * 1e3:.0f} ms: {p['speedup']:.2f}x", "",
+            "| mesh | 32 tokens, whole loop (ms) | 32 tokens, streaming (ms) | host overhead per token (ms) |",
+            "|---|---|---|---|"]
+    for x in r["host_overhead"]:
+        out.append(f"| {x['mesh']} | {x['whole_loop_s'] * 1e3:.1f} | {x['streaming_s'] * 1e3:.1f} | "
+                   f"{x['overhead_ms_per_token']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    from jaxpar.tools import cli
+    p = cli.parser("bench --vs-transformers", __doc__.splitlines()[0].split(": ", 1)[1])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--new-tokens", type=int, default=33, help="tokens per decode measurement (default 33)")
+    p.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill measurement")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--overhead-meshes", nargs="+", default=["single", "tp4"])
+    p.add_argument("--out", default="bench_out")
+    args = p.parse_args(argv)
+    cli.start(args, fake_default=4)
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    from jaxpar.benchmarks.output import publish
+    os.makedirs(args.out, exist_ok=True)
+    r = run(args)
+    publish(args.out, "vs_transformers.json", r, markdown(r))

@@ -126,10 +126,11 @@ class Engine:
     def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                         on_token: Callable[[int, int], None] | None = None,
-                        stop_at_eos: bool = True) -> list[list[int]]:
+                        stop_at_eos: bool = True, whole_loop: bool = True) -> list[list[int]]:
         """Prompts of token ids (any lengths) -> the new tokens of each, without the end-of-sequence token.
-        on_token(row, token) is called for each token as soon as it is known (streaming). stop_at_eos=False
-        generates exactly max_new_tokens (benchmarks)."""
+        on_token(row, token) is called for each token as soon as it is known (streaming: one program per
+        token); without it every decode step runs in one compiled loop on device (whole_loop=False forces
+        the streaming path). stop_at_eos=False generates exactly max_new_tokens (benchmarks)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         if not prompts:
             raise GenerationError("no prompts given")
@@ -159,19 +160,48 @@ class Engine:
 
         cache = self._caches.pop((bp, t), None) or self.steps.new_cache(bp, t)()
         t_start = time.perf_counter()
-        t_first = None
         done = np.zeros(bp, bool)
         done[b:] = True
         tok, cache, stats = self.steps.prefill(self.params, cache, tokens, lengths, ~done, row_ids, *sargs)
+        eos = np.array((self.eos_ids if stop_at_eos else ()) or [-1], np.int32)
+        run = self._stream if on_token is not None or not whole_loop else self._whole_loop
+        out, cache, expert_stats, t_first = run(tok, cache, stats, lengths, done, row_ids, sargs, eos, b, s, t,
+                                                max_new_tokens, on_token)
+        self._caches[(bp, t)] = cache
+        t_end = time.perf_counter()
+        n = sum(len(o) for o in out)
+        steps_run = max(len(o) for o in out)
+        self.last_stats = {"prompts": b, "new_tokens": n, "ttft_s": t_first - t_start,
+                           "tpot_s": (t_end - t_first) / max(steps_run - 1, 1),
+                           "tokens_per_s": n / (t_end - t_start), "batch_padded": bp, "prompt_bucket": s,
+                           "cache_len": t, "whole_loop": run == self._whole_loop}
+        if expert_stats[0]:
+            self.last_stats["experts"] = summarise_expert_stats(expert_stats)
+        return out
+
+    def _whole_loop(self, tok, cache, stats, lengths, done, row_ids, sargs, eos, b, s, t, max_new, on_token):
+        """Every decode step in one compiled program (Steps.decode_loop); the host waits once, at the end."""
+        tok.block_until_ready()
+        t_first = time.perf_counter()
+        width = t  # the output buffer: new tokens never outnumber the cache's slots, and t is already a bucket
+        out, cache, loop_stats = self.steps.decode_loop(self.params, cache, tok, lengths, np.int32(s), done, row_ids,
+                                                        eos, np.int32(max_new), np.int32(t), *sargs[:4], width,
+                                                        sargs[4])
+        host = to_host(out)
+        return [[int(x) for x in row if x >= 0] for row in host[:b]], cache, [stats, loop_stats], t_first
+
+    def _stream(self, tok, cache, stats, lengths, done, row_ids, sargs, eos, b, s, t, max_new, on_token):
+        """One decode program per token: each token reaches the host (and on_token) as soon as it is known,
+        and the next step is dispatched before the current token is read back, so host and device overlap."""
+        ctx = self.config.max_position_embeddings
         expert_stats = [stats]
         out: list[list[int]] = [[] for _ in range(b)]
-        eos = np.array((self.eos_ids if stop_at_eos else ()) or [-1])
-        for step in range(max_new_tokens):
+        t_first = None
+        for step in range(max_new):
             pos = lengths + step  # where the token just sampled will be written
-            last = step == max_new_tokens - 1
+            last = step == max_new - 1
             nxt = None
             if not last and not np.all(done | (pos >= t)):
-                # dispatch the next step before reading this token back, so host and device overlap
                 nxt = self.steps.decode(self.params, cache, tok, np.minimum(pos, t - 1), np.int32(s),
                                         ~done & (pos < t), row_ids, np.int32(step + 1), *sargs)
             host = to_host(tok)
@@ -192,17 +222,7 @@ class Engine:
                     cache = nxt[1]
                 break
             tok, cache, _ = nxt
-        self._caches[(bp, t)] = cache
-        t_end = time.perf_counter()
-        n = sum(len(o) for o in out)
-        steps_run = max(len(o) for o in out)
-        self.last_stats = {"prompts": b, "new_tokens": n, "ttft_s": t_first - t_start,
-                           "tpot_s": (t_end - t_first) / max(steps_run - 1, 1),
-                           "tokens_per_s": n / (t_end - t_start), "batch_padded": bp, "prompt_bucket": s,
-                           "cache_len": t}
-        if expert_stats[0]:
-            self.last_stats["experts"] = summarise_expert_stats(expert_stats)
-        return out
+        return out, cache, expert_stats, t_first
 
 
 def summarise_expert_stats(per_step: list[dict]) -> dict:

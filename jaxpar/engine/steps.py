@@ -86,6 +86,10 @@ class Steps:
         self.decode = InLayout(jax.jit(self._decode, static_argnums=(12,), donate_argnums=(1,),
                               in_shardings=(self.param_sh, cache_tree) + dec_in,
                               out_shardings=(row, cache_tree, rep)), lay.for_decode(), (None, None) + dec_in)
+        loop_in = (row, row, rep, row, row, rep, rep, rep) + samp
+        self.decode_loop = InLayout(jax.jit(self._decode_loop, static_argnums=(14, 15), donate_argnums=(1,),
+                                   in_shardings=(self.param_sh, cache_tree) + loop_in,
+                                   out_shardings=(row, cache_tree, rep)), lay.for_decode(), (None, None) + loop_in)
         self.new_cache = functools.lru_cache(maxsize=8)(self._cache_fn)
 
     def _model(self, params):
@@ -156,3 +160,40 @@ class Steps:
                                 valid=active[:, None], **kw)
         logits = model.logits(h)[:, 0]
         return self._sample(logits, row_ids, key, step, temperature, top_k, top_p, greedy), cache, stats
+
+    def _decode_loop(self, params, cache, tok, lengths, prompt_len, done, row_ids, eos, max_new, cache_len, key,
+                     temperature, top_k, top_p, out_width, greedy):
+        """Every decode step of a generate call in one program: a while loop on device that records each
+        row's token, stops rows at end-of-sequence or the context window, and samples the next token, with
+        the host's step-by-step loop's exact rules (Engine._stream). tok [B]: prefill's tokens; done [B]:
+        rows not generating (padding); eos [E]: end ids (-1 pads; none when generation ignores them);
+        max_new, cache_len: scalars. Returns (tokens [B, out_width], -1 after a row stopped; cache; summed
+        expert statistics)."""
+        ctx = self.cfg.max_position_embeddings
+        b = tok.shape[0]
+
+        def record(step, tok, done, out):
+            stop = done | jnp.isin(tok, eos) | (lengths + step >= ctx)
+            return stop, out.at[:, step].set(jnp.where(stop, -1, tok))
+
+        def cond(c):
+            step, _, _, done, _, _ = c
+            return (step < max_new - 1) & jnp.any(~done & (lengths + step < cache_len))
+
+        def body(c):
+            step, tok, cache, done, out, acc = c
+            pos = lengths + step
+            active = ~done & (pos < cache_len)  # as the host loop: the rows not done before this token
+            new_done, out = record(step, tok, done, out)
+            tok, cache, stats = self._decode(params, cache, tok, jnp.minimum(pos, cache_len - 1), prompt_len,
+                                             active, row_ids, step + 1, key, temperature, top_k, top_p, greedy)
+            return step + 1, tok, cache, new_done, out, jax.tree.map(jnp.add, acc, stats)
+
+        acc = jax.eval_shape(lambda: self._decode(params, cache, tok, lengths, prompt_len, done, row_ids, 1, key,
+                                                  temperature, top_k, top_p, greedy)[2])
+        acc = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), acc)
+        out = jnp.full((b, out_width), -1, jnp.int32)
+        step, tok, cache, done, out, acc = jax.lax.while_loop(
+            cond, body, (jnp.int32(0), tok, cache, done, out, acc))
+        _, out = record(step, tok, done, out)
+        return out, cache, acc
