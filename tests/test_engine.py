@@ -45,11 +45,11 @@ def test_cache_is_donated():
     eng = engine("tp4")
     b, t = 1, 16
     cache = eng.steps.new_cache(b, t)()
-    tok, new, _ = eng.steps.decode(eng.params, cache, np.zeros(b, np.int32), np.zeros(b, np.int32), np.int32(t),
+    tok, new, _ = eng.steps.decode(eng.run_params, cache, np.zeros(b, np.int32), np.zeros(b, np.int32), np.int32(t),
                                    np.ones(b, bool), np.zeros(b, np.int32), np.int32(1), jax.random.PRNGKey(0),
                                    np.float32(1), np.int32(0), np.float32(1), True)
     old, new = jax.tree.leaves(cache), jax.tree.leaves(new)  # (k, v), or per layer when unrolled
-    assert all(c.is_deleted() for c in old) and len(old) == 2 * eng.config.num_hidden_layers
+    assert all(c.is_deleted() for c in old) and len(old) == (2 * eng.config.num_hidden_layers if eng.unrolled else 2)
     assert [n.shape for n in new] == [c.shape for c in old]
 
 

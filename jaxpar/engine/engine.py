@@ -41,9 +41,11 @@ def check_sampling(max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0) 
 
 
 def unroll_by_default(layout) -> bool:
-    """Layers unrolled (per-layer weights and cache) on CPU, where a scan copies each layer's weights out of
-    the stacked array; scanned on GPU/TPU, and always under a pipeline (stages hold stacked layers)."""
-    return layout.size("layers") == 1 and layout.mesh.devices.flat[0].platform == "cpu"
+    """Layers unrolled (per-layer weights and cache) on one CPU device, where a scan copies each layer's
+    weights out of the stacked array. Scanned on GPU/TPU and on several devices: fake CPU devices share the
+    cores (their speed says nothing), and the scanned program keeps one collective per layer (unrolled,
+    XLA combines independent small all-reduces across layers) and one loop body whatever the depth."""
+    return layout.mesh.size == 1 and layout.mesh.devices.flat[0].platform == "cpu"
 
 
 class Engine:
@@ -58,11 +60,25 @@ class Engine:
         if self.unrolled and self.layout.size("layers") > 1:
             raise GenerationError("unroll=True needs a layout without a stage axis (pipeline stages hold "
                                   "stacked layers)")
-        self.params = P.unstack(params, cfg, self.layout, self.kv_repeat) if self.unrolled else params
+        self.params = params
         self.steps = Steps(cfg, self.layout, self.kv_repeat, self.unrolled)
         self._caches: dict = {}  # (batch, length) -> KV cache, allocated once per bucket and reused
         self.last_stats: dict = {}
         self.eos_ids = cfg.eos_ids or tuple(getattr(tokenizer, "eos_ids", ()))
+
+    @property
+    def params(self) -> dict:
+        """The parameters in the stacked form checkpoints store (rebuilt from the per-layer arrays when the
+        layers run unrolled; `run_params` is the form the compiled steps take)."""
+        if self.unrolled:
+            return P.stack(self.run_params, self.config, self.layout, self.kv_repeat)
+        return self.run_params
+
+    @params.setter
+    def params(self, value: dict) -> None:
+        if self.unrolled and not P.is_unstacked(value):
+            value = P.unstack(value, self.config, self.layout, self.kv_repeat)
+        self.run_params = value
 
     # ---- sizes -------------------------------------------------------------------------------------------
     @property
@@ -70,7 +86,7 @@ class Engine:
         return self.layout.batch_multiple
 
     def params_bytes_per_device(self) -> int:
-        return P.bytes_per_device(self.params)
+        return P.bytes_per_device(self.run_params)
 
     def cache_struct(self, batch: int, length: int):
         return self.steps.cache_struct(batch, length)
@@ -78,8 +94,7 @@ class Engine:
     def save(self, directory: str) -> None:
         """Write an Orbax checkpoint (+ config.yaml) that `jaxpar.load(checkpoint=...)` restores on any mesh."""
         from jaxpar.engine import checkpoint
-        params = P.stack(self.params, self.config, self.layout, self.kv_repeat)
-        checkpoint.save(directory, self.config, params, self.kv_repeat, self.layout)
+        checkpoint.save(directory, self.config, self.params, self.kv_repeat, self.layout)
 
     # ---- full forward ------------------------------------------------------------------------------------
     def logits(self, tokens) -> np.ndarray:
@@ -99,7 +114,7 @@ class Engine:
         valid = np.zeros((bp, sp), bool)
         valid[:b, :s] = True
         order = self.steps.seq_order(sp)
-        out = to_host(self.steps.logits(self.params, padded[:, order], valid[:, order]))
+        out = to_host(self.steps.logits(self.run_params, padded[:, order], valid[:, order]))
         return out[:b, zigzag.inverse(order)[:s]]
 
     def _check_ids(self, tokens, what: str = "") -> None:
@@ -162,7 +177,7 @@ class Engine:
         t_start = time.perf_counter()
         done = np.zeros(bp, bool)
         done[b:] = True
-        tok, cache, stats = self.steps.prefill(self.params, cache, tokens, lengths, ~done, row_ids, *sargs)
+        tok, cache, stats = self.steps.prefill(self.run_params, cache, tokens, lengths, ~done, row_ids, *sargs)
         eos = np.array((self.eos_ids if stop_at_eos else ()) or [-1], np.int32)
         run = self._stream if on_token is not None or not whole_loop else self._whole_loop
         out, cache, expert_stats, t_first = run(tok, cache, stats, lengths, done, row_ids, sargs, eos, b, s, t,
@@ -184,7 +199,7 @@ class Engine:
         tok.block_until_ready()
         t_first = time.perf_counter()
         width = t  # the output buffer: new tokens never outnumber the cache's slots, and t is already a bucket
-        out, cache, loop_stats = self.steps.decode_loop(self.params, cache, tok, lengths, np.int32(s), done, row_ids,
+        out, cache, loop_stats = self.steps.decode_loop(self.run_params, cache, tok, lengths, np.int32(s), done, row_ids,
                                                         eos, np.int32(max_new), np.int32(t), *sargs[:4], width,
                                                         sargs[4])
         host = to_host(out)
@@ -202,7 +217,7 @@ class Engine:
             last = step == max_new - 1
             nxt = None
             if not last and not np.all(done | (pos >= t)):
-                nxt = self.steps.decode(self.params, cache, tok, np.minimum(pos, t - 1), np.int32(s),
+                nxt = self.steps.decode(self.run_params, cache, tok, np.minimum(pos, t - 1), np.int32(s),
                                         ~done & (pos < t), row_ids, np.int32(step + 1), *sargs)
             host = to_host(tok)
             t_first = t_first or time.perf_counter()
@@ -256,10 +271,10 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     out = {"batch": b, "prompt_len": s, "cache_len": t}
     t0 = time.perf_counter()
     row_mask = jax.ShapeDtypeStruct((b,), np.bool_)
-    out["prefill"] = engine.steps.prefill.lower(engine.params, cache, i32(b, s), i32(b), row_mask, i32(b), key,
+    out["prefill"] = engine.steps.prefill.lower(engine.run_params, cache, i32(b, s), i32(b), row_mask, i32(b), key,
                                                 f32, i32(), f32, True).compile()
     t1 = time.perf_counter()
-    out["decode"] = engine.steps.decode.lower(engine.params, cache, i32(b), i32(b), i32(), row_mask, i32(b),
+    out["decode"] = engine.steps.decode.lower(engine.run_params, cache, i32(b), i32(b), i32(), row_mask, i32(b),
                                               i32(), key, f32, i32(), f32, True).compile()
     out["compile_s"] = {"prefill": t1 - t0, "decode": time.perf_counter() - t1}
     out["kv_cache_bytes_per_device"] = P.bytes_per_device(cache)

@@ -74,17 +74,17 @@ def main(argv=None):
     t.start()
     t0 = time.perf_counter()
     eng = jaxpar.load(mesh=args.mesh, hf=args.hf)
-    jax.block_until_ready(eng.params)
+    jax.block_until_ready(eng.run_params)
     if args.convert:
         eng.save(args.convert)  # what `jaxpar.convert` does after loading
     secs = time.perf_counter() - t0
     stop.set()
     t.join()
     after = rss_anon()
-    params_total = sum(s.data.nbytes for x in jax.tree.leaves(eng.params) for s in x.addressable_shards)
+    params_total = sum(s.data.nbytes for x in jax.tree.leaves(eng.run_params) for s in x.addressable_shards)
     mib = 2 ** 20
     r = {"step": "convert" if args.convert else "load", "checkpoint_mb": size / mib, "mesh": args.mesh, "devices": eng.mesh.size, "load_seconds": secs,
-         "params_bytes_per_device_mb": P.bytes_per_device(eng.params) / mib,
+         "params_bytes_per_device_mb": P.bytes_per_device(eng.run_params) / mib,
          "params_all_devices_mb": params_total / mib,
          "peak_rss_anon_increase_mb": (peak[0] - base) / mib, "rss_anon_increase_after_mb": (after - base) / mib,
          "peak_beyond_loaded_params_mb": (peak[0] - base - params_total) / mib,
