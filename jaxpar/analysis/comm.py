@@ -58,17 +58,23 @@ class Axes:
         return math.prod(self.mesh_cfg.size(a) for a in self.axes(logical))
 
 
+def schedule(cfg: ModelConfig, ax: Axes, step: Step) -> tuple:
+    """(pipeline ticks, layer executions per device, rows one layer execution works on) of one step: L/P
+    layers per tick for M+P-1 ticks under a pipeline, each on one microbatch's rows."""
+    stages = ax.size("layers")
+    micro = ax.mesh_cfg.microbatches if stages > 1 else 1
+    ticks = micro + stages - 1 if stages > 1 else 1
+    return ticks, cfg.num_hidden_layers // stages * ticks, step.batch // ax.size("batch") // micro
+
+
 def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, dtype_bytes: int) -> list:
     """The collectives of one prefill (step.decode False) or decode step."""
     ax = Axes(mesh_cfg, decode=step.decode)
     e, h = dtype_bytes, cfg.hidden_size
     b_loc = step.batch // ax.size("batch")
     s_loc = step.tokens // ax.size("seq")
+    ticks, runs, rows = schedule(cfg, ax, step)
     stages = ax.size("layers")
-    micro = mesh_cfg.microbatches if stages > 1 else 1
-    ticks = micro + stages - 1 if stages > 1 else 1
-    runs = cfg.num_hidden_layers // stages * ticks  # layer executions per device per step
-    rows = b_loc // micro  # rows one layer execution works on
     out: list = []
 
     def add(op, axes, count, nbytes, what):

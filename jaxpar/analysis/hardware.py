@@ -78,14 +78,6 @@ class Hardware:
                 return link
         return self.links[-1]
 
-    def link_for(self, span: int) -> Link:
-        """The slowest level a group of devices spanning `span` consecutive device numbers has to cross: the
-        innermost level whose group holds all of them."""
-        for link in self.links:
-            if span <= link.group:
-                return link
-        return self.links[-1]
-
 
 def _num(v, where: str, positive=True) -> float:
     if isinstance(v, str):  # YAML reads 1e3 (no dot) as a string

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from jaxpar.analysis.comm import Axes, Step
+from jaxpar.analysis.comm import Axes, Step, schedule
 from jaxpar.config import ModelConfig
 from jaxpar.layout.mesh_file import MeshConfig
 
@@ -65,10 +65,7 @@ def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step
     the KV cache it reads or writes), plus the LM head once. MoE layers compute what the program computes:
     every expert on every token without an expert axis, full capacity buffers with one."""
     ax = Axes(mesh_cfg, decode=step.decode)
-    stages = ax.size("layers")
-    micro = mesh_cfg.microbatches if stages > 1 else 1
-    ticks = micro + stages - 1 if stages > 1 else 1
-    rows = step.batch // ax.size("batch") // micro
+    _, runs, rows = schedule(cfg, ax, step)
     tokens = rows * step.tokens // ax.size("seq")
     hd, h = cfg.head_size, cfg.hidden_size
     heads = cfg.num_attention_heads // ax.size("heads")
@@ -100,7 +97,7 @@ def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step
     b_loc = step.batch // ax.size("batch")
     head_flops = 2 * h * cfg.vocab_size // ax.size("vocab") * b_loc  # logits for each row's last position
     head_bytes = h * cfg.vocab_size // ax.size("vocab") * weight_bytes
-    return {"layer_runs": cfg.num_hidden_layers // stages * ticks, "layer_flops": layer_flops,
+    return {"layer_runs": runs, "layer_flops": layer_flops,
             "layer_bytes": layer_w * weight_bytes + kv_io, "head_flops": head_flops, "head_bytes": head_bytes,
             "tokens_per_layer_run": tokens}
 
@@ -111,9 +108,7 @@ def workspace_bytes(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step
     the whole sequence for their heads)."""
     ax = Axes(mesh_cfg, decode=step.decode)
     n_seq = ax.size("seq")
-    stages = ax.size("layers")
-    micro = mesh_cfg.microbatches if stages > 1 else 1
-    rows = step.batch // ax.size("batch") // micro
+    _, _, rows = schedule(cfg, ax, step)
     s_loc = step.tokens // n_seq
     heads = cfg.num_attention_heads // ax.size("heads")
     kv = cfg.kv_heads * kv_repeat // ax.size("kv_heads")

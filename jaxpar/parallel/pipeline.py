@@ -34,8 +34,7 @@ def run_layers(layer, state, x, rows, cache, extra):
             x, layer_cache, st = layer(x, layer_state, None if cache is None else cache[i], rows, extra)
             new_cache.append(layer_cache)
             stats.append(st)
-        stacked = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats and stats[0] else stats[0] if stats else {}
-        return x, (None if cache is None else new_cache), stacked
+        return x, (None if cache is None else new_cache), jax.tree.map(lambda *a: jnp.stack(a), *stats)
     lay = active()
     if lay is None or lay.size("layers") == 1:
         def body(h, xs):
