@@ -57,3 +57,24 @@ def finish(acc, dtype):
     o, _, l = acc
     b, s, kv, g, d = o.shape
     return (o / jnp.moveaxis(l, -1, 1)[..., None]).astype(dtype).reshape(b, s, kv * g, d)
+
+
+def causal_blockwise(q, k, v, block: int):
+    """Causal attention over a prompt in position order, one query block against one key block at a time
+    (online softmax, `accumulate`): the largest score array is [B, H, block, block], never [B, H, S, S], and
+    key blocks after a query block's diagonal are skipped (about half the work of `attend`).
+    q [B,S,H,D]; k, v [B,S,KV,D]; S a multiple of block; position i at index i."""
+    b, s, h, d = q.shape
+    n, kvh = s // block, k.shape[2]
+    qb = q.reshape(b, n, block, h, d)
+    kb, vb = (x.reshape(b, n, block, kvh, d) for x in (k, v))
+    diagonal = jnp.broadcast_to(jnp.tril(jnp.ones((block, block), bool)), (b, block, block))
+
+    def query_block(i):
+        qi = qb[:, i]
+        acc = jax.lax.fori_loop(0, i, lambda j, acc: accumulate(acc, qi, kb[:, j], vb[:, j]),
+                                empty_partial(qi, kvh))
+        return finish(accumulate(acc, qi, kb[:, i], vb[:, i], diagonal), q.dtype)
+
+    out = jax.lax.map(query_block, jnp.arange(n))  # [n, B, block, H, D]
+    return jnp.moveaxis(out, 0, 1).reshape(b, s, h, d)

@@ -1,7 +1,9 @@
 """Which attention runs, chosen by the active layout: the model calls these three functions and never
 looks at the mesh itself.
 
-- no `seq` axis: dense attention, and the cache indexed by position;
+- no `seq` axis: blockwise causal attention for prompts of BLOCK_MIN tokens or more (never the whole score
+  matrix; key blocks past the diagonal skipped), dense attention for shorter ones, the cache indexed by
+  position;
 - `seq` axis, `attention: ring | ulysses`: the shard_map kernels of ring_attention.py / ulysses.py;
 - `seq` axis, `attention: dense`: plain attention on sequence-sharded tensors, left to XLA (it gathers K/V;
   the baseline the kernels are measured against).
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.layout.rules import active
-from jaxpar.model.attend import attend
+from jaxpar.model.attend import attend, causal_blockwise
 from jaxpar.parallel.ring_attention import ring_attention_local
 from jaxpar.parallel.seq_decode import decode_local, write_prompt_local
 from jaxpar.parallel.ulysses import ulysses_attention_local
@@ -22,6 +24,18 @@ from jaxpar.parallel.ulysses import ulysses_attention_local
 Q = ("batch", "seq", "heads", "head_dim")
 KV = ("batch", "seq", "kv_heads", "head_dim")
 CACHE = ("batch", "cache_seq", "kv_heads", "head_dim")
+
+
+BLOCK_MIN = 256  # prompts at least this long take the blockwise path
+
+
+def block_size(s: int) -> int | None:
+    """The key/query block of `causal_blockwise` for a prompt of s tokens, or None for dense attention.
+    128 up to 1024 tokens, 256 beyond: the fastest on XLA:CPU (BENCHMARKS.md, "Prefill attention")."""
+    if s < BLOCK_MIN:
+        return None
+    block = 128 if s <= 1024 else 256
+    return block if s % block == 0 else None
 
 
 def _seq(logical):
@@ -34,6 +48,8 @@ def _seq(logical):
 def prefill_attention(q, k, v, positions):
     """Causal attention over the prompt. q [B,S,H,D]; k, v [B,S,KV,D]; positions [B,S]."""
     axes, n, lay = _seq("seq")
+    if axes is None and block_size(q.shape[1]):  # no seq axis: index i holds position i
+        return causal_blockwise(q, k, v, block_size(q.shape[1]))
     if axes is None or lay.attention == "dense":
         return attend(q, k, v, positions[:, :, None] >= positions[:, None, :])
     body = ring_attention_local if lay.attention == "ring" else ulysses_attention_local

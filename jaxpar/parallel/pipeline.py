@@ -26,12 +26,15 @@ def run_layers(layer, state, x, rows, cache, extra):
 
     state as a list of per-layer states (and cache as a list of per-layer caches): the layers are applied
     one after another in the program (unrolled), so each layer's weights are read where they lie. XLA:CPU
-    copies the slice of stacked weights a scan step takes, tripling the bytes a decode step moves."""
+    copies the slice of stacked weights a scan step takes, tripling the bytes a decode step moves. Each layer's
+    statistics feed the next layer's input (_after), so the program keeps the scan's collectives, one set per
+    layer."""
     if isinstance(state, list):
         stats = []
         new_cache = []
         for i, layer_state in enumerate(state):
             x, layer_cache, st = layer(x, layer_state, None if cache is None else cache[i], rows, extra)
+            x = _after(x, st)
             new_cache.append(layer_cache)
             stats.append(st)
         return x, (None if cache is None else new_cache), jax.tree.map(lambda *a: jnp.stack(a), *stats)
@@ -44,6 +47,17 @@ def run_layers(layer, state, x, rows, cache, extra):
         x, (cache, stats) = jax.lax.scan(body, x, (state, cache))
         return x, cache, stats
     return _pipeline(layer, state, x, rows, cache, extra, lay)
+
+
+def _after(x, stats):
+    """x, made to depend on this layer's statistics without changing its value (x + 0 * sum: XLA folds
+    0 * a only for integers, since 0 * inf is NaN). Without it, the unrolled layers' statistics all-reduces
+    are independent of one another and XLA combines them into one; an optimisation barrier does not stop
+    that on XLA:CPU."""
+    leaves = jax.tree.leaves(stats)
+    if not leaves:
+        return x
+    return x + (0.0 * sum(jnp.sum(a) for a in leaves)).astype(x.dtype)
 
 
 def _microbatches(tree, m):
