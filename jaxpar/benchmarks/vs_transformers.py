@@ -27,11 +27,16 @@ def make_model(directory: str) -> str:
     return directory
 
 
+_BUFFER: dict = {}  # the array read_bandwidth sums, allocated once
+
+
 def read_bandwidth(mib: int = 1024, repeats: int = 5) -> dict:
     """Bytes/s of reading a large float32 array once: numpy (one thread) and torch (all threads); the machine's
     figure is the faster."""
     import torch
-    a = np.ones(mib * 2 ** 20 // 4, np.float32)
+    if _BUFFER.get(mib) is None:
+        _BUFFER[mib] = np.ones(mib * 2 ** 20 // 4, np.float32)
+    a = _BUFFER[mib]
     t = torch.from_numpy(a)
     out = {}
     for name, fn in (("numpy", lambda: a.sum()), ("torch", lambda: t.sum())):
@@ -67,6 +72,8 @@ def time_transformers(directory: str, batch: int, prompt: int, new: int, repeats
 
 
 def time_jaxpar(directory: str, batch: int, prompt: int, new: int, repeats: int, mesh: str = "single") -> dict:
+    """Also measures the machine's read bandwidth next to each timed pair (generate(1), generate(new)), so the
+    share of bandwidth is taken against the bandwidth of the same moment (it drifts on a shared machine)."""
     import jaxpar
     eng = jaxpar.load(mesh=mesh, hf=directory)
     prompts = [list(r) for r in _prompts(batch, prompt)]
@@ -74,10 +81,17 @@ def time_jaxpar(directory: str, batch: int, prompt: int, new: int, repeats: int,
     def gen(n):
         return eng.generate_tokens(prompts, max_new_tokens=n, stop_at_eos=False)
     gen(1), gen(new)  # compile both buckets
-    t1 = min(_timed(lambda: gen(1)) for _ in range(repeats))
-    tn = min(_timed(lambda: gen(new)) for _ in range(repeats))
-    return {"prefill_s": t1, "decode_tokens_per_s": batch * (new - 1) / (tn - t1), "tokens": np.array(gen(new)),
-            "params_bytes": eng.params_bytes_per_device()}
+    t1, tn, bw = [], [], []
+    for _ in range(repeats):
+        before = read_bandwidth(repeats=3)["machine"]
+        t1.append(_timed(lambda: gen(1)))
+        tn.append(_timed(lambda: gen(new)))
+        bw.append((before + read_bandwidth(repeats=3)["machine"]) / 2)
+    nbytes = eng.params_bytes_per_device()
+    shares = [nbytes * (new - 1) / max(b - a, 1e-9) / w for a, b, w in zip(t1, tn, bw)]
+    return {"prefill_s": min(t1), "decode_tokens_per_s": batch * (new - 1) / (min(tn) - min(t1)),
+            "tokens": np.array(gen(new)), "params_bytes": nbytes, "bandwidth_share": sorted(shares),
+            "bandwidth_during": bw}
 
 
 def _prompts(batch: int, length: int) -> np.ndarray:
@@ -111,7 +125,9 @@ def run(args) -> dict:
         r["decode"].append({"batch": b, "jaxpar_tokens_per_s": j["decode_tokens_per_s"],
                             "transformers_tokens_per_s": t["decode_tokens_per_s"],
                             "speedup": j["decode_tokens_per_s"] / t["decode_tokens_per_s"], "same_tokens": same,
-                            "jaxpar_read_bytes_per_s": j["params_bytes"] * j["decode_tokens_per_s"] / b})
+                            "jaxpar_read_bytes_per_s": j["params_bytes"] * j["decode_tokens_per_s"] / b,
+                            "bandwidth_share_paired": j["bandwidth_share"],
+                            "bandwidth_during": j["bandwidth_during"]})
         print(f"  decode batch {b}: jaxpar {j['decode_tokens_per_s']:.1f} tokens/s, transformers "
               f"{t['decode_tokens_per_s']:.1f}", flush=True)
     j = time_jaxpar(d, 1, args.prefill, 2, args.repeats)
@@ -127,11 +143,14 @@ def markdown(r: dict) -> str:
     out = [f"model: Llama, {r['model']['params'] / 1e6:.1f} M parameters, float32; machine read bandwidth "
            f"{bw / 1e9:.1f} GB/s (numpy {r['bandwidth']['numpy'] / 1e9:.1f}, torch {r['bandwidth']['torch'] / 1e9:.1f})",
            "", "| decode | jaxpar tokens/s | transformers tokens/s | jaxpar / transformers | same tokens | "
-               "weights read per step (GB/s, share of machine) |", "|---|---|---|---|---|---|"]
+               "weights read per step (GB/s, share of machine) | share of the bandwidth measured around each timing "
+               "(median, range) |", "|---|---|---|---|---|---|---|"]
     for x in r["decode"]:
+        paired = x["bandwidth_share_paired"]
         out.append(f"| batch {x['batch']} | {x['jaxpar_tokens_per_s']:.1f} | {x['transformers_tokens_per_s']:.1f} | "
                    f"{x['speedup']:.2f}x | {'yes' if x['same_tokens'] else 'no'} | "
-                   f"{x['jaxpar_read_bytes_per_s'] / 1e9:.1f} ({x['jaxpar_read_bytes_per_s'] / bw * 100:.0f}%) |")
+                   f"{x['jaxpar_read_bytes_per_s'] / 1e9:.1f} ({x['jaxpar_read_bytes_per_s'] / bw * 100:.0f}%) | "
+                   f"{np.median(paired) * 100:.0f}% ({min(paired) * 100:.0f}-{max(paired) * 100:.0f}) |")
     p = r["prefill"]
     out += ["", f"prefill of {p['tokens']} tokens (batch 1, to the first token): jaxpar {p['jaxpar_s'] * 1e3:.0f} ms, "
                 f"transformers {p['transformers_s'] * 1e3:.0f} ms: {p['speedup']:.2f}x", "",
@@ -149,7 +168,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--new-tokens", type=int, default=33, help="tokens per decode measurement (default 33)")
     p.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill measurement")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--overhead-meshes", nargs="+", default=["single", "tp4"])
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)

@@ -13,7 +13,7 @@ from jaxpar.config import ModelConfig
 from jaxpar.errors import GenerationError
 from jaxpar.engine import params as P
 from jaxpar.engine.buckets import batch_bucket, seq_bucket
-from jaxpar.engine.steps import Steps, to_host
+from jaxpar.engine.steps import Steps, to_global, to_host
 from jaxpar.layout.plan import ModelLayout
 from jaxpar.parallel import zigzag
 
@@ -212,13 +212,17 @@ class Engine:
         expert_stats = [stats]
         out: list[list[int]] = [[] for _ in range(b)]
         t_first = None
+        # the arguments every step shares go to the devices once, not once per token
+        rep, row = self.steps.rep_sh, self.steps.row_sh
+        s_dev, rows_dev = to_global(np.int32(s), rep), to_global(row_ids, row)
+        sargs = tuple(to_global(np.asarray(a), rep) for a in sargs[:4]) + sargs[4:]
         for step in range(max_new):
             pos = lengths + step  # where the token just sampled will be written
             last = step == max_new - 1
             nxt = None
             if not last and not np.all(done | (pos >= t)):
-                nxt = self.steps.decode(self.run_params, cache, tok, np.minimum(pos, t - 1), np.int32(s),
-                                        ~done & (pos < t), row_ids, np.int32(step + 1), *sargs)
+                nxt = self.steps.decode(self.run_params, cache, tok, np.minimum(pos, t - 1), s_dev,
+                                        ~done & (pos < t), rows_dev, np.int32(step + 1), *sargs)
             host = to_host(tok)
             t_first = t_first or time.perf_counter()
             for i in range(b):

@@ -74,6 +74,7 @@ class Steps:
         tok2 = lay.sharding(("batch", "seq"))
         row = lay.sharding(("batch",))
         rep = lay.sharding(())
+        self.row_sh, self.rep_sh = row, rep
         self.logits = InLayout(jax.jit(self._logits, in_shardings=(self.param_sh, tok2, tok2),
                               out_shardings=lay.sharding(("batch", "seq", "vocab"))), lay, (None, tok2, tok2))
         samp = (rep, rep, rep, rep)  # key, temperature, top_k, top_p
