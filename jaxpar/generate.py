@@ -34,7 +34,7 @@ def print_stats(engine) -> None:
     from jaxpar.engine import params as P
     kv = P.bytes_per_device(engine.cache_struct(s["batch_padded"], s["cache_len"]))
     lines = [f"time to first token: {s['ttft_s'] * 1e3:.1f} ms (includes compilation on first use)",
-             f"time per output token: {s['tpot_s'] * 1e3:.2f} ms",
+             f"time per output token: {s['tpot_s'] * 1e3:.2f} ms (the decode loop's compilation too, on first use)",
              f"tokens/s: {s['tokens_per_s']:.1f} ({s['new_tokens']} new tokens, {s['prompts']} prompts)",
              f"memory per device: params {engine.params_bytes_per_device() / mib:.2f} MiB, "
              f"KV cache {kv / mib:.2f} MiB ({engine.mesh.size} devices)"]

@@ -34,8 +34,22 @@ def test_whole_loop_stops_at_the_context_window():
     assert whole == streamed and len(whole[0]) == 3 and len(whole[1]) == 10
 
 
-def test_streaming_callback_uses_the_step_path():
-    eng = engine("single")
-    seen = []
-    out = eng.generate_tokens([eng.tokenizer.encode("12+34=")], max_new_tokens=4, on_token=lambda r, t: seen.append(t))
-    assert not eng.last_stats["whole_loop"] and seen == out[0]
+@pytest.mark.parametrize("mesh", ["single", "dp2_tp4"])
+def test_streaming_callback_runs_inside_the_whole_loop(mesh):
+    """on_token gets every token of every row, in order, while the compiled loop is still running (all but
+    the last step's tokens arrive through the loop's host callback); the host-loop path gives the same."""
+    eng = engine(mesh)
+    ids = [eng.tokenizer.encode(p) for p in PROMPTS]
+    seen, in_loop = {}, []
+
+    def on_token(row, tok):
+        seen.setdefault(row, []).append(tok)
+        in_loop.append(eng.steps.sink is not None)
+    out = eng.generate_tokens(ids, max_new_tokens=6, on_token=on_token)
+    assert eng.last_stats["whole_loop"]
+    assert [seen.get(i, []) for i in range(len(ids))] == out
+    assert sum(in_loop) >= len(in_loop) - len(ids) > 0  # at most one column delivered after the loop
+    host_seen = {}
+    assert eng.generate_tokens(ids, max_new_tokens=6, whole_loop=False,
+                               on_token=lambda r, t: host_seen.setdefault(r, []).append(t)) == out
+    assert not eng.last_stats["whole_loop"] and host_seen == seen

@@ -143,9 +143,10 @@ class Engine:
                         on_token: Callable[[int, int], None] | None = None,
                         stop_at_eos: bool = True, whole_loop: bool = True) -> list[list[int]]:
         """Prompts of token ids (any lengths) -> the new tokens of each, without the end-of-sequence token.
-        on_token(row, token) is called for each token as soon as it is known (streaming: one program per
-        token); without it every decode step runs in one compiled loop on device (whole_loop=False forces
-        the streaming path). stop_at_eos=False generates exactly max_new_tokens (benchmarks)."""
+        Every decode step runs in one compiled loop on device; on_token(row, token) is called for each token
+        as soon as it is known (the loop hands each step's tokens to the host). whole_loop=False runs one
+        program per token from a host loop instead (as does streaming across several processes).
+        stop_at_eos=False generates exactly max_new_tokens (benchmarks)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         if not prompts:
             raise GenerationError("no prompts given")
@@ -179,7 +180,10 @@ class Engine:
         done[b:] = True
         tok, cache, stats = self.steps.prefill(self.run_params, cache, tokens, lengths, ~done, row_ids, *sargs)
         eos = np.array((self.eos_ids if stop_at_eos else ()) or [-1], np.int32)
-        run = self._stream if on_token is not None or not whole_loop else self._whole_loop
+        # streaming with several processes stays a host loop, so every process's on_token sees every token
+        # (the loop's host callback runs in one process)
+        host_loop = not whole_loop or (on_token is not None and jax.process_count() > 1)
+        run = self._stream if host_loop else self._whole_loop
         out, cache, expert_stats, t_first = run(tok, cache, stats, lengths, done, row_ids, sargs, eos, b, s, t,
                                                 max_new_tokens, on_token)
         self._caches[(bp, t)] = cache
@@ -195,14 +199,29 @@ class Engine:
         return out
 
     def _whole_loop(self, tok, cache, stats, lengths, done, row_ids, sargs, eos, b, s, t, max_new, on_token):
-        """Every decode step in one compiled program (Steps.decode_loop); the host waits once, at the end."""
+        """Every decode step in one compiled program (Steps.decode_loop); the host waits once, at the end.
+        With on_token, the loop hands each step's tokens to the host through a callback as it goes."""
         tok.block_until_ready()
         t_first = time.perf_counter()
         width = t  # the output buffer: new tokens never outnumber the cache's slots, and t is already a bucket
-        out, cache, loop_stats = self.steps.decode_loop(self.run_params, cache, tok, lengths, np.int32(s), done, row_ids,
-                                                        eos, np.int32(max_new), np.int32(t), *sargs[:4], width,
-                                                        sargs[4])
-        host = to_host(out)
+        sent = [0]  # columns already handed to on_token
+
+        def sink(step, column):
+            for i in range(b):
+                if column[i] >= 0:
+                    on_token(i, int(column[i]))
+            sent[0] = step + 1
+        self.steps.sink = sink if on_token is not None else None
+        try:
+            out, cache, loop_stats = self.steps.decode_loop(
+                self.run_params, cache, tok, lengths, np.int32(s), done, row_ids, eos, np.int32(max_new),
+                np.int32(t), *sargs[:4], width, sargs[4], on_token is not None)
+            host = to_host(out)
+        finally:
+            self.steps.sink = None
+        if on_token is not None:  # the last column never went through the callback
+            for col in range(sent[0], width):
+                sink(col, host[:, col])
         return [[int(x) for x in row if x >= 0] for row in host[:b]], cache, [stats, loop_stats], t_first
 
     def _stream(self, tok, cache, stats, lengths, done, row_ids, sargs, eos, b, s, t, max_new, on_token):

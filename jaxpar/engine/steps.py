@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from jaxpar.layout.rules import activate, constrain
 from jaxpar.engine import params as P
@@ -88,7 +89,8 @@ class Steps:
                               in_shardings=(self.param_sh, cache_tree) + dec_in,
                               out_shardings=(row, cache_tree, rep)), lay.for_decode(), (None, None) + dec_in)
         loop_in = (row, row, rep, row, row, rep, rep, rep) + samp
-        self.decode_loop = InLayout(jax.jit(self._decode_loop, static_argnums=(14, 15), donate_argnums=(1,),
+        self.sink = None  # the host function the streaming decode loop hands each step's tokens to
+        self.decode_loop = InLayout(jax.jit(self._decode_loop, static_argnums=(14, 15, 16), donate_argnums=(1,),
                                    in_shardings=(self.param_sh, cache_tree) + loop_in,
                                    out_shardings=(row, cache_tree, rep)), lay.for_decode(), (None, None) + loop_in)
         self.new_cache = functools.lru_cache(maxsize=8)(self._cache_fn)
@@ -162,14 +164,19 @@ class Steps:
         logits = model.logits(h)[:, 0]
         return self._sample(logits, row_ids, key, step, temperature, top_k, top_p, greedy), cache, stats
 
+    def _deliver(self, step, column):
+        self.sink(int(step), np.asarray(column))
+
     def _decode_loop(self, params, cache, tok, lengths, prompt_len, done, row_ids, eos, max_new, cache_len, key,
-                     temperature, top_k, top_p, out_width, greedy):
+                     temperature, top_k, top_p, out_width, greedy, stream=False):
         """Every decode step of a generate call in one program: a while loop on device that records each
         row's token, stops rows at end-of-sequence or the context window, and samples the next token, with
         the host's step-by-step loop's exact rules (Engine._stream). tok [B]: prefill's tokens; done [B]:
         rows not generating (padding); eos [E]: end ids (-1 pads; none when generation ignores them);
         max_new, cache_len: scalars. Returns (tokens [B, out_width], -1 after a row stopped; cache; summed
-        expert statistics)."""
+        expert statistics). stream: each step's column of tokens also goes to the host as soon as it is
+        known (an ordered host callback to `self.sink(step, tokens [B])`), but for the last column, which the
+        caller reads from the result."""
         ctx = self.cfg.max_position_embeddings
         b = tok.shape[0]
 
@@ -186,6 +193,10 @@ class Steps:
             pos = lengths + step
             active = ~done & (pos < cache_len)  # as the host loop: the rows not done before this token
             new_done, out = record(step, tok, done, out)
+            if stream:
+                # replicated first: the callback runs on one device, and XLA warns when it must gather a
+                # batch-sharded operand there itself
+                io_callback(self._deliver, None, step, constrain(out[:, step], (None,)), ordered=True)
             tok, cache, stats = self._decode(params, cache, tok, jnp.minimum(pos, cache_len - 1), prompt_len,
                                              active, row_ids, step + 1, key, temperature, top_k, top_p, greedy)
             return step + 1, tok, cache, new_done, out, jax.tree.map(jnp.add, acc, stats)
