@@ -34,3 +34,16 @@ def test_collectives_sweep(tmp_path):
     assert sorted(x["bytes"] for x in r["rows"] if x["op"] == "all-gather") == [1024, 2048, 4096]
     assert r["fit"]["latency_us"] >= 0
     assert (out / "collectives.png").stat().st_size > 1000
+
+
+def test_attention_bench(tmp_path, capsys):
+    """Blockwise rows agree with dense, hold a block-sized score array, and mark the block jaxpar picks."""
+    out = tmp_path / "a"
+    bench.main(["attention", "--lengths", "512", "--blocks", "64", "128", "--heads", "4", "--kv-heads", "2",
+                "--head-dim", "16", "--repeats", "1", "--out", str(out)])
+    rows = json.loads((out / "attention.json").read_text())["rows"]
+    assert [(x["kind"], x["block"]) for x in rows] == [("dense", None), ("blockwise", 64), ("blockwise", 128)]
+    assert all(x["ms"] > 0 and x["max_diff"] < 1e-5 for x in rows)
+    assert rows[0]["score_bytes"] == 4 * 512 * 512 * 4 and rows[1]["score_bytes"] == 4 * 64 * 64 * 4
+    assert [x["chosen"] for x in rows] == [False, False, True]
+    assert "| 512 | blockwise, block 128 |" in capsys.readouterr().out

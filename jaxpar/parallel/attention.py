@@ -26,15 +26,15 @@ KV = ("batch", "seq", "kv_heads", "head_dim")
 CACHE = ("batch", "cache_seq", "kv_heads", "head_dim")
 
 
-BLOCK_MIN = 256  # prompts at least this long take the blockwise path
+BLOCK_MIN = 512  # prompts at least this long take the blockwise path (below, dense is as fast)
 
 
 def block_size(s: int) -> int | None:
     """The key/query block of `causal_blockwise` for a prompt of s tokens, or None for dense attention.
-    128 up to 1024 tokens, 256 beyond: the fastest on XLA:CPU (BENCHMARKS.md, "Prefill attention")."""
+    128 up to 512 tokens, 256 beyond: about the fastest on XLA:CPU (BENCHMARKS.md, "Prefill attention")."""
     if s < BLOCK_MIN:
         return None
-    block = 128 if s <= 1024 else 256
+    block = 128 if s <= 512 else 256
     return block if s % block == 0 else None
 
 
