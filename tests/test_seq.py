@@ -157,15 +157,23 @@ def test_nvidia_sequence_parallelism_turns_all_reduces_into_reduce_scatters():
     assert r["decode"]["collectives"]["all-reduce"]["count"] == 2 * cfg.num_hidden_layers + 1
 
 
-def test_prefill_memory_per_device_falls_with_n():
+def test_prefill_memory_per_device_falls_with_n(monkeypatch):
+    """A 2048-token prefill: ring attention's per-device peak falls with N from dense attention's on one
+    device; one device's blockwise attention (the default there) needs a fraction of dense's."""
     from jaxpar.analysis.hlo import report
     from jaxpar.engine.engine import compile_steps
-    peaks = []
-    for name in ("single", "sp2", "sp4", "sp8"):
-        axes = {} if name == "single" else {"seq": int(name[2:])}
+    from jaxpar.parallel import attention
+
+    def peak(name, axes):
         eng = jaxpar.load(mesh=parse_mesh({"axes": axes, "attention": "ring"}, name), model=LONG)
-        peaks.append(report(compile_steps(eng, 1, 2048, 16)["prefill"])["memory"]["peak_bytes"])
+        return report(compile_steps(eng, 1, 2048, 16)["prefill"])["memory"]["peak_bytes"]
+    blockwise = peak("single", {})
+    with monkeypatch.context() as m:
+        m.setattr(attention, "BLOCK_MIN", 10 ** 9)
+        peaks = [peak("single", {})]
+    peaks += [peak(f"sp{n}", {"seq": n}) for n in (2, 4, 8)]
     assert all(a > 1.5 * b for a, b in zip(peaks, peaks[1:])), peaks
+    assert blockwise < peaks[0] / 4, (blockwise, peaks[0])
 
 
 # ---- refused layouts -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import math
 from jaxpar.analysis.hlo import COLLECTIVES
 from jaxpar.config import ModelConfig
 from jaxpar.layout.mesh_file import MeshConfig
-from jaxpar.layout.rules import make_rules
+from jaxpar.layout.rules import Resolved, make_rules
 
 F32 = 4
 
@@ -41,28 +41,33 @@ class Step:
     decode: bool
 
 
-class Axes:
-    """The logical-axis table resolved against a mesh file's sizes, without devices (what Layout does for a
-    real mesh). `decode=True` drops the sequence split of activations, as Layout.for_decode."""
+@dataclasses.dataclass(frozen=True)
+class Axes(Resolved):
+    """The logical-axis table resolved against a mesh file's sizes, without devices (Layout's rules, shared
+    through layout/rules.Resolved). `decode=True` drops the sequence split of activations, as
+    Layout.for_decode."""
+    mesh_cfg: MeshConfig
+    rules: dict
+    microbatches: int
 
-    def __init__(self, mesh_cfg: MeshConfig, decode: bool = False):
-        self.mesh_cfg = mesh_cfg
-        self.rules = make_rules(mesh_cfg.rules)
+    def __init__(self, mesh_cfg: MeshConfig, decode: bool = False, rules: dict | None = None,
+                 microbatches: int | None = None):  # rules, microbatches: for dataclasses.replace
+        rules = make_rules(mesh_cfg.rules) if rules is None else rules
         if decode:
-            self.rules = {**self.rules, "seq": (), "residual_seq": ()}
+            rules = {**rules, "seq": (), "residual_seq": ()}
+        object.__setattr__(self, "mesh_cfg", mesh_cfg)
+        object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "microbatches", mesh_cfg.microbatches if microbatches is None else microbatches)
 
-    def axes(self, logical: str) -> tuple:
-        return tuple(a for a in self.rules.get(logical, ()) if self.mesh_cfg.size(a) > 1)
-
-    def size(self, logical: str) -> int:
-        return math.prod(self.mesh_cfg.size(a) for a in self.axes(logical))
+    def axis_size(self, mesh_axis: str) -> int:
+        return self.mesh_cfg.size(mesh_axis)
 
 
 def schedule(cfg: ModelConfig, ax: Axes, step: Step) -> tuple:
     """(pipeline ticks, layer executions per device, rows one layer execution works on) of one step: L/P
     layers per tick for M+P-1 ticks under a pipeline, each on one microbatch's rows."""
     stages = ax.size("layers")
-    micro = ax.mesh_cfg.microbatches if stages > 1 else 1
+    micro = ax.microbatches if stages > 1 else 1
     ticks = micro + stages - 1 if stages > 1 else 1
     return ticks, cfg.num_hidden_layers // stages * ticks, step.batch // ax.size("batch") // micro
 

@@ -90,14 +90,11 @@ def comm_seconds(c: C.Comm, mesh_cfg: MeshConfig, hw: Hardware) -> float:
 
 def padded_steps(cfg: ModelConfig, mesh_cfg: MeshConfig, req: Request) -> tuple:
     """Prefill and decode Steps with the engine's padding (batch and lengths to its buckets)."""
-    ax = C.Axes(mesh_cfg)
-    multiple = ax.size("batch") * (mesh_cfg.microbatches if ax.size("layers") > 1 else 1)
-    n_seq = ax.size("seq")
-    seq_mult = math.lcm(2 * n_seq if n_seq > 1 else 1, ax.size("residual_seq"))
-    b = batch_bucket(req.batch, multiple)
+    ax = C.Axes(mesh_cfg)  # the engine's own padding rules (layout/rules.Resolved), without devices
+    b = batch_bucket(req.batch, ax.batch_multiple)
     ctx = cfg.max_position_embeddings
-    s = seq_bucket(req.context, ctx, seq_mult)
-    t = seq_bucket(req.context + req.new_tokens, ctx, seq_mult)  # the cache holds the new tokens too
+    s = seq_bucket(req.context, ctx, ax.seq_multiple)
+    t = seq_bucket(req.context + req.new_tokens, ctx, ax.seq_multiple)  # the cache holds the new tokens too
     return C.Step(b, s, t, False), C.Step(b, 1, t, True)
 
 

@@ -53,6 +53,36 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def gemv_chain(repeats: int = 20) -> dict:
+    """The ceiling XLA:CPU itself sets on batch-1 decode: the model's matrix-vector products alone (per layer
+    q, k, v, o, gate, up, down, then the LM head; float32, the same shapes) in one jitted chain with nothing
+    else, as bytes of weights read per second, with the machine's read bandwidth measured right after."""
+    import jax
+    import jax.numpy as jnp
+    d, f, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    hd = d // SHAPE["num_attention_heads"]
+    kv = SHAPE["num_key_value_heads"] * hd
+    r = np.random.RandomState(0)
+
+    def w(*shape):
+        return jnp.asarray(r.randn(*shape).astype(np.float32) * 0.02)
+    layers = [[w(d, d), w(d, kv), w(d, kv), w(d, d), w(d, f), w(d, f), w(f, d)]
+              for _ in range(SHAPE["num_hidden_layers"])]
+    head = w(d, v)
+    nbytes = sum(a.nbytes for layer in layers for a in layer) + head.nbytes
+
+    @jax.jit
+    def chain(x, layers, head):
+        for q, k, vv, o, g, u, dn in layers:  # every product feeds the next, so none can be skipped
+            x = x + (x @ q) @ o * 1e-3 + jnp.sum(x @ k) * 1e-9 + jnp.sum(x @ vv) * 1e-9
+            x = x + (jax.nn.silu(x @ g) * (x @ u)) @ dn
+        return x @ head
+    x = jnp.ones((1, d), jnp.float32)
+    chain(x, layers, head).block_until_ready()
+    best = min(_timed(lambda: chain(x, layers, head).block_until_ready()) for _ in range(repeats))
+    return {"read_bytes_per_s": nbytes / best, "bandwidth_after": read_bandwidth(repeats=3)["machine"]}
+
+
 def time_transformers(directory: str, batch: int, prompt: int, new: int, repeats: int) -> dict:
     """transformers' generate, greedy, exactly `new` tokens; decode rate from generate(new) - generate(1)."""
     import torch
@@ -121,7 +151,8 @@ def host_overhead(directory: str, mesh: str, new: int, repeats: int) -> dict:
 
 def run(args) -> dict:
     d = make_model(os.path.join(args.out, "llama-100m"))
-    r = {"model": {**SHAPE, "params": None}, "bandwidth": read_bandwidth(), "decode": [], "prefill": None}
+    r = {"model": {**SHAPE, "params": None}, "bandwidth": read_bandwidth(), "decode": [], "prefill": None,
+         "xla_gemv_chain": gemv_chain()}
     new = args.new_tokens
     for b in args.batches:
         j = time_jaxpar(d, b, 16, new, args.repeats)
@@ -148,6 +179,9 @@ def markdown(r: dict) -> str:
     bw = r["bandwidth"]["machine"]
     out = [f"model: Llama, {r['model']['params'] / 1e6:.1f} M parameters, float32; machine read bandwidth "
            f"{bw / 1e9:.1f} GB/s (numpy {r['bandwidth']['numpy'] / 1e9:.1f}, torch {r['bandwidth']['torch'] / 1e9:.1f})",
+           f"XLA's matrix-vector products alone (benchmarks/vs_transformers.gemv_chain): "
+           f"{r['xla_gemv_chain']['read_bytes_per_s'] / 1e9:.1f} GB/s, against "
+           f"{r['xla_gemv_chain']['bandwidth_after'] / 1e9:.1f} GB/s measured right after",
            "", "| decode | jaxpar tokens/s | transformers tokens/s | jaxpar / transformers | same tokens | "
                "weights read per step (GB/s, share of machine) | share of the bandwidth measured around each timing "
                "(median, range) |", "|---|---|---|---|---|---|---|"]

@@ -3,7 +3,6 @@ engine's layout; shardings of inputs and outputs come from the logical-axis tabl
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -125,10 +124,8 @@ class Steps:
 
     @property
     def seq_multiple(self) -> int:
-        """Prompt lengths (and cache lengths) must be multiples of this: two zigzag chunks per `seq` device,
-        and the residual stream's split."""
-        n = self.layout.size("seq")
-        return math.lcm(2 * n if n > 1 else 1, self.layout.size("residual_seq"))
+        """Prompt lengths (and cache lengths) must be multiples of this (Layout.seq_multiple)."""
+        return self.layout.seq_multiple
 
     def _logits(self, params, tokens, valid):
         """tokens [B, S] in `seq_order`; logits come back in the same order. valid [B, S]: real tokens."""

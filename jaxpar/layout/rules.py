@@ -33,8 +33,45 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
+class Resolved:
+    """The logical->mesh table resolved against mesh-axis sizes: which mesh axes split a logical axis, into
+    how many parts, and the padding that follows. Shared by Layout (a real mesh) and the planner's
+    mesh-free twin (analysis/comm.Axes), so the two cannot disagree. Subclasses are frozen dataclasses with
+    `rules` and `microbatches` fields and an `axis_size(mesh_axis)` method."""
+    rules: dict
+    microbatches: int
+
+    def axis_size(self, mesh_axis: str) -> int:
+        raise NotImplementedError
+
+    def axes(self, logical: str | None) -> tuple[str, ...]:
+        if logical is None:
+            return ()
+        return tuple(a for a in self.rules.get(logical, ()) if self.axis_size(a) > 1)
+
+    def size(self, logical: str | None) -> int:
+        return math.prod(self.axis_size(a) for a in self.axes(logical))
+
+    def for_decode(self):
+        """Decode computes one token per row: its activations have no sequence to split (the KV cache keeps
+        its `cache_seq` split)."""
+        return dataclasses.replace(self, rules={**self.rules, "seq": (), "residual_seq": ()})
+
+    @property
+    def batch_multiple(self) -> int:
+        """Batches are padded to a multiple of this: the batch split, times the microbatches of a pipeline."""
+        return self.size("batch") * (self.microbatches if self.size("layers") > 1 else 1)
+
+    @property
+    def seq_multiple(self) -> int:
+        """Prompt and cache lengths are padded to a multiple of this: two zigzag chunks per `seq` device,
+        and the residual stream's split."""
+        n = self.size("seq")
+        return math.lcm(2 * n if n > 1 else 1, self.size("residual_seq"))
+
+
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class Layout(Resolved):
     """A mesh plus the resolved logical->mesh table, and how attention runs over a `seq` axis."""
     mesh: Mesh
     rules: dict
@@ -42,23 +79,8 @@ class Layout:
     capacity_factor: float = 0.0  # expert buffer capacity (0 = dropless)
     microbatches: int = 1  # pipeline microbatches (when layers are split over stages)
 
-    @property
-    def batch_multiple(self) -> int:
-        """Batches are padded to a multiple of this: the batch split, times the microbatches of a pipeline."""
-        return self.size("batch") * (self.microbatches if self.size("layers") > 1 else 1)
-
-    def for_decode(self) -> "Layout":
-        """Decode computes one token per row: its activations have no sequence to split (the KV cache keeps
-        its `cache_seq` split)."""
-        return dataclasses.replace(self, rules={**self.rules, "seq": (), "residual_seq": ()})
-
-    def axes(self, logical: str | None) -> tuple[str, ...]:
-        if logical is None:
-            return ()
-        return tuple(a for a in self.rules.get(logical, ()) if self.mesh.shape.get(a, 1) > 1)
-
-    def size(self, logical: str | None) -> int:
-        return math.prod(self.mesh.shape[a] for a in self.axes(logical))
+    def axis_size(self, mesh_axis: str) -> int:
+        return self.mesh.shape.get(mesh_axis, 1)
 
     def spec(self, names) -> P:
         parts = []
