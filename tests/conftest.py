@@ -2,9 +2,12 @@
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    + ["--xla_force_host_platform_device_count=8"])
+_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+if not any("backend_optimization_level" in f for f in _flags):
+    # the suite is compile-bound: LLVM at -O0 compiles about 20% faster (test_meshes 74 -> 60 s); what
+    # `inspect` reports of the compiled programs (collectives, memory) is identical either way
+    _flags.append("--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8"])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import pytest  # noqa: E402
