@@ -16,9 +16,11 @@ from test_plan import assert_close, predicted
 LONG = "tiny-long"
 
 
-@pytest.mark.parametrize("s,block,heads,kv", [(64, 16, 8, 2), (96, 32, 4, 4), (128, 128, 6, 1), (256, 32, 8, 8)])
+@pytest.mark.parametrize("s,block,heads,kv", [(64, 16, 8, 2), (96, 32, 4, 4), (128, 128, 6, 1), (256, 32, 8, 8),
+                                              (100, 32, 8, 2), (20, 32, 4, 1)])
 def test_blockwise_is_dense_attention(s, block, heads, kv):
-    """Every block count (one block included), MHA, GQA and MQA; rows past the diagonal see nothing later."""
+    """Every block count (one block included, and prompts padded up to a block), MHA, GQA and MQA; rows past
+    the diagonal see nothing later."""
     r = np.random.RandomState(s + heads)
     q = jnp.asarray(r.randn(2, s, heads, 16) * 2, jnp.float32)
     k, v = (jnp.asarray(r.randn(2, s, kv, 16) * 2, jnp.float32) for _ in range(2))
@@ -29,19 +31,18 @@ def test_blockwise_is_dense_attention(s, block, heads, kv):
 
 
 def test_block_size_choice():
-    assert A.block_size(256) is None and A.block_size(640) is None  # short, or not a multiple of a block
-    assert A.block_size(512) == 128 and A.block_size(4096) == 256
+    assert A.block_size(256) is None  # short prompts: dense
+    assert A.block_size(512) == 128 and A.block_size(640) == 256 and A.block_size(4096) == 256
 
 
 def _dense_reference(monkeypatch):
     """`single` with blockwise attention switched off (a fresh engine, traced with the threshold raised)."""
     monkeypatch.setattr(A, "BLOCK_MIN", 10 ** 9)
+    assert A.block_size(512) is None  # the reference really runs dense attention
     eng = jaxpar.load(mesh=mesh_path("single"), model=LONG)
     tokens = np.random.RandomState(1).randint(0, 512, (2, 512))
     prompts = [list(np.random.RandomState(2).randint(0, 512, 300))]
-    out = eng.logits(tokens), eng.generate_tokens(prompts, max_new_tokens=8, stop_at_eos=False)
-    monkeypatch.undo()
-    return tokens, prompts, out
+    return tokens, prompts, (eng.logits(tokens), eng.generate_tokens(prompts, max_new_tokens=8, stop_at_eos=False))
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +56,18 @@ def reference():
 
 @pytest.mark.parametrize("mesh", ["single", "dp2_tp4", "pp2_tp4"])
 def test_long_prompts_give_the_dense_answer(mesh, reference):
-    """512-token logits and a 300-token prompt's greedy tokens (a 512-token bucket) equal dense attention's."""
+    """512-token logits, 600-token logits (padded to 768 inside the kernel) and a 300-token prompt's greedy
+    tokens (a 512-token bucket) equal dense attention's."""
     tokens, prompts, (logits, generated) = reference
     eng = engine(mesh, model=LONG)
     assert np.abs(eng.logits(tokens) - logits).max() <= 1e-4
+    if mesh == "single":
+        with pytest.MonkeyPatch.context() as m:
+            long = np.random.RandomState(3).randint(0, 512, (1, 600))
+            blockwise = jaxpar.load(mesh=mesh_path("single"), model=LONG).logits(long)
+            m.setattr(A, "BLOCK_MIN", 10 ** 9)
+            dense = jaxpar.load(mesh=mesh_path("single"), model=LONG).logits(long)
+        assert np.abs(blockwise - dense).max() <= 1e-4
     assert eng.generate_tokens(prompts, max_new_tokens=8, stop_at_eos=False) == generated
 
 

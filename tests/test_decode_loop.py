@@ -2,7 +2,8 @@
 exactly the tokens of the streaming path (one program per token, each token to the host as it comes)."""
 import pytest
 
-from conftest import engine
+import jaxpar
+from conftest import engine, mesh_path
 
 PROMPTS = ["123+456=", "7+8=", "999+1=", "40+305=", "5+5="]
 
@@ -44,7 +45,7 @@ def test_streaming_callback_runs_inside_the_whole_loop(mesh):
 
     def on_token(row, tok):
         seen.setdefault(row, []).append(tok)
-        in_loop.append(eng.steps.sink is not None)
+        in_loop.append(bool(eng.steps.sinks))  # a loop's host callback is registered: inside the loop
     out = eng.generate_tokens(ids, max_new_tokens=6, on_token=on_token)
     assert eng.last_stats["whole_loop"]
     assert [seen.get(i, []) for i in range(len(ids))] == out
@@ -53,3 +54,29 @@ def test_streaming_callback_runs_inside_the_whole_loop(mesh):
     assert eng.generate_tokens(ids, max_new_tokens=6, whole_loop=False,
                                on_token=lambda r, t: host_seen.setdefault(r, []).append(t)) == out
     assert not eng.last_stats["whole_loop"] and host_seen == seen
+
+
+class Stop(Exception):
+    pass
+
+
+def test_on_token_exceptions_reach_the_caller_and_calls_do_not_mix():
+    """What on_token raises comes back as itself (not as XLA's callback error) and leaves the engine usable;
+    a streaming call made from inside another's on_token gets its own tokens."""
+    eng = jaxpar.load(mesh=mesh_path("single"))  # its own engine: the failed call gives its cache away
+    ids = [eng.tokenizer.encode("123+456=")]
+    want = eng.generate_tokens(ids, max_new_tokens=6)
+
+    def fail(row, tok):
+        raise Stop("from on_token")
+    with pytest.raises(Stop, match="from on_token"):
+        eng.generate_tokens(ids, max_new_tokens=6, on_token=fail)
+    assert not eng.steps.sinks
+    outer, inner = [], []
+
+    def nested(row, tok):
+        outer.append(tok)
+        if len(outer) == 1:
+            assert eng.generate_tokens(ids, max_new_tokens=6, on_token=lambda r, t: inner.append(t)) == want
+    assert eng.generate_tokens(ids, max_new_tokens=6, on_token=nested) == want
+    assert outer == want[0] and inner == want[0]

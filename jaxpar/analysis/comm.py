@@ -14,7 +14,7 @@ import math
 from jaxpar.analysis.hlo import COLLECTIVES
 from jaxpar.config import ModelConfig
 from jaxpar.layout.mesh_file import MeshConfig
-from jaxpar.layout.rules import Resolved, make_rules
+from jaxpar.layout.rules import DECODE_RULES, Resolved, make_rules
 
 F32 = 4
 
@@ -54,7 +54,7 @@ class Axes(Resolved):
                  microbatches: int | None = None):  # rules, microbatches: for dataclasses.replace
         rules = make_rules(mesh_cfg.rules) if rules is None else rules
         if decode:
-            rules = {**rules, "seq": (), "residual_seq": ()}
+            rules = {**rules, **DECODE_RULES}
         object.__setattr__(self, "mesh_cfg", mesh_cfg)
         object.__setattr__(self, "rules", rules)
         object.__setattr__(self, "microbatches", mesh_cfg.microbatches if microbatches is None else microbatches)

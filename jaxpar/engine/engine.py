@@ -1,6 +1,7 @@
 """The inference engine: logits, batched prefill + decode with a sharded, donated KV cache, streaming."""
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import time
@@ -40,9 +41,12 @@ def check_sampling(max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0) 
         raise GenerationError(f"--seed must be an integer in [0, 2**63), got {seed!r}")
 
 
+_CALLS = itertools.count()  # ids of streaming decode loops (Steps.sinks)
+
+
 def unroll_by_default(layout) -> bool:
     """Layers unrolled (per-layer weights and cache) on CPU devices, where a scan copies each layer's weights
-    out of the stacked array (twice the bytes a decode step reads). Scanned on GPU/TPU (one loop body
+    out of the stacked array (about three times the bytes a decode step would read). Scanned on GPU/TPU (one loop body
     whatever the depth, so compile time does not grow with it) and under pipeline stages (stages hold
     stacked layers)."""
     return layout.size("layers") == 1 and layout.mesh.devices.flat[0].platform == "cpu"
@@ -204,24 +208,32 @@ class Engine:
         tok.block_until_ready()
         t_first = time.perf_counter()
         width = t  # the output buffer: new tokens never outnumber the cache's slots, and t is already a bucket
-        sent = [0]  # columns already handed to on_token
+        sent, failed = [0], []  # columns already handed to on_token; what on_token raised
 
         def sink(step, column):
-            for i in range(b):
-                if column[i] >= 0:
-                    on_token(i, int(column[i]))
+            try:
+                for i in range(b):
+                    if column[i] >= 0:
+                        on_token(i, int(column[i]))
+            except BaseException as e:  # inside the loop's callback it would come back as an XLA error
+                failed.append(e)
+                raise
             sent[0] = step + 1
-        self.steps.sink = sink if on_token is not None else None
+        call = next(_CALLS)
+        self.steps.sinks[call] = sink
         try:
             out, cache, loop_stats = self.steps.decode_loop(
                 self.run_params, cache, tok, lengths, np.int32(s), done, row_ids, eos, np.int32(max_new),
-                np.int32(t), *sargs[:4], width, sargs[4], on_token is not None)
+                np.int32(t), *sargs[:4], np.int32(call), width, sargs[4], on_token is not None)
             host = to_host(out)
+        except Exception:
+            if failed:  # on_token's own exception (KeyboardInterrupt, BrokenPipeError, ...), not XLA's wrapper
+                raise failed[0] from None
+            raise
         finally:
-            self.steps.sink = None
-        if on_token is not None:  # the last column never went through the callback
-            for col in range(sent[0], width):
-                sink(col, host[:, col])
+            del self.steps.sinks[call]
+        if on_token is not None and sent[0] < width:  # the last column never went through the callback
+            sink(sent[0], host[:, sent[0]])
         return [[int(x) for x in row if x >= 0] for row in host[:b]], cache, [stats, loop_stats], t_first
 
     def _stream(self, tok, cache, stats, lengths, done, row_ids, sargs, eos, b, s, t, max_new, on_token):

@@ -87,9 +87,11 @@ class Steps:
         self.decode = InLayout(jax.jit(self._decode, static_argnums=(12,), donate_argnums=(1,),
                               in_shardings=(self.param_sh, cache_tree) + dec_in,
                               out_shardings=(row, cache_tree, rep)), lay.for_decode(), (None, None) + dec_in)
-        loop_in = (row, row, rep, row, row, rep, rep, rep) + samp
-        self.sink = None  # the host function the streaming decode loop hands each step's tokens to
-        self.decode_loop = InLayout(jax.jit(self._decode_loop, static_argnums=(14, 15, 16), donate_argnums=(1,),
+        loop_in = (row, row, rep, row, row, rep, rep, rep) + samp + (rep,)
+        # the host functions streaming decode loops hand each step's tokens to, by call id (an argument of
+        # the loop, so concurrent or nested calls each reach their own)
+        self.sinks: dict = {}
+        self.decode_loop = InLayout(jax.jit(self._decode_loop, static_argnums=(15, 16, 17), donate_argnums=(1,),
                                    in_shardings=(self.param_sh, cache_tree) + loop_in,
                                    out_shardings=(row, cache_tree, rep)), lay.for_decode(), (None, None) + loop_in)
         self.new_cache = functools.lru_cache(maxsize=8)(self._cache_fn)
@@ -161,18 +163,18 @@ class Steps:
         logits = model.logits(h)[:, 0]
         return self._sample(logits, row_ids, key, step, temperature, top_k, top_p, greedy), cache, stats
 
-    def _deliver(self, step, column):
-        self.sink(int(step), np.asarray(column))
+    def _deliver(self, call, step, column):
+        self.sinks[int(call)](int(step), np.asarray(column))
 
     def _decode_loop(self, params, cache, tok, lengths, prompt_len, done, row_ids, eos, max_new, cache_len, key,
-                     temperature, top_k, top_p, out_width, greedy, stream=False):
+                     temperature, top_k, top_p, call, out_width, greedy, stream=False):
         """Every decode step of a generate call in one program: a while loop on device that records each
         row's token, stops rows at end-of-sequence or the context window, and samples the next token, with
         the host's step-by-step loop's exact rules (Engine._stream). tok [B]: prefill's tokens; done [B]:
         rows not generating (padding); eos [E]: end ids (-1 pads; none when generation ignores them);
         max_new, cache_len: scalars. Returns (tokens [B, out_width], -1 after a row stopped; cache; summed
         expert statistics). stream: each step's column of tokens also goes to the host as soon as it is
-        known (an ordered host callback to `self.sink(step, tokens [B])`), but for the last column, which the
+        known (an ordered host callback to `self.sinks[call](step, tokens [B])`), but for the last column, which the
         caller reads from the result."""
         ctx = self.cfg.max_position_embeddings
         b = tok.shape[0]
@@ -193,7 +195,7 @@ class Steps:
             if stream:
                 # replicated first: the callback runs on one device, and XLA warns when it must gather a
                 # batch-sharded operand there itself
-                io_callback(self._deliver, None, step, constrain(out[:, step], (None,)), ordered=True)
+                io_callback(self._deliver, None, call, step, constrain(out[:, step], (None,)), ordered=True)
             tok, cache, stats = self._decode(params, cache, tok, jnp.minimum(pos, cache_len - 1), prompt_len,
                                              active, row_ids, step + 1, key, temperature, top_k, top_p, greedy)
             return step + 1, tok, cache, new_done, out, jax.tree.map(jnp.add, acc, stats)

@@ -33,6 +33,9 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
+DECODE_RULES = {"seq": (), "residual_seq": ()}  # decode: one token per row, no sequence of activations to split
+
+
 class Resolved:
     """The logical->mesh table resolved against mesh-axis sizes: which mesh axes split a logical axis, into
     how many parts, and the padding that follows. Shared by Layout (a real mesh) and the planner's
@@ -55,7 +58,7 @@ class Resolved:
     def for_decode(self):
         """Decode computes one token per row: its activations have no sequence to split (the KV cache keeps
         its `cache_seq` split)."""
-        return dataclasses.replace(self, rules={**self.rules, "seq": (), "residual_seq": ()})
+        return dataclasses.replace(self, rules={**self.rules, **DECODE_RULES})
 
     @property
     def batch_multiple(self) -> int:

@@ -63,9 +63,13 @@ def causal_blockwise(q, k, v, block: int):
     """Causal attention over a prompt in position order, one query block against one key block at a time
     (online softmax, `accumulate`): the largest score array is [B, H, block, block], never [B, H, S, S], and
     key blocks after a query block's diagonal are skipped (about half the work of `attend`).
-    q [B,S,H,D]; k, v [B,S,KV,D]; S a multiple of block; position i at index i."""
+    q [B,S,H,D]; k, v [B,S,KV,D]; position i at index i. S is padded at the end to a multiple of the block
+    (padded keys come after every real query, so the causal mask hides them; padded queries are dropped)."""
     b, s, h, d = q.shape
-    n, kvh = s // block, k.shape[2]
+    pad = -s % block
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    n, kvh = (s + pad) // block, k.shape[2]
     qb = q.reshape(b, n, block, h, d)
     kb, vb = (x.reshape(b, n, block, kvh, d) for x in (k, v))
     diagonal = jnp.broadcast_to(jnp.tril(jnp.ones((block, block), bool)), (b, block, block))
@@ -77,4 +81,4 @@ def causal_blockwise(q, k, v, block: int):
         return finish(accumulate(acc, qi, kb[:, i], vb[:, i], diagonal), q.dtype)
 
     out = jax.lax.map(query_block, jnp.arange(n))  # [n, B, block, H, D]
-    return jnp.moveaxis(out, 0, 1).reshape(b, s, h, d)
+    return jnp.moveaxis(out, 0, 1).reshape(b, s + pad, h, d)[:, :s]

@@ -30,12 +30,12 @@ BLOCK_MIN = 512  # prompts at least this long take the blockwise path (below, de
 
 
 def block_size(s: int) -> int | None:
-    """The key/query block of `causal_blockwise` for a prompt of s tokens, or None for dense attention.
-    128 up to 512 tokens, 256 beyond: about the fastest on XLA:CPU (BENCHMARKS.md, "Prefill attention")."""
+    """The key/query block of `causal_blockwise` for a prompt of s tokens (padded to a multiple of it), or
+    None for dense attention. 128 up to 512 tokens, 256 beyond: about the fastest on XLA:CPU (BENCHMARKS.md,
+    "Prefill attention")."""
     if s < BLOCK_MIN:
         return None
-    block = 128 if s <= 512 else 256
-    return block if s % block == 0 else None
+    return 128 if s <= 512 else 256
 
 
 def _seq(logical):
