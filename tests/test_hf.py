@@ -34,7 +34,7 @@ VARIANTS = {  # name: (config class, model class, overrides)
                                                                  norm_topk_prob=True)),
 }
 MOE_VARIANTS = ["mixtral_experts", "qwen2_moe_shared", "qwen3_moe"]
-MESHES = ["single", "tp2", "tp4", "dp2_tp4", "tp8"]  # tp8: kv heads replicated 4x (8x for MQA)
+MESHES = ["single", "tp2", "dp2_tp4", "tp8"]  # tp8: kv heads replicated 4x (8x for MQA); tp4 as tp2 and tp8
 TOKENS = np.random.RandomState(0).randint(3, 128, (3, 24))
 
 
