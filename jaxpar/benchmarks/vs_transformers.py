@@ -101,9 +101,11 @@ def time_transformers(directory: str, batch: int, prompt: int, new: int, repeats
     return {"prefill_s": t1, "decode_tokens_per_s": batch * (new - 1) / (tn - t1), "tokens": tokens}
 
 
-def time_jaxpar(directory: str, batch: int, prompt: int, new: int, repeats: int, mesh: str = "single") -> dict:
-    """Also measures the machine's read bandwidth next to each timed pair (generate(1), generate(new)), so the
-    share of bandwidth is taken against the bandwidth of the same moment (it drifts on a shared machine)."""
+def time_jaxpar(directory: str, batch: int, prompt: int, new: int, repeats: int, mesh: str = "single",
+                paired_bandwidth: bool = True) -> dict:
+    """paired_bandwidth: also measure the machine's read bandwidth next to each timed pair (generate(1),
+    generate(new)), so the share of bandwidth is taken against the bandwidth of the same moment (it drifts on
+    a shared machine)."""
     import jaxpar
     eng = jaxpar.load(mesh=mesh, hf=directory)
     prompts = [list(r) for r in _prompts(batch, prompt)]
@@ -113,10 +115,11 @@ def time_jaxpar(directory: str, batch: int, prompt: int, new: int, repeats: int,
     gen(1), gen(new)  # compile both buckets
     t1, tn, bw = [], [], []
     for _ in range(repeats):
-        before = read_bandwidth(repeats=3)["machine"]
+        before = read_bandwidth(repeats=3)["machine"] if paired_bandwidth else None
         t1.append(_timed(lambda: gen(1)))
         tn.append(_timed(lambda: gen(new)))
-        bw.append((before + read_bandwidth(repeats=3)["machine"]) / 2)
+        if paired_bandwidth:
+            bw.append((before + read_bandwidth(repeats=3)["machine"]) / 2)
     nbytes = eng.params_bytes_per_device()
     # one share per timed pair; a pair whose generate(new) was no slower than generate(1) is noise, not a rate
     shares = [nbytes * (new - 1) / (b - a) / w for a, b, w in zip(t1, tn, bw) if b > a] or [float("nan")]
@@ -168,7 +171,7 @@ def run(args) -> dict:
                             "bandwidth_during": j["bandwidth_during"]})
         print(f"  decode batch {b}: jaxpar {j['decode_tokens_per_s']:.1f} tokens/s, transformers "
               f"{t['decode_tokens_per_s']:.1f}", flush=True)
-    j = time_jaxpar(d, 1, args.prefill, 2, args.repeats)
+    j = time_jaxpar(d, 1, args.prefill, 2, args.repeats, paired_bandwidth=False)
     t = time_transformers(d, 1, args.prefill, 2, args.repeats)
     r["prefill"] = {"tokens": args.prefill, "jaxpar_s": j["prefill_s"], "transformers_s": t["prefill_s"],
                     "speedup": t["prefill_s"] / j["prefill_s"]}

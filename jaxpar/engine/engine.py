@@ -1,7 +1,6 @@
 """The inference engine: logits, batched prefill + decode with a sharded, donated KV cache, streaming."""
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
 import time
@@ -39,9 +38,6 @@ def check_sampling(max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0) 
         raise GenerationError(f"--top-p must be in (0, 1], got {top_p!r}")
     if not _is_int(seed) or not 0 <= seed < 2 ** 63:
         raise GenerationError(f"--seed must be an integer in [0, 2**63), got {seed!r}")
-
-
-_CALLS = itertools.count()  # ids of streaming decode loops (Steps.sinks)
 
 
 def unroll_by_default(layout) -> bool:
@@ -219,19 +215,16 @@ class Engine:
                 failed.append(e)
                 raise
             sent[0] = step + 1
-        call = next(_CALLS)
-        self.steps.sinks[call] = sink
         try:
-            out, cache, loop_stats = self.steps.decode_loop(
-                self.run_params, cache, tok, lengths, np.int32(s), done, row_ids, eos, np.int32(max_new),
-                np.int32(t), *sargs[:4], np.int32(call), width, sargs[4], on_token is not None)
-            host = to_host(out)
+            with self.steps.streaming(sink) as call:
+                out, cache, loop_stats = self.steps.decode_loop(
+                    self.run_params, cache, tok, lengths, np.int32(s), done, row_ids, eos, np.int32(max_new),
+                    np.int32(t), *sargs[:4], np.int32(call), width, sargs[4], on_token is not None)
+                host = to_host(out)
         except Exception:
             if failed:  # on_token's own exception (KeyboardInterrupt, BrokenPipeError, ...), not XLA's wrapper
                 raise failed[0] from None
             raise
-        finally:
-            del self.steps.sinks[call]
         if on_token is not None and sent[0] < width:  # the last column never went through the callback
             sink(sent[0], host[:, sent[0]])
         return [[int(x) for x in row if x >= 0] for row in host[:b]], cache, [stats, loop_stats], t_first

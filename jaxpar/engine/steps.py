@@ -2,7 +2,9 @@
 engine's layout; shardings of inputs and outputs come from the logical-axis table."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -89,8 +91,9 @@ class Steps:
                               out_shardings=(row, cache_tree, rep)), lay.for_decode(), (None, None) + dec_in)
         loop_in = (row, row, rep, row, row, rep, rep, rep) + samp + (rep,)
         # the host functions streaming decode loops hand each step's tokens to, by call id (an argument of
-        # the loop, so concurrent or nested calls each reach their own)
+        # the loop, so concurrent or nested calls each reach their own): see `streaming`
         self.sinks: dict = {}
+        self._calls = itertools.count()
         self.decode_loop = InLayout(jax.jit(self._decode_loop, static_argnums=(15, 16, 17), donate_argnums=(1,),
                                    in_shardings=(self.param_sh, cache_tree) + loop_in,
                                    out_shardings=(row, cache_tree, rep)), lay.for_decode(), (None, None) + loop_in)
@@ -162,6 +165,16 @@ class Steps:
                                 valid=active[:, None], **kw)
         logits = model.logits(h)[:, 0]
         return self._sample(logits, row_ids, key, step, temperature, top_k, top_p, greedy), cache, stats
+
+    @contextlib.contextmanager
+    def streaming(self, sink):
+        """A call id for one decode loop, under which its callback reaches sink(step, tokens [B])."""
+        call = next(self._calls)
+        self.sinks[call] = sink
+        try:
+            yield call
+        finally:
+            del self.sinks[call]
 
     def _deliver(self, call, step, column):
         self.sinks[int(call)](int(step), np.asarray(column))

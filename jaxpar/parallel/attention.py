@@ -48,8 +48,9 @@ def _seq(logical):
 def prefill_attention(q, k, v, positions):
     """Causal attention over the prompt. q [B,S,H,D]; k, v [B,S,KV,D]; positions [B,S]."""
     axes, n, lay = _seq("seq")
-    if axes is None and block_size(q.shape[1]):  # no seq axis: index i holds position i
-        return causal_blockwise(q, k, v, block_size(q.shape[1]))
+    block = block_size(q.shape[1]) if axes is None else None
+    if block:  # no seq axis: index i holds position i
+        return causal_blockwise(q, k, v, block)
     if axes is None or lay.attention == "dense":
         return attend(q, k, v, positions[:, :, None] >= positions[:, None, :])
     body = ring_attention_local if lay.attention == "ring" else ulysses_attention_local
