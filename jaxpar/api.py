@@ -15,7 +15,7 @@ DTYPES = ("float32", "bfloat16")
 
 
 def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", seed: int = 0, devices=None,
-         unroll=None):
+         unroll=None, **serving):
     """Build an Engine: a model laid out on a mesh.
 
     mesh: a mesh file path, a shipped mesh name (`tp4`), or a MeshConfig.
@@ -23,6 +23,9 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
     stored with `checkpoint`), a config path, a shipped model name, or a ModelConfig. A model with no checkpoint gets random weights from `seed`.
     unroll: layers applied one after another with per-layer weights and cache (True), or scanned over the
     stacked layers (False); None: unrolled on CPU without a pipeline, scanned otherwise.
+    serving: options of continuous batching and the paged KV cache (jaxpar.serving.scheduler.ServingConfig):
+    max_num_seqs, max_model_len, page_size, num_pages, max_num_batched_tokens, prefill_chunk, decode_steps,
+    max_queue.
     """
     from jaxpar.engine import checkpoint as ckpt
     from jaxpar.engine import params as P
@@ -30,6 +33,7 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
 
     if dtype not in DTYPES:
         raise JaxparError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    serving_cfg = serving_config(serving)
     import jax
 
     mesh_cfg = mesh if isinstance(mesh, MeshConfig) else load_mesh_file(str(mesh))
@@ -38,7 +42,7 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
     if hf is not None:
         if checkpoint is not None:
             raise JaxparError("give either --hf or --checkpoint, not both")
-        return _load_hf(hf, mesh_cfg, model, dtype, devices, unroll)
+        return _load_hf(hf, mesh_cfg, model, dtype, devices, unroll, serving_cfg)
     if checkpoint is None and model is None:
         default = DEFAULT_MOE_MODEL if mesh_cfg.size("expert") > 1 else DEFAULT_MODEL
         checkpoint = os.path.join(shipped_model_dir(default), "checkpoint")
@@ -65,7 +69,7 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
     if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
         from jaxpar.hf.tokenizer import load_tokenizer  # a checkpoint converted from Hugging Face
         tokenizer = load_tokenizer(checkpoint, cfg)
-    return Engine(cfg, ml, params, tokenizer, unroll)
+    return Engine(cfg, ml, params, tokenizer, unroll, serving_cfg)
 
 
 def _diff(a: ModelConfig, b: ModelConfig) -> str:
@@ -74,7 +78,19 @@ def _diff(a: ModelConfig, b: ModelConfig) -> str:
     return ", ".join(f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in keys[:4])
 
 
-def _load_hf(directory, mesh_cfg, model, dtype, devices, unroll=None):
+def serving_config(options: dict):
+    """ServingConfig from load()'s keyword options; an unknown name is refused with the list of known ones."""
+    import dataclasses
+
+    from jaxpar.serving.scheduler import ServingConfig
+    known = [f.name for f in dataclasses.fields(ServingConfig)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise JaxparError(f"load() got unknown option(s) {', '.join(unknown)}; serving options are {', '.join(known)}")
+    return ServingConfig(**options)
+
+
+def _load_hf(directory, mesh_cfg, model, dtype, devices, unroll=None, serving_cfg=None):
     from jaxpar.engine.engine import Engine
     from jaxpar.hf.config import read_hf_config
     from jaxpar.hf.tokenizer import load_tokenizer
@@ -85,4 +101,4 @@ def _load_hf(directory, mesh_cfg, model, dtype, devices, unroll=None):
     cfg = read_hf_config(str(directory)).replace(dtype=dtype)
     ml = plan_layout(mesh_cfg, cfg, devices)
     tokenizer = load_tokenizer(str(directory), cfg)
-    return Engine(cfg, ml, weights.load(str(directory), cfg, ml.layout, ml.kv_repeat), tokenizer, unroll)
+    return Engine(cfg, ml, weights.load(str(directory), cfg, ml.layout, ml.kv_repeat), tokenizer, unroll, serving_cfg)

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from jaxpar.config import load_config
 from jaxpar.engine import params as P
-from jaxpar.engine.steps import Steps
+from jaxpar.engine.state import bytes_per_token
 from jaxpar.layout.mesh_file import parse_mesh
 from jaxpar.layout.plan import plan_layout
 
@@ -51,7 +51,5 @@ def test_kv_cache_bytes_per_token(name):
     want = 2 * cfg.num_hidden_layers * cfg.kv_heads * cfg.head_size * 2
     for tp in (1, 8):
         _, ml = per_device_gb(cfg, {"tensor": tp} if tp > 1 else {})
-        steps = Steps(cfg, ml.layout, ml.kv_repeat)
-        cache = jax.ShapeDtypeStruct(steps.cache_shape(1, 1), np.dtype(jax.numpy.bfloat16), sharding=steps.cache_sh)
-        per_device = 2 * P.bytes_per_device(cache)
+        per_device = bytes_per_token(cfg.replace(dtype="bfloat16"), ml.kv_repeat, ml.layout)
         assert per_device * tp == want * ml.kv_repeat, (tp, per_device)  # kv heads replicated when tp > kv

@@ -1,43 +1,33 @@
-"""The inference engine: logits, batched prefill + decode with a sharded, donated KV cache, streaming."""
+"""The inference engine: a model laid out on a mesh, its compiled programs (programs.py) over one paged decode
+state, and the serving loop (jaxpar/serving) that every generation goes through: `generate`/`generate_tokens`
+submit their prompts as requests and drive the loop until they end; `submit` is the online API."""
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from typing import Callable, Sequence
 
-import jax
 import numpy as np
 
 from jaxpar.config import ModelConfig
 from jaxpar.errors import GenerationError
 from jaxpar.engine import params as P
 from jaxpar.engine.buckets import batch_bucket, seq_bucket
-from jaxpar.engine.steps import Steps, to_global, to_host
+from jaxpar.engine.programs import Programs, to_host
+from jaxpar.engine.state import cache_sizes
 from jaxpar.layout.plan import ModelLayout
 from jaxpar.parallel import zigzag
+from jaxpar.serving.loop import ServingLoop
+from jaxpar.serving.request import SamplingParams
+from jaxpar.serving.runner import Runner
+from jaxpar.serving.scheduler import Scheduler, ServingConfig
 
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+CLI_NAMES = {"max_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+             "top_p": "--top-p", "seed": "--seed", "stop": "--stop"}
 
 
 def check_sampling(max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0) -> None:
     """Validate generation options; the messages name the option as the CLI spells it."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
-        raise GenerationError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise GenerationError(f"--temperature must be a finite number >= 0, got {temperature!r}")
-    if not _is_int(top_k) or top_k < 0:
-        raise GenerationError(f"--top-k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not _is_real(top_p) or math.isnan(top_p) or not 0 < top_p <= 1:
-        raise GenerationError(f"--top-p must be in (0, 1], got {top_p!r}")
-    if not _is_int(seed) or not 0 <= seed < 2 ** 63:
-        raise GenerationError(f"--seed must be an integer in [0, 2**63), got {seed!r}")
+    SamplingParams(max_new_tokens, temperature, top_k, top_p, seed).check(CLI_NAMES)
 
 
 def unroll_by_default(layout) -> bool:
@@ -49,7 +39,8 @@ def unroll_by_default(layout) -> bool:
 
 
 class Engine:
-    def __init__(self, cfg: ModelConfig, model_layout: ModelLayout, params: dict, tokenizer, unroll=None):
+    def __init__(self, cfg: ModelConfig, model_layout: ModelLayout, params: dict, tokenizer, unroll=None,
+                 serving: ServingConfig | None = None):
         self.config = cfg
         self.tokenizer = tokenizer
         self.model_layout = model_layout
@@ -61,15 +52,31 @@ class Engine:
             raise GenerationError("unroll=True needs a layout without a stage axis (pipeline stages hold "
                                   "stacked layers)")
         self.params = params
-        self.steps = Steps(cfg, self.layout, self.kv_repeat, self.unrolled)
-        self._caches: dict = {}  # (batch, length) -> KV cache, allocated once per bucket and reused
         self.last_stats: dict = {}
         self.eos_ids = cfg.eos_ids or tuple(getattr(tokenizer, "eos_ids", ()))
+        self.configure(serving or ServingConfig())
+
+    def configure(self, serving: ServingConfig) -> None:
+        """(Re)build the decode state's sizes, the programs and the serving loop for these serving options
+        (the old state is dropped; nothing may be running)."""
+        ctx = self.config.max_position_embeddings
+        serving = serving.check(ctx)
+        if serving.max_model_len is None:
+            import dataclasses
+            serving = dataclasses.replace(serving, max_model_len=ctx)
+        self.serving = serving
+        self.sizes = cache_sizes(self.layout, serving.max_num_seqs, serving.max_model_len, serving.page_size,
+                                 serving.num_pages)
+        self.programs = Programs(self.config, self.layout, self.kv_repeat, self.unrolled, self.sizes)
+        detok = self.tokenizer.decode if hasattr(self.tokenizer, "decode") else None
+        self.scheduler = Scheduler(self.sizes, serving, self.layout, self.eos_ids, detok)
+        self.runner = Runner(self.programs, lambda: self.run_params)
+        self.loop = ServingLoop(self.scheduler, self.runner)
 
     @property
     def params(self) -> dict:
         """The parameters in the stacked form checkpoints store (rebuilt from the per-layer arrays when the
-        layers run unrolled; `run_params` is the form the compiled steps take)."""
+        layers run unrolled; `run_params` is the form the compiled programs take)."""
         if self.unrolled:
             return P.stack(self.run_params, self.config, self.layout, self.kv_repeat)
         return self.run_params
@@ -88,8 +95,9 @@ class Engine:
     def params_bytes_per_device(self) -> int:
         return P.bytes_per_device(self.run_params)
 
-    def cache_struct(self, batch: int, length: int):
-        return self.steps.cache_struct(batch, length)
+    def kv_cache_bytes_per_device(self) -> int:
+        """The paged KV cache's pools on one device."""
+        return P.bytes_per_device(self.programs.state_struct().cache)
 
     def save(self, directory: str) -> None:
         """Write an Orbax checkpoint (+ config.yaml) that `jaxpar.load(checkpoint=...)` restores on any mesh."""
@@ -108,13 +116,13 @@ class Engine:
             raise GenerationError(f"sequence of {s} tokens is longer than the context window of "
                                   f"{self.config.max_position_embeddings} (max_position_embeddings)")
         bp = -(-b // self.batch_multiple) * self.batch_multiple
-        sp = -(-s // self.steps.seq_multiple) * self.steps.seq_multiple  # padding after the end: causally unseen
+        sp = -(-s // self.programs.seq_multiple) * self.programs.seq_multiple  # padding after the end: unseen
         padded = np.zeros((bp, sp), np.int32)
         padded[:b, :s] = tokens
         valid = np.zeros((bp, sp), bool)
         valid[:b, :s] = True
-        order = self.steps.seq_order(sp)
-        out = to_host(self.steps.logits(self.run_params, padded[:, order], valid[:, order]))
+        order = self.programs.seq_order(sp)
+        out = to_host(self.programs.logits(self.run_params, padded[:, order], valid[:, order]))
         return out[:b, zigzag.inverse(order)[:s]]
 
     def _check_ids(self, tokens, what: str = "") -> None:
@@ -123,12 +131,15 @@ class Engine:
                                   f"got min {int(tokens.min())} max {int(tokens.max())}")
 
     # ---- generation --------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], **kw) -> list[str]:
+    def generate(self, prompts: Sequence[str], stop: Sequence[str] = (), **kw) -> list[str]:
+        """Text in, completions out (without the end-of-sequence token; a completion that hit a stop string
+        ends before it)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         self.check_tokenizer()
         ids = [self.tokenizer.encode(p) for p in prompts]
-        return [self.tokenizer.decode(t) for t in self.generate_tokens(ids, **kw)]
+        reqs = self._run(ids, stop=tuple(stop), **kw)
+        return [r.text if r.text is not None else self.tokenizer.decode(r.output) for r in reqs]
 
     def check_tokenizer(self) -> None:
         """Text in and out needs a tokenizer whose ids the model's vocabulary covers."""
@@ -138,134 +149,59 @@ class Engine:
                                   f"{need} ids; text prompts need vocab_size >= {need} (token ids can still be "
                                   f"passed to generate_tokens/logits)")
 
-    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
-                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                        on_token: Callable[[int, int], None] | None = None,
-                        stop_at_eos: bool = True, whole_loop: bool = True) -> list[list[int]]:
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, **kw) -> list[list[int]]:
         """Prompts of token ids (any lengths) -> the new tokens of each, without the end-of-sequence token.
-        Every decode step runs in one compiled loop on device; on_token(row, token) is called for each token
-        as soon as it is known (the loop hands each step's tokens to the host). whole_loop=False runs one
-        program per token from a host loop instead (as does streaming across several processes).
-        stop_at_eos=False generates exactly max_new_tokens (benchmarks)."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
-        if not prompts:
+        Options: temperature, top_k, top_p, seed (prompt i samples with seed + i), on_token(row, token) called
+        with each token as soon as it reaches the host, stop_at_eos=False to generate exactly max_new_tokens
+        (benchmarks). Every prompt is a request of the serving loop: continuous batching, paged KV cache."""
+        return [r.output for r in self._run(prompts, max_new_tokens=max_new_tokens, **kw)]
+
+    def check_prompts(self, prompts) -> None:
+        ctx = self.serving.max_model_len
+        if not len(prompts):
             raise GenerationError("no prompts given")
-        ctx = self.config.max_position_embeddings
-        lens = np.array([len(p) for p in prompts], np.int32)
-        for i, (n, p) in enumerate(zip(lens, prompts)):
-            if n < 1:
+        for i, p in enumerate(prompts):
+            if len(p) < 1:
                 raise GenerationError(f"prompt {i} is empty")
             self._check_ids(np.asarray(p), f"prompt {i}: ")
-            if n > ctx:
-                raise GenerationError(f"prompt {i} has {n} tokens, longer than the context window of {ctx} "
-                                      f"tokens (max_position_embeddings)")
-        b = len(prompts)
-        bp = batch_bucket(b, self.batch_multiple)
-        s = seq_bucket(int(lens.max()), ctx, self.steps.seq_multiple)
-        t = seq_bucket(int(lens.max()) + max_new_tokens, ctx, self.steps.seq_multiple)
-        tokens = np.zeros((bp, s), np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
-        tokens = tokens[:, self.steps.seq_order(s)]
-        lengths = np.ones(bp, np.int32)
-        lengths[:b] = lens
-        row_ids = np.arange(bp, dtype=np.int32)
-        key = jax.random.PRNGKey(seed)
-        top_k = min(top_k, self.config.vocab_size)  # more than the vocabulary is the same as all of it
-        sargs = (key, np.float32(max(temperature, 1e-6)), np.int32(top_k), np.float32(top_p), temperature == 0)
+            if len(p) > ctx:
+                raise GenerationError(f"prompt {i} has {len(p)} tokens, longer than the context window of {ctx} "
+                                      f"tokens (max_model_len)")
 
-        cache = self._caches.pop((bp, t), None) or self.steps.new_cache(bp, t)()
-        t_start = time.perf_counter()
-        done = np.zeros(bp, bool)
-        done[b:] = True
-        tok, cache, stats = self.steps.prefill(self.run_params, cache, tokens, lengths, ~done, row_ids, *sargs)
-        eos = np.array((self.eos_ids if stop_at_eos else ()) or [-1], np.int32)
-        # streaming with several processes stays a host loop, so every process's on_token sees every token
-        # (the loop's host callback runs in one process)
-        host_loop = not whole_loop or (on_token is not None and jax.process_count() > 1)
-        run = self._stream if host_loop else self._whole_loop
-        out, cache, expert_stats, t_first = run(tok, cache, stats, lengths, done, row_ids, sargs, eos, b, s, t,
-                                                max_new_tokens, on_token)
-        self._caches[(bp, t)] = cache
-        t_end = time.perf_counter()
-        n = sum(len(o) for o in out)
-        steps_run = max(len(o) for o in out)
-        self.last_stats = {"prompts": b, "new_tokens": n, "ttft_s": t_first - t_start,
-                           "tpot_s": (t_end - t_first) / max(steps_run - 1, 1),
-                           "tokens_per_s": n / (t_end - t_start), "batch_padded": bp, "prompt_bucket": s,
-                           "cache_len": t, "whole_loop": run == self._whole_loop}
-        if expert_stats[0]:
-            self.last_stats["experts"] = summarise_expert_stats(expert_stats)
-        return out
-
-    def _whole_loop(self, tok, cache, stats, lengths, done, row_ids, sargs, eos, b, s, t, max_new, on_token):
-        """Every decode step in one compiled program (Steps.decode_loop); the host waits once, at the end.
-        With on_token, the loop hands each step's tokens to the host through a callback as it goes."""
-        tok.block_until_ready()
-        t_first = time.perf_counter()
-        width = t  # the output buffer: new tokens never outnumber the cache's slots, and t is already a bucket
-        sent, failed = [0], []  # columns already handed to on_token; what on_token raised
-
-        def sink(step, column):
-            try:
-                for i in range(b):
-                    if column[i] >= 0:
-                        on_token(i, int(column[i]))
-            except BaseException as e:  # inside the loop's callback it would come back as an XLA error
-                failed.append(e)
-                raise
-            sent[0] = step + 1
+    def _run(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, on_token: Callable[[int, int], None] | None = None, stop_at_eos: bool = True,
+             stop: tuple = ()):
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop, not stop_at_eos)
+        params.check(CLI_NAMES)
+        self.check_prompts(prompts)
+        import dataclasses
+        loop = self.loop
+        t0 = time.perf_counter()
+        runs0 = self.runner.programs_run
+        self.runner.collect_stats, self.runner.expert_stats = True, []
+        reqs = [loop.add(list(map(int, p)), dataclasses.replace(params, seed=(seed + i) % 2 ** 63))
+                for i, p in enumerate(prompts)]
+        rows = {r: i for i, r in enumerate(reqs)}
+        def deliver(r, toks):
+            for t in toks:
+                on_token(rows[r], t)
         try:
-            with self.steps.streaming(sink) as call:
-                out, cache, loop_stats = self.steps.decode_loop(
-                    self.run_params, cache, tok, lengths, np.int32(s), done, row_ids, eos, np.int32(max_new),
-                    np.int32(t), *sargs[:4], np.int32(call), width, sargs[4], on_token is not None)
-                host = to_host(out)
-        except Exception:
-            if failed:  # on_token's own exception (KeyboardInterrupt, BrokenPipeError, ...), not XLA's wrapper
-                raise failed[0] from None
-            raise
-        if on_token is not None and sent[0] < width:  # the last column never went through the callback
-            sink(sent[0], host[:, sent[0]])
-        return [[int(x) for x in row if x >= 0] for row in host[:b]], cache, [stats, loop_stats], t_first
-
-    def _stream(self, tok, cache, stats, lengths, done, row_ids, sargs, eos, b, s, t, max_new, on_token):
-        """One decode program per token: each token reaches the host (and on_token) as soon as it is known,
-        and the next step is dispatched before the current token is read back, so host and device overlap."""
-        ctx = self.config.max_position_embeddings
-        expert_stats = [stats]
-        out: list[list[int]] = [[] for _ in range(b)]
-        t_first = None
-        # the arguments every step shares go to the devices once, not once per token
-        rep, row = self.steps.rep_sh, self.steps.row_sh
-        s_dev, rows_dev = to_global(np.int32(s), rep), to_global(row_ids, row)
-        sargs = tuple(to_global(np.asarray(a), rep) for a in sargs[:4]) + sargs[4:]
-        for step in range(max_new):
-            pos = lengths + step  # where the token just sampled will be written
-            last = step == max_new - 1
-            nxt = None
-            if not last and not np.all(done | (pos >= t)):
-                nxt = self.steps.decode(self.run_params, cache, tok, np.minimum(pos, t - 1), s_dev,
-                                        ~done & (pos < t), rows_dev, np.int32(step + 1), *sargs)
-            host = to_host(tok)
-            t_first = t_first or time.perf_counter()
-            for i in range(b):
-                if done[i]:
-                    continue
-                if host[i] in eos or pos[i] >= ctx:  # end of sequence, or no room left in the context window
-                    done[i] = True
-                    continue
-                out[i].append(int(host[i]))
-                if on_token:
-                    on_token(i, int(host[i]))
-            if nxt is not None:
-                expert_stats.append(nxt[2])
-            if nxt is None or np.all(done):
-                if nxt is not None:
-                    cache = nxt[1]
-                break
-            tok, cache, _ = nxt
-        return out, cache, expert_stats, t_first
+            loop.run_until(reqs, deliver if on_token is not None else None)
+        finally:
+            self.runner.collect_stats = False
+        t1 = time.perf_counter()
+        firsts = [r.first_token_time for r in reqs if r.first_token_time is not None]
+        t_first = min(firsts) if firsts else t1
+        n = sum(len(r.output) for r in reqs)
+        steps = max(len(r.output) for r in reqs)
+        self.last_stats = {"prompts": len(reqs), "new_tokens": n, "ttft_s": t_first - t0,
+                           "tpot_s": (t1 - t_first) / max(steps - 1, 1), "tokens_per_s": n / (t1 - t0),
+                           "programs_run": self.runner.programs_run - runs0,
+                           "preemptions": sum(r.preemptions for r in reqs),
+                           "finish_reasons": [r.finish_reason for r in reqs]}
+        if self.runner.expert_stats:
+            self.last_stats["experts"] = summarise_expert_stats(self.runner.expert_stats)
+        return reqs
 
 
 def summarise_expert_stats(per_step: list[dict]) -> dict:
@@ -281,29 +217,47 @@ def summarise_expert_stats(per_step: list[dict]) -> dict:
 
 
 def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
-    """Compile prefill and decode for the shapes `generate` would use; returns shapes, timings and the
-    compiled executables (for jaxpar.inspect and benchmarks)."""
+    """Compile the programs a `generate` call of `batch` prompts of `prompt_len` tokens and max_new_tokens runs:
+    the first prompt chunk (every prompt whole, as one chunk) and the decode loop (one trip of its body per
+    decode step), on a decode state of exactly that many slots and cache positions. Returns shapes, timings and
+    the compiled executables (for jaxpar.inspect and benchmarks)."""
+    import jax
+
+    from jaxpar.engine.state import PrefillBatch, host_rows
+
     ctx = engine.config.max_position_embeddings
     check_sampling(max_new_tokens)
     if prompt_len < 1 or prompt_len > ctx:
         raise GenerationError(f"--prompt-len must be between 1 and the context window of {ctx}, got {prompt_len}")
     if batch < 1:
         raise GenerationError(f"--batch must be >= 1, got {batch}")
+    lay = engine.layout
     b = batch_bucket(batch, engine.batch_multiple)
-    s = seq_bucket(prompt_len, ctx, engine.steps.seq_multiple)
-    t = seq_bucket(prompt_len + max_new_tokens, ctx, engine.steps.seq_multiple)
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
-    f32 = jax.ShapeDtypeStruct((), np.float32)
-    key = jax.ShapeDtypeStruct((2,), np.uint32)
-    cache = engine.cache_struct(b, t)
-    out = {"batch": b, "prompt_len": s, "cache_len": t}
+    s = seq_bucket(prompt_len, ctx, lay.seq_multiple)
+    t = seq_bucket(prompt_len + max_new_tokens, ctx, lay.seq_multiple)
+    page = engine.serving.page_size
+    sizes = cache_sizes(lay, b, t, page, None)
+    progs = Programs(engine.config, lay, engine.kv_repeat, engine.unrolled, sizes)
+    n = sizes.seq_shards
+    nb_prompt = min(-(-sizes.pages_for(s) // n) * n, sizes.max_pages)
+
+    def struct(x, sh):
+        return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sh)
+    rows = host_rows(b)
+    z = np.zeros(b, np.int32)
+    host = PrefillBatch(tokens=np.zeros((b, s), np.int32), start=z, length=z, table=np.zeros((b, nb_prompt), np.int32),
+                        final=np.zeros(b, bool), slot=z, generated=z, request=rows)
+    batch_struct = jax.tree.map(struct, host, progs.batch_sh)
+    state = progs.state_struct()
+    flag = jax.ShapeDtypeStruct((), np.bool_, sharding=progs.rep_sh)
+    out = {"batch": b, "prompt_len": s, "cache_len": t, "page_size": page}
     t0 = time.perf_counter()
-    row_mask = jax.ShapeDtypeStruct((b,), np.bool_)
-    out["prefill"] = engine.steps.prefill.lower(engine.run_params, cache, i32(b, s), i32(b), row_mask, i32(b), key,
-                                                f32, i32(), f32, True).compile()
+    out["prefill"] = progs.prefill_first.lower(engine.run_params, state, batch_struct, flag).compile()
     t1 = time.perf_counter()
-    out["decode"] = engine.steps.decode.lower(engine.run_params, cache, i32(b), i32(b), i32(), row_mask, i32(b),
-                                              i32(), key, f32, i32(), f32, True).compile()
+    table = jax.ShapeDtypeStruct((b, sizes.max_pages), np.int32, sharding=lay.sharding(("batch", None)))
+    release = jax.ShapeDtypeStruct((b,), np.bool_, sharding=progs.row_sh)
+    out["decode"] = progs.generate.lower(engine.run_params, state, table, release, flag,
+                                         engine.serving.decode_steps).compile()
     out["compile_s"] = {"prefill": t1 - t0, "decode": time.perf_counter() - t1}
-    out["kv_cache_bytes_per_device"] = P.bytes_per_device(cache)
+    out["kv_cache_bytes_per_device"] = P.bytes_per_device(state.cache)
     return out

@@ -50,6 +50,8 @@ class Resolved:
     def axes(self, logical: str | None) -> tuple[str, ...]:
         if logical is None:
             return ()
+        if logical == "pages":  # KV cache pages: each batch shard owns its slots' pages, spread over seq
+            return self.axes("batch") + self.axes("cache_seq")
         return tuple(a for a in self.rules.get(logical, ()) if self.axis_size(a) > 1)
 
     def size(self, logical: str | None) -> int:

@@ -35,16 +35,17 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
-    def __call__(self, tokens, positions, cache=None, decode=None, valid=None, router_aux=False, layers=None):
-        """tokens, positions [B, S] -> hidden [B, S, embed] (before the final norm) and the updated cache.
+    def __call__(self, tokens, positions, valid=None, cache=None, table=None, paged=False, router_aux=False,
+                 layers=None):
+        """tokens, positions [B, S] -> hidden [B, S, embed] (before the final norm), the cache, statistics.
 
-        cache None: plain causal forward. cache (k, v) [layers, B, T, kv_heads, head_dim] and decode None:
-        prefill, the prompt's K/V written to the cache. decode (pos [B], prompt_len): one new token per row at pos;
-        prompt_len is the prompt length the cache was prefilled with. Under a `seq` axis the sequence is in
-        the zigzag order (parallel/zigzag.py) and positions say which position each index holds.
-        valid [B,S] marks real tokens (default all): mixture-of-experts layers do not route the others.
-        Returns (hidden, cache, stats): stats are per-layer expert statistics stacked on a leading layers
-        axis ({} for a dense model).
+        cache None: plain causal forward. cache: the KV pools (k, v) [layers, pages, page_size, kv_heads,
+        head_dim] (parallel/paged.py) and table [B, nb] each row's pages; paged=False: the first chunk of
+        prompts (positions start at 0), paged=True: tokens attending over what the pages hold (decode, later
+        prompt chunks). Under a `seq` axis a prompt's sequence is in the zigzag order (parallel/zigzag.py)
+        and positions say which position each index holds. valid [B,S] marks real tokens (default all):
+        only they are written to the cache and routed by mixture-of-experts layers. stats: per-layer expert
+        statistics stacked on a leading layers axis ({} for a dense model).
 
         layers: per-layer parameter dicts (the unrolled form, engine/params.unstack), used in place of the
         stacked `self.layers`; the cache is then a list of per-layer (k, v)."""
@@ -54,18 +55,16 @@ class Decoder(nnx.Module):
         graph, state = nnx.split(self.layers)
         rows = {"cos": cos, "sin": sin, "positions": positions,
                 "valid": jnp.ones(tokens.shape, bool) if valid is None else valid}
-        extra = {}
-        if decode is not None:
-            rows["decode_pos"], extra["prompt_len"] = decode
+        if table is not None:
+            rows["table"] = table
 
         def layer(h, layer_state, layer_cache, rows, extra):
-            dec = (rows["decode_pos"], extra["prompt_len"]) if "decode_pos" in rows else None
-            return nnx.merge(graph, layer_state)(h, rows["cos"], rows["sin"], rows["positions"], layer_cache, dec,
-                                                 rows["valid"], router_aux)
+            return nnx.merge(graph, layer_state)(h, rows["cos"], rows["sin"], rows["positions"], rows["valid"],
+                                                 layer_cache, rows.get("table"), paged, router_aux)
 
         if layers is not None:
             state = [_state_of(state, d) for d in layers]
-        return run_layers(layer, state, x, rows, cache, extra)
+        return run_layers(layer, state, x, rows, cache, {})
 
     def logits(self, h):
         """Final norm and LM head; logits are vocab-sharded, float32."""

@@ -8,7 +8,8 @@ from flax import nnx
 from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
 from jaxpar.model.rope import apply_rope
-from jaxpar.parallel.attention import decode_attention, prefill_attention, write_prompt
+from jaxpar.parallel.attention import prefill_attention
+from jaxpar.parallel.paged import paged_attention, write_pages
 from jaxpar.parallel.experts import expert_ffn, top_k_per_token
 from jaxpar.parallel.seq_parallel import row_parallel
 
@@ -53,9 +54,11 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
 
-    def __call__(self, x, cos, sin, positions, cache, decode):
-        """decode None: prefill (or a plain forward when cache is None) over positions [B,S]. decode
-        (pos [B], prompt_len): one token per row at pos, attending over the cache."""
+    def __call__(self, x, cos, sin, positions, valid, cache=None, table=None, paged=False):
+        """Attention over positions [B,S]. cache None: a plain causal forward. cache (k, v) pools with the
+        rows' page tables [B, nb]: paged=False, the first chunk of prompts (the prefill kernels, then their K/V
+        written to pages); paged=True, tokens that attend over what the pages already hold (decode, later
+        chunks of a prompt)."""
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...])
         k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...])
         v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...])
@@ -66,13 +69,12 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        if decode is None:
-            out = prefill_attention(q, k, v, positions)
-            if cache is not None:  # prefill: the prompt's keys and values land at the start of the cache
-                cache = tuple(write_prompt(c, n) for c, n in zip(cache, (k, v)))
+        if paged:
+            out, cache = paged_attention(q, k, v, cache, table, positions, valid)
         else:
-            out, cache = decode_attention(q, k, v, cache, *decode)
-            cache = tuple(constrain(c, ("batch", "cache_seq", "kv_heads", "head_dim")) for c in cache)
+            out = prefill_attention(q, k, v, positions)
+            if cache is not None:
+                cache = write_pages(cache, k, v, table, positions, valid)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         y = row_parallel("bshk,hkd->bsd", out, self.wo[...], ("batch", "seq", "heads", "head_dim"),
                          ("heads", "head_dim", "embed"))
@@ -148,9 +150,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
         self.mlp = MoE(cfg, rngs) if cfg.num_local_experts else MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, positions, cache, decode, valid, router_aux=False):
+    def __call__(self, x, cos, sin, positions, valid, cache=None, table=None, paged=False, router_aux=False):
         """-> (x, cache, stats); stats: the MoE layer's load statistics ({} for a dense MLP)."""
-        a, cache = self.attn(self.attn_norm(x), cos, sin, positions, cache, decode)
+        a, cache = self.attn(self.attn_norm(x), cos, sin, positions, valid, cache, table, paged)
         x = x + a
         if isinstance(self.mlp, MoE):
             m, stats = self.mlp(self.mlp_norm(x), valid, router_aux)

@@ -21,7 +21,7 @@ def run_layers(layer, state, x, rows, cache, extra):
 
     layer(h, layer_state, layer_cache, rows, extra) -> (h, layer_cache, stats) applies one layer;
     state: the stacked layer parameters (leading layers axis); rows: a pytree of per-row inputs (leading
-    batch axis); cache: per-layer cache pytree (leading layers axis, then batch) or None; extra: inputs every
+    batch axis); cache: the KV pools (leading layers axis) or None; extra: inputs every
     row shares. Returns (x, cache, stats) with stats stacked over layers.
 
     state as a list of per-layer states (and cache as a list of per-layer caches): the layers are applied
@@ -69,13 +69,10 @@ def _pipeline(layer, state, x, rows, cache, extra, lay):
     axis = lay.axes("layers")
     p = lay.size("layers")
     m = lay.microbatches
-    b = x.shape[0]
 
     def local(state, x, rows, cache, extra):
         s = jax.lax.axis_index(axis)
         xs, rs = _microbatches(x, m), _microbatches(rows, m)
-        cs = None if cache is None else jax.tree.map(
-            lambda a: a.reshape((a.shape[0], a.shape[1] // m, m) + a.shape[2:]), cache)
 
         def stack(h, mb, cache_mb, valid):
             def body(h, xs):
@@ -92,23 +89,20 @@ def _pipeline(layer, state, x, rows, cache, extra, lay):
             j = jnp.clip(j, 0, m - 1)
             mb = jax.tree.map(lambda a: a[:, j], rs)
             inp = jnp.where(s == 0, xs[:, jnp.minimum(t, m - 1)], buf)
-            cache_mb = None if cs is None else jax.tree.map(lambda a: a[:, :, j], cs)
-            h, (cache_new, stats) = stack(inp, mb, cache_mb, working)
-            if cs is not None:  # idle ticks leave the cache as it was
-                cs = jax.tree.map(lambda a, new, old: a.at[:, :, j].set(jnp.where(working, new, old)),
-                                  cs, cache_new, cache_mb)
+            # the stage's whole KV pool: pages are shared by every row, and a token writes only while it is
+            # valid, so idle ticks write nothing
+            h, (cs, stats) = stack(inp, mb, cs, working)
             outs = outs.at[:, j].set(jnp.where(working & (s == p - 1), h, outs[:, j]))
             buf = jax.lax.ppermute(h, axis, [(i, i + 1) for i in range(p - 1)])
             return (buf, outs, cs), stats  # idle ticks route nothing, so their statistics are zero
 
-        carry = (jnp.zeros_like(xs[:, 0]), jnp.zeros_like(xs), cs)
+        carry = (jnp.zeros_like(xs[:, 0]), jnp.zeros_like(xs), cache)
         (_, outs, cs), per_tick = jax.lax.scan(tick, carry, jnp.arange(m + p - 1))
         acc = jax.tree.map(lambda a: a.sum(axis=0), per_tick)
         # the last stage's results to every stage; summed in float32 (XLA:CPU aborts promoting a bf16
         # all-reduce over a manual axis), exact since every other stage adds zeros
         out = jax.lax.psum(jnp.where(s == p - 1, outs, 0).astype(jnp.float32), axis).astype(outs.dtype)
-        cache = None if cs is None else jax.tree.map(lambda a: a.reshape(a.shape[:1] + (b,) + a.shape[3:]), cs)
-        return out.reshape(x.shape), cache, acc
+        return out.reshape(x.shape), cs, acc
 
     staged = P(axis if len(axis) > 1 else axis[0])
     return jax.shard_map(local, mesh=lay.mesh, in_specs=(staged, P(), P(), staged, P()),

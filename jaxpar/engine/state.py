@@ -1,0 +1,129 @@
+"""The decode state and the prefill batch: plain dataclasses registered as pytrees, so the compiled programs take
+and return them whole (the state donated, its KV pools updated in place).
+
+Per slot (a row of the running batch) the state holds what decoding needs on device: the last sampled token,
+how many tokens its cache holds, how many it has generated, its request's limits and sampling parameters and a
+done flag. Which pages hold a slot's tokens (the page table) is the host's: its allocator decides, and each
+program gets the table rows it needs."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STOP_WIDTH = 4  # stop token ids per request kept on device (end-of-sequence ids; -1 pads)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RequestRows:
+    """A request's limits and sampling parameters, one row per slot (state) or per prompt (prefill batch)."""
+    max_new: Any  # [N] int32: tokens to generate at most (already bounded by the context window)
+    temperature: Any  # [N] float32, 0 = greedy
+    top_k: Any  # [N] int32, 0 = off
+    top_p: Any  # [N] float32
+    keys: Any  # [N, 2] uint32: the request's seed key (sampling.seed_key)
+    stop_ids: Any  # [N, STOP_WIDTH] int32: token ids that end the request (-1 pads)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    cache: Any  # KV pools: (k, v) [layers, pages, page_size, kv_heads, head_dim], or a list of per-layer (k, v)
+    tokens: Any  # [S] int32: each slot's last sampled token (not yet written to the cache)
+    lengths: Any  # [S] int32: tokens in the slot's cache (the next token's position)
+    generated: Any  # [S] int32: tokens emitted so far (also the sampling step of the next one)
+    done: Any  # [S] bool: True for free slots, finished requests and prompts still being prefilled
+    request: RequestRows
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefillBatch:
+    """One chunk of R prompts: tokens [R, C] at positions start + 0..C-1 (in the layout's sequence order), of
+    which the first `length` are real. `table` [R, nb]: each row's pages. Rows with `final` set end their
+    prompt: their next token is sampled and they join the running batch in state slot `slot` (a slot of the
+    row's own batch shard; -1: a padding row). `generated`: tokens the request had already generated (a
+    preempted request comes back with them appended to its prompt, and its sampling steps go on from there)."""
+    tokens: Any
+    start: Any
+    length: Any
+    table: Any
+    final: Any
+    slot: Any
+    generated: Any
+    request: RequestRows
+
+
+_REQUEST_NAMES = RequestRows(max_new=("batch",), temperature=("batch",), top_k=("batch",), top_p=("batch",),
+                             keys=("batch", None), stop_ids=("batch", None))
+
+
+def state_names(cache_names) -> DecodeState:
+    """The logical axis names of a DecodeState's leaves (`cache_names` for the pools)."""
+    return DecodeState(cache=cache_names, tokens=("batch",), lengths=("batch",), generated=("batch",),
+                       done=("batch",), request=_REQUEST_NAMES)
+
+
+def batch_names() -> PrefillBatch:
+    return PrefillBatch(tokens=("batch", "seq"), start=("batch",), length=("batch",), table=("batch", None),
+                        final=("batch",), slot=("batch",), generated=("batch",), request=_REQUEST_NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSizes:
+    """How the paged KV cache is sized on a layout.
+
+    slots: rows of the running batch (max_num_seqs, padded to the layout's batch multiple); page_size: tokens
+    per page; pages_per_shard: pages of each pool block (one block per batch shard and seq device); max_pages:
+    columns of a page table (a request's pages at most: max_model_len / page_size, rounded up to the seq split)."""
+    slots: int
+    page_size: int
+    pages_per_shard: int
+    max_pages: int
+    batch_shards: int
+    seq_shards: int
+
+    @property
+    def slots_per_shard(self) -> int:
+        return self.slots // self.batch_shards
+
+    @property
+    def pool_pages(self) -> int:
+        return self.pages_per_shard * self.batch_shards * self.seq_shards
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+
+def cache_sizes(layout, max_num_seqs: int, max_model_len: int, page_size: int, num_pages: int | None) -> CacheSizes:
+    """num_pages: pages per batch shard and seq device (None: enough for every slot at max_model_len)."""
+    bm, d, n = layout.batch_multiple, layout.size("batch"), layout.size("cache_seq")
+    slots = -(-max_num_seqs // bm) * bm
+    per_seq = -(-max_model_len // page_size)
+    max_pages = -(-per_seq // n) * n
+    if num_pages is None:
+        num_pages = slots // d * max_pages // n
+    return CacheSizes(slots, page_size, int(num_pages), max_pages, d, n)
+
+
+def pool_shape(cfg, kv_repeat: int, sizes: CacheSizes) -> tuple:
+    return (sizes.pool_pages, sizes.page_size, cfg.kv_heads * kv_repeat, cfg.head_size)
+
+
+def bytes_per_token(cfg, kv_repeat: int, layout) -> int:
+    """KV cache bytes one token takes on one device (K and V, every layer held there)."""
+    kv = cfg.kv_heads * kv_repeat // layout.size("kv_heads")
+    layers = cfg.num_hidden_layers // layout.size("layers")
+    return 2 * layers * kv * cfg.head_size * jnp.dtype(cfg.dtype).itemsize
+
+
+def host_rows(n: int) -> RequestRows:
+    """Zeroed request rows on the host (numpy), to fill in."""
+    return RequestRows(max_new=np.zeros(n, np.int32), temperature=np.zeros(n, np.float32),
+                       top_k=np.zeros(n, np.int32), top_p=np.ones(n, np.float32), keys=np.zeros((n, 2), np.uint32),
+                       stop_ids=np.full((n, STOP_WIDTH), -1, np.int32))
+

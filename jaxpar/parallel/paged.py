@@ -1,0 +1,124 @@
+"""The paged KV cache: each layer's keys and values live in a pool of fixed-size pages, and a page table says
+which pages hold a request's tokens (position p is slot p % page of the request's logical page p // page).
+
+Layout of a pool: [pages, page_size, kv_heads, head_dim], the pages split over the batch axes (each data or
+expert shard owns the pages of its own slots) and over the `seq` axes (a request's logical page j lives on
+seq device j % n, so its tokens spread evenly over the seq devices whatever its length). Page-table entries are
+indices into the local pool of the device that owns the page, so every gather and write below runs inside a
+shard_map on local arrays: no collective is needed to find a page.
+
+- `write_pages`: new keys/values [B, S, KV, D] at their positions into the pool. With the sequence split over
+  `seq` (a prompt in ring/Ulysses prefill), the chunk's keys/values are first gathered over `seq` (each device
+  keeps the positions whose pages it owns).
+- `paged_attention`: S new tokens per row (S = 1 in decode; a later chunk of a prompt otherwise) are written,
+  then attend over every cached position up to their own. Over `seq`, each device attends over its own pages
+  and the partial results merge with one max and one (packed) sum all-reduce (FlashDecoding across devices).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxpar.layout.rules import active
+from jaxpar.model.attend import accumulate, attend, empty_partial
+
+POOL = ("pages", None, "kv_heads", "head_dim")
+Q = ("batch", "seq", "heads", "head_dim")
+KV = ("batch", "seq", "kv_heads", "head_dim")
+ROWS = ("batch", "seq")
+TABLE = ("batch", None)
+
+
+def _seq_axes():
+    """(mesh axes the cache's pages spread over by position, their size) under the active layout."""
+    lay = active()
+    if lay is None:
+        return (), 1
+    return lay.axes("cache_seq"), lay.size("cache_seq")
+
+
+def _write_local(pool, new, table, positions, valid, axis, n):
+    """Per device: write the tokens whose pages this device owns. pool [P, page, KV, D]; new [b, s, KV, D];
+    table [b, nb] (local page indices); positions, valid [b, s]."""
+    page = pool.shape[1]
+    logical = positions // page
+    col = jnp.clip(logical, 0, table.shape[1] - 1)
+    idx = jnp.take_along_axis(table, col, axis=1)  # [b, s] local page of each token
+    ok = valid & (logical < table.shape[1])
+    if n > 1:
+        ok = ok & (logical % n == jax.lax.axis_index(axis))
+    idx = jnp.where(ok, idx, pool.shape[0])  # out of range: dropped
+    b, s = positions.shape
+    return pool.at[idx.reshape(b * s), (positions % page).reshape(b * s)].set(
+        new.reshape((b * s,) + new.shape[2:]).astype(pool.dtype), mode="drop")
+
+
+def _gather_seq(x, axis, n):
+    """A sequence-split [b, s/n, ...] block -> the whole sequence [b, s, ...] on every seq device."""
+    return jax.lax.all_gather(x, axis, axis=1, tiled=True) if n > 1 else x
+
+
+def write_pages(pools, k, v, table, positions, valid):
+    """After prefill attention: the prompt chunk's K and V [B, S, KV, D] into the layer's pools (k, v)."""
+    axis, n = _seq_axes()
+    lay = active()
+    split = lay is not None and lay.size("seq") > 1  # the chunk itself is split over seq (prefill)
+
+    def body(pk, pv, k, v, table, positions, valid):
+        if split:
+            k, v, positions, valid = (_gather_seq(x, axis, n) for x in (k, v, positions, valid))
+        return (_write_local(pk, k, table, positions, valid, axis, n),
+                _write_local(pv, v, table, positions, valid, axis, n))
+    if lay is None or lay.mesh.size == 1:
+        return body(*pools, k, v, table, positions, valid)
+    pool, kv, rows = lay.spec(POOL), lay.spec(KV), lay.spec(ROWS)
+    return lay.shard_map(body, in_specs=(pool, pool, kv, kv, lay.spec(TABLE), rows, rows),
+                         out_specs=(pool, pool))(*pools, k, v, table, positions, valid)
+
+
+def _attend_local(q, k, v, pk, pv, table, positions, valid, axis, n):
+    """Per device: write the new tokens, then attend over this device's pages (every page when n = 1)."""
+    pk = _write_local(pk, k, table, positions, valid, axis, n)
+    pv = _write_local(pv, v, table, positions, valid, axis, n)
+    page = pk.shape[1]
+    b, nb = table.shape
+    cols = jnp.arange(nb)
+    if n > 1:  # this device's logical pages: j = i, i + n, i + 2n, ...
+        cols = jax.lax.axis_index(axis) + n * jnp.arange(nb // n)
+    pages = table[:, cols]  # [b, nb/n]
+    key_pos = (cols[:, None] * page + jnp.arange(page)[None, :]).reshape(-1)  # [T]
+    keys = pk[pages].reshape(b, -1, *pk.shape[2:]).astype(q.dtype)
+    vals = pv[pages].reshape(b, -1, *pv.shape[2:]).astype(q.dtype)
+    mask = key_pos[None, None, :] <= positions[:, :, None]  # [b, s, T]: causal over the cached positions
+    if n == 1:
+        return attend(q, keys, vals, mask), pk, pv
+    o, m, l = accumulate(empty_partial(q, keys.shape[2]), q, keys, vals, mask)
+    m_all = jax.lax.pmax(m, axis)
+    scale = jnp.exp(m - m_all)
+    o = o * jnp.moveaxis(scale, -1, 1)[..., None]
+    l = l * scale
+    # out and sum in one all-reduce: the sum rides along as one more channel of the head dimension
+    packed = jax.lax.psum(jnp.concatenate([o, jnp.moveaxis(l, -1, 1)[..., None]], axis=-1), axis)
+    out = packed[..., :-1] / jnp.maximum(packed[..., -1:], jnp.finfo(jnp.float32).tiny)
+    bb, s, kv, g, d = out.shape
+    return out.astype(q.dtype).reshape(bb, s, kv * g, d), pk, pv
+
+
+def paged_attention(q, k, v, pools, table, positions, valid):
+    """New tokens q [B,S,H,D], k, v [B,S,KV,D] at positions [B,S] (valid [B,S]) of rows whose pages are
+    `table` [B, nb]: write their K/V into the pools, attend causally over every cached position.
+    The sequence of q is not split (decode rules); the pools' pages are. -> (out [B,S,H,D], pools)."""
+    axis, n = _seq_axes()
+    lay = active()
+    body = functools.partial(_attend_local, axis=axis, n=n)
+    if lay is None or lay.mesh.size == 1:
+        out, pk, pv = body(q, k, v, *pools, table, positions, valid)
+        return out, (pk, pv)
+    pool, rows = lay.spec(POOL), lay.spec(ROWS)
+    out, pk, pv = lay.shard_map(
+        body, in_specs=(lay.spec(Q), lay.spec(KV), lay.spec(KV), pool, pool, lay.spec(TABLE), rows, rows),
+        out_specs=(lay.spec(Q), pool, pool))(q, k, v, *pools, table, positions, valid)
+    return out, (pk, pv)
+

@@ -1,0 +1,166 @@
+"""The serving loop: one scheduler and one runner behind a lock, driven either by the caller (`run_until`: the
+offline `generate` calls) or by a background thread (`start`: the online API, `submit` returns an async
+iterator of tokens usable from asyncio, `complete` blocks).
+
+Each request keeps the tokens it has not handed out yet (`Request.unread`), and a caller takes only its own
+requests' tokens, in order: a caller's on_token may itself call generate (it then drives the loop for a while,
+and the outer call's tokens wait for it)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from jaxpar.serving.request import Request, SamplingParams
+from jaxpar.serving.runner import Runner
+from jaxpar.serving.scheduler import Scheduler
+
+
+class ServingLoop:
+    def __init__(self, scheduler: Scheduler, runner: Runner):
+        self.scheduler, self.runner = scheduler, runner
+        self.lock = threading.RLock()
+        self.wake = threading.Condition(self.lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: BaseException | None = None
+        self.iterations = 0
+        self._listeners: dict = {}  # request -> function called (under the lock) when it got tokens or ended
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def add(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        with self.lock:
+            req = self.scheduler.add(prompt, params, request_id)
+            self.wake.notify_all()
+            return req
+
+    def abort(self, req: Request) -> None:
+        with self.lock:
+            self.scheduler.abort(req)
+            self._notify([req])
+
+    def step(self) -> list[Request]:
+        """One iteration: schedule, execute, hand out the results."""
+        with self.lock:
+            sched = self.scheduler
+            plan = sched.schedule()
+            prefill, decode = self.runner.execute(plan)
+            touched = sched.update(plan, prefill, decode)
+            self.iterations += 1
+            self._notify(touched)
+            return touched
+
+    def _notify(self, reqs) -> None:
+        for r in reqs:
+            fn = self._listeners.get(r)
+            if fn is not None:
+                fn(r)
+        self.wake.notify_all()
+
+    # ---- drivers --------------------------------------------------------------------------------------------
+    @property
+    def background(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run_until(self, reqs: list[Request], deliver=None) -> None:
+        """Run (or, with the background thread, wait) until every request in reqs has ended, calling
+        deliver(request, tokens) with each request's new tokens in order. If deliver raises, the requests are
+        aborted (their pages freed) and the exception reaches the caller."""
+        try:
+            while True:
+                with self.lock:
+                    pending = [(r, r.unread) for r in reqs if r.unread]
+                    for r, _ in pending:
+                        r.unread = []
+                    if not pending and all(r.finished for r in reqs):
+                        return
+                    if self.error is not None:
+                        raise RuntimeError("the serving loop failed") from self.error
+                    if not pending:
+                        if self.background:
+                            self.wake.wait(timeout=1.0)
+                        else:
+                            self.step()
+                        continue
+                for r, toks in pending:
+                    if deliver is not None:
+                        deliver(r, toks)
+        except BaseException:
+            with self.lock:
+                for r in reqs:
+                    self.scheduler.abort(r)
+            raise
+
+    def start(self) -> None:
+        """Run the loop in a background thread: it steps while there is work and sleeps otherwise."""
+        if self.background:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, name="jaxpar-serving-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        with self.lock:
+            self._stop = True
+            self.wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    while not self._stop and not self.scheduler.has_work:
+                        self.wake.wait()
+                    if self._stop:
+                        return
+                    self.step()
+        except BaseException as e:  # the engine failed: every waiter learns it
+            with self.lock:
+                self.error = e
+                self.wake.notify_all()
+                for fn in list(self._listeners.values()):
+                    fn(None)
+
+    # ---- the online API -------------------------------------------------------------------------------------
+    async def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None):
+        """Queue a request and yield its new tokens (lists of ids) as they come; the request is aborted if the
+        consumer stops early (a closed stream, a cancelled task). `.finish_reason` of the request says why it
+        ended. The background loop must be running (`start`)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def listener(r):  # called on the loop thread, under the lock
+            if r is None:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+                return
+            toks, r.unread = r.unread, []
+            loop.call_soon_threadsafe(queue.put_nowait, (toks, r.finished))
+
+        with self.lock:
+            req = self.scheduler.add(prompt, params, request_id)
+            self._listeners[req] = listener
+            if req.finished:
+                listener(req)
+            self.wake.notify_all()
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    raise RuntimeError("the serving loop failed") from self.error
+                toks, finished = item
+                if toks:
+                    yield req, toks
+                if finished:
+                    return
+        finally:
+            with self.lock:
+                self._listeners.pop(req, None)
+                if not req.finished:
+                    self.scheduler.abort(req)
+
+    def complete(self, prompt: list[int], params: SamplingParams) -> Request:
+        """The blocking convenience: run one request to its end (with or without the background thread)."""
+        req = self.add(prompt, params)
+        self.run_until([req])
+        return req

@@ -1,0 +1,47 @@
+"""The runner executes a scheduler's Plan on the decode state: the prefill calls, then the decode loop. It owns
+the state (allocated once, on first use, and donated to every program) and sums the expert statistics."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from jaxpar.engine.programs import to_host
+
+
+class Runner:
+    def __init__(self, programs, params):
+        self.programs, self.params = programs, params  # params: a function returning the run-form parameters
+        self.state = None
+        self.expert_stats: list = []  # per program run, while `collect_stats` is set
+        self.collect_stats = False
+        self.programs_run = 0
+
+    def ensure_state(self):
+        if self.state is None:
+            self.state = self.programs.new_state()
+        return self.state
+
+    def execute(self, plan):
+        """-> (per prefill call (tokens [R], ended [R]), decode (tokens [S, steps], done [S]) or None)."""
+        params, state = self.params(), self.ensure_state()
+        prefill = []
+        for call in plan.prefills:
+            run = self.programs.prefill_paged if call.paged else self.programs.prefill_first
+            state, tok, ended, stats = run(params, state, call.batch, np.bool_(call.any_sampling))
+            self.state = state
+            self._stats(stats)
+            prefill.append((tok, ended))
+        decode = None
+        if plan.decode_steps:
+            state, out, done, stats = self.programs.generate(params, state, plan.table, plan.release,
+                                                             np.bool_(plan.any_sampling), plan.decode_steps)
+            self.state = state
+            self._stats(stats)
+            decode = (out, done)
+        self.programs_run += len(prefill) + (decode is not None)
+        prefill = [(to_host(t), to_host(e)) for t, e in prefill]
+        return prefill, None if decode is None else (to_host(decode[0]), to_host(decode[1]))
+
+    def _stats(self, stats) -> None:
+        if self.collect_stats and jax.tree.leaves(stats):
+            self.expert_stats.append(stats)
