@@ -107,6 +107,8 @@ def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, ste
     if not step.decode:
         add("all-reduce", ax.axes("residual_seq"), 1, b_loc * h * e, "last prompt token (masked sum over the "
                                                                      "sequence split)")
+    else:  # the decode loop's condition: whether any slot of the batch is still running (one boolean)
+        add("all-reduce", ax.axes("batch"), 1, 1, "decode loop: any slot still running")
     add("all-gather", ax.axes("vocab"), 1, b_loc * cfg.vocab_size * F32, "logits gathered for sampling")
     return out
 
@@ -134,6 +136,9 @@ def _attention(cfg, ax: Axes, kv_repeat, step: Step, rows, s_loc, runs, e) -> li
     n = ax.size("seq")
     if not seq:
         return out
+    # the paged KV cache: each seq device writes the pages it owns, so the chunk's K and V are gathered
+    out.append(Comm("all-gather", seq, runs * 2, rows * s_loc * n * kv * hd * e,
+                    "paged KV cache: the chunk's K and V gathered for the page writes"))
     kind = ax.mesh_cfg.attention
     if kind == "ring":
         out.append(Comm("collective-permute", seq, runs * 2 * (n - 1), rows * s_loc * kv * hd * e,

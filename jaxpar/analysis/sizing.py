@@ -46,11 +46,15 @@ def layer_params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: i
 
 
 def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, batch: int, cache: int,
-                        kv_bytes: float) -> float:
-    """K and V for `batch` padded rows of `cache` slots: [layers, batch, cache_seq, kv_heads, head_dim] x 2."""
+                        kv_bytes: float, page_size: int = 16) -> float:
+    """The paged KV cache's pools when every one of `batch` padded rows can hold `cache` tokens: each row's
+    pages spread over the seq devices (page j on device j % n), so a device holds ceil(pages / n) of each of
+    its batch shard's rows, in pools [layers, pages, page_size, kv_heads, head_dim] x 2 (engine/state.py)."""
     ax = Axes(mesh_cfg)
-    split = ax.size("layers") * ax.size("batch") * ax.size("cache_seq") * ax.size("kv_heads")
-    return 2 * cfg.num_hidden_layers * batch * cache * cfg.kv_heads * kv_repeat * cfg.head_size * kv_bytes / split
+    n = ax.size("cache_seq")
+    tokens = batch // ax.size("batch") * -(-(-(-cache // page_size)) // n) * page_size
+    heads = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
+    return 2 * cfg.num_hidden_layers // ax.size("layers") * tokens * heads * cfg.head_size * kv_bytes
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_bytes: float) -> float:

@@ -67,8 +67,13 @@ class InLayout:
             return self.fn.lower(*args)
 
 
+def _is_names(x) -> bool:
+    return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+
+
 def _names_to(layout, tree):
-    return jax.tree.map(layout.sharding, tree, is_leaf=lambda x: isinstance(x, tuple))
+    """A pytree of logical axis names -> the same pytree of NamedShardings."""
+    return jax.tree.map(layout.sharding, tree, is_leaf=_is_names)
 
 
 class Programs:
@@ -152,9 +157,17 @@ class Programs:
         return model.logits(h)
 
     def _sample(self, logits, request, steps, any_sampling):
-        logits = constrain(logits, ("batch", None))  # gather the vocab shards once, then sample locally
-        return sample_rows(logits, request.keys, steps, request.temperature, request.top_k, request.top_p,
-                           any_sampling)
+        """Each device samples its own rows (a shard_map: XLA would otherwise gather the batch around the
+        sampling branch); the vocab shards are gathered once before."""
+        from jaxpar.layout.rules import active
+        logits = constrain(logits, ("batch", None))
+        args = (logits, request.keys, steps, request.temperature, request.top_k, request.top_p, any_sampling)
+        lay = active()
+        if lay is None or lay.mesh.size == 1:
+            return sample_rows(*args)
+        row, two = lay.spec(("batch",)), lay.spec(("batch", None))
+        return lay.shard_map(sample_rows, in_specs=(two, two, row, row, row, row, lay.spec(())),
+                             out_specs=row)(*args)
 
     @staticmethod
     def _stop(tok, request, generated, active):
@@ -174,8 +187,11 @@ class Programs:
         offset = order[None, :]
         pos = batch.start[:, None] + offset
         valid = offset < batch.length[:, None]
-        h, cache, stats = model(batch.tokens, pos, valid=valid, cache=state.cache, table=batch.table, paged=paged,
-                                **kw)
+        pages = {"table": batch.table}
+        if not paged:  # the chunk's positions whole (in its sequence order), for the page writes
+            pages["positions"] = constrain(pos, ("batch", None))
+            pages["valid"] = constrain(valid, ("batch", None))
+        h, cache, stats = model(batch.tokens, pos, valid=valid, cache=state.cache, pages=pages, paged=paged, **kw)
         # each row's last chunk token, picked by position (a masked sum: one small all-reduce when the sequence
         # is split, where indexing would gather the whole sequence)
         last = constrain(jnp.sum(jnp.where((offset == (batch.length - 1)[:, None])[..., None], h,
@@ -221,7 +237,7 @@ class Programs:
         def step(st, i, out):
             active = ~st.done
             h, cache, stats = model(st.tokens[:, None], st.lengths[:, None], valid=active[:, None], cache=st.cache,
-                                    table=table, paged=True, **kw)
+                                    pages={"table": table}, paged=True, **kw)
             tok = self._sample(model.logits(h)[:, 0], st.request, st.generated, any_sampling)
             emitted, generated, ended = self._stop(tok, st.request, st.generated, active)
             out = out.at[:, i].set(jnp.where(emitted, tok, -1))

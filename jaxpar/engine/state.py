@@ -106,7 +106,7 @@ def cache_sizes(layout, max_num_seqs: int, max_model_len: int, page_size: int, n
     per_seq = -(-max_model_len // page_size)
     max_pages = -(-per_seq // n) * n
     if num_pages is None:
-        num_pages = slots // d * max_pages // n
+        num_pages = slots // d * (max_pages // n)
     return CacheSizes(slots, page_size, int(num_pages), max_pages, d, n)
 
 

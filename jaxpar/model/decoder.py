@@ -35,12 +35,13 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
-    def __call__(self, tokens, positions, valid=None, cache=None, table=None, paged=False, router_aux=False,
+    def __call__(self, tokens, positions, valid=None, cache=None, pages=None, paged=False, router_aux=False,
                  layers=None):
         """tokens, positions [B, S] -> hidden [B, S, embed] (before the final norm), the cache, statistics.
 
         cache None: plain causal forward. cache: the KV pools (k, v) [layers, pages, page_size, kv_heads,
-        head_dim] (parallel/paged.py) and table [B, nb] each row's pages; paged=False: the first chunk of
+        head_dim] (parallel/paged.py); pages: {"table": [B, nb] each row's pages, and for paged=False
+        "positions", "valid" [B, S]: the chunk's, whole (not split over seq)}; paged=False: the first chunk of
         prompts (positions start at 0), paged=True: tokens attending over what the pages hold (decode, later
         prompt chunks). Under a `seq` axis a prompt's sequence is in the zigzag order (parallel/zigzag.py)
         and positions say which position each index holds. valid [B,S] marks real tokens (default all):
@@ -55,12 +56,12 @@ class Decoder(nnx.Module):
         graph, state = nnx.split(self.layers)
         rows = {"cos": cos, "sin": sin, "positions": positions,
                 "valid": jnp.ones(tokens.shape, bool) if valid is None else valid}
-        if table is not None:
-            rows["table"] = table
+        if pages is not None:
+            rows["pages"] = pages
 
         def layer(h, layer_state, layer_cache, rows, extra):
             return nnx.merge(graph, layer_state)(h, rows["cos"], rows["sin"], rows["positions"], rows["valid"],
-                                                 layer_cache, rows.get("table"), paged, router_aux)
+                                                 layer_cache, rows.get("pages"), paged, router_aux)
 
         if layers is not None:
             state = [_state_of(state, d) for d in layers]

@@ -54,11 +54,11 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
 
-    def __call__(self, x, cos, sin, positions, valid, cache=None, table=None, paged=False):
-        """Attention over positions [B,S]. cache None: a plain causal forward. cache (k, v) pools with the
-        rows' page tables [B, nb]: paged=False, the first chunk of prompts (the prefill kernels, then their K/V
-        written to pages); paged=True, tokens that attend over what the pages already hold (decode, later
-        chunks of a prompt)."""
+    def __call__(self, x, cos, sin, positions, valid, cache=None, pages=None, paged=False):
+        """Attention over positions [B,S]. cache None: a plain causal forward. cache (k, v) pools and pages (the
+        rows' page tables [B, nb], and the whole chunk's positions and valid flags [B, S], not split over seq):
+        paged=False, the first chunk of prompts (the prefill kernels, then their K/V written to pages);
+        paged=True, tokens that attend over what the pages already hold (decode, later chunks of a prompt)."""
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...])
         k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...])
         v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...])
@@ -70,11 +70,11 @@ class Attention(nnx.Module):
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         if paged:
-            out, cache = paged_attention(q, k, v, cache, table, positions, valid)
+            out, cache = paged_attention(q, k, v, cache, pages["table"], positions, valid)
         else:
             out = prefill_attention(q, k, v, positions)
             if cache is not None:
-                cache = write_pages(cache, k, v, table, positions, valid)
+                cache = write_pages(cache, k, v, pages["table"], pages["positions"], pages["valid"])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         y = row_parallel("bshk,hkd->bsd", out, self.wo[...], ("batch", "seq", "heads", "head_dim"),
                          ("heads", "head_dim", "embed"))
@@ -150,9 +150,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
         self.mlp = MoE(cfg, rngs) if cfg.num_local_experts else MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, positions, valid, cache=None, table=None, paged=False, router_aux=False):
+    def __call__(self, x, cos, sin, positions, valid, cache=None, pages=None, paged=False, router_aux=False):
         """-> (x, cache, stats); stats: the MoE layer's load statistics ({} for a dense MLP)."""
-        a, cache = self.attn(self.attn_norm(x), cos, sin, positions, valid, cache, table, paged)
+        a, cache = self.attn(self.attn_norm(x), cos, sin, positions, valid, cache, pages, paged)
         x = x + a
         if isinstance(self.mlp, MoE):
             m, stats = self.mlp(self.mlp_norm(x), valid, router_aux)

@@ -9,7 +9,8 @@ shard_map on local arrays: no collective is needed to find a page.
 
 - `write_pages`: new keys/values [B, S, KV, D] at their positions into the pool. With the sequence split over
   `seq` (a prompt in ring/Ulysses prefill), the chunk's keys/values are first gathered over `seq` (each device
-  keeps the positions whose pages it owns).
+  keeps the positions whose pages it owns); their positions come whole from the caller (computed per row,
+  not gathered).
 - `paged_attention`: S new tokens per row (S = 1 in decode; a later chunk of a prompt otherwise) are written,
   then attend over every cached position up to their own. Over `seq`, each device attends over its own pages
   and the partial results merge with one max and one (packed) sum all-reduce (FlashDecoding across devices).
@@ -61,19 +62,20 @@ def _gather_seq(x, axis, n):
 
 
 def write_pages(pools, k, v, table, positions, valid):
-    """After prefill attention: the prompt chunk's K and V [B, S, KV, D] into the layer's pools (k, v)."""
+    """After prefill attention: the prompt chunk's K and V [B, S, KV, D] into the layer's pools (k, v).
+    positions, valid [B, S_all]: of the whole chunk in the sequence's order (not split over seq)."""
     axis, n = _seq_axes()
     lay = active()
     split = lay is not None and lay.size("seq") > 1  # the chunk itself is split over seq (prefill)
 
     def body(pk, pv, k, v, table, positions, valid):
         if split:
-            k, v, positions, valid = (_gather_seq(x, axis, n) for x in (k, v, positions, valid))
+            k, v = _gather_seq(k, axis, n), _gather_seq(v, axis, n)
         return (_write_local(pk, k, table, positions, valid, axis, n),
                 _write_local(pv, v, table, positions, valid, axis, n))
     if lay is None or lay.mesh.size == 1:
         return body(*pools, k, v, table, positions, valid)
-    pool, kv, rows = lay.spec(POOL), lay.spec(KV), lay.spec(ROWS)
+    pool, kv, rows = lay.spec(POOL), lay.spec(KV), lay.spec(("batch", None))
     return lay.shard_map(body, in_specs=(pool, pool, kv, kv, lay.spec(TABLE), rows, rows),
                          out_specs=(pool, pool))(*pools, k, v, table, positions, valid)
 
