@@ -61,7 +61,7 @@ def test_inspect_counts_loop_trips(unroll):
     layers (the CPU default) repeat them in the program: the same count either way."""
     from jaxpar.analysis.hlo import collectives
     eng = engine("tp2", unroll=unroll)
-    text = eng.steps.logits.lower(eng.run_params, np.zeros((1, 16), np.int32), np.ones((1, 16), bool)).compile().as_text()
+    text = eng.programs.logits.lower(eng.run_params, np.zeros((1, 16), np.int32), np.ones((1, 16), bool)).compile().as_text()
     assert ("known_trip_count" in text) == (not unroll)
     assert collectives(text)["all-reduce"]["count"] == 2 * eng.config.num_hidden_layers + 1
 
@@ -113,6 +113,6 @@ def test_program_size_does_not_grow_with_depth():
         cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
         eng = jaxpar.load(mesh="tp2", model=cfg, unroll=False)
-        text = eng.steps.logits.lower(eng.run_params, np.zeros((1, 8), np.int32), np.ones((1, 8), bool)).compile().as_text()
+        text = eng.programs.logits.lower(eng.run_params, np.zeros((1, 8), np.int32), np.ones((1, 8), bool)).compile().as_text()
         sizes.append(sum(1 for line in text.splitlines() if " = " in line))
     assert sizes[0] == sizes[1], sizes

@@ -42,6 +42,23 @@ class Runner:
         prefill = [(to_host(t), to_host(e)) for t, e in prefill]
         return prefill, None if decode is None else (to_host(decode[0]), to_host(decode[1]))
 
+    def warmup(self, scheduler) -> int:
+        """Compile (by running on padding rows, which write nothing) every program shape the scheduler can ask
+        for, so nothing compiles under traffic. Run it before any request. -> the number of programs."""
+        params, shapes = self.params(), scheduler.shapes()
+        self.ensure_state()
+        flag = np.bool_(False)
+        for rows, chunk, paged in shapes["prefill"]:
+            batch = scheduler.padding_batch(rows, chunk, scheduler.chunk_bucket(chunk, paged)[1])
+            run = self.programs.prefill_paged if paged else self.programs.prefill_first
+            self.state = run(params, self.state, batch, flag)[0]
+        slots = scheduler.sizes.slots
+        for columns in shapes["decode"]:
+            self.state = self.programs.generate(params, self.state, np.zeros((slots, columns), np.int32),
+                                                np.zeros(slots, bool), flag, scheduler.config.decode_steps)[0]
+        jax.block_until_ready(self.state)
+        return len(shapes["prefill"]) + len(shapes["decode"])
+
     def _stats(self, stats) -> None:
         if self.collect_stats and jax.tree.leaves(stats):
             self.expert_stats.append(stats)

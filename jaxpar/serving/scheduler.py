@@ -208,9 +208,7 @@ class Scheduler:
         table = None
         if running:
             need = max(self.sizes.pages_for(r.cache_len + min(steps, r.max_new - len(r.output))) for r in running)
-            n = self.sizes.seq_shards
-            nb = min(-(-next_pow2(need) // n) * n, self.sizes.max_pages)
-            table = self.table[:, :nb].copy()
+            table = self.table[:, :self.table_bucket(need)].copy()
         release = self.pending_release.copy()
         if running:
             self.pending_release[:] = False
@@ -242,23 +240,13 @@ class Scheduler:
         the row and length buckets."""
         d = self.sizes.batch_shards
         by_shard = [[r for r in rows if r[0].shard == s] for s in range(d)]
-        r_local = next_pow2(max(len(b) for b in by_shard))
-        r_local = -(-r_local // self.microbatches) * self.microbatches
-        longest = max(chunk for _, chunk, _ in rows)
-        if paged:
-            c = next_pow2(longest, 16)
-            nb = self.sizes.max_pages
-        else:
-            c = seq_bucket(longest, self.config.max_model_len, self.seq_multiple)
-            n = self.sizes.seq_shards
-            nb = min(-(-self.sizes.pages_for(c) // n) * n, self.sizes.max_pages)
-        r = r_local * d
-        tokens = np.zeros((r, c), np.int32)
-        start, length, gen = (np.zeros(r, np.int32) for _ in range(3))
-        final = np.zeros(r, bool)
-        slot = np.full(r, -1, np.int32)
-        table = np.zeros((r, nb), np.int32)
-        req_rows = host_rows(r)
+        r_local = self.rows_bucket(max(len(b) for b in by_shard))
+        c, nb = self.chunk_bucket(max(chunk for _, chunk, _ in rows), paged)
+        batch = self.padding_batch(r_local, c, nb)
+        tokens, start, length, final, slot, gen, table, req_rows = (
+            batch.tokens, batch.start, batch.length, batch.final, batch.slot, batch.generated, batch.table,
+            batch.request)
+        r = len(slot)
         placed: list = [None] * r
         for s, block in enumerate(by_shard):
             for i, (req, chunk, fin) in enumerate(block):
@@ -271,10 +259,47 @@ class Scheduler:
                 table[j, :cols] = req.pages[:cols]
                 self._request_row(req_rows, j, req)
         if not paged:
-            tokens = tokens[:, self._order(c)]
-        batch = PrefillBatch(tokens=tokens, start=start, length=length, table=table, final=final, slot=slot,
-                             generated=gen, request=req_rows)
+            batch.tokens = tokens[:, self._order(c)]
         return PrefillCall(paged, placed, batch, any(p is not None and p[0].params.temperature > 0 for p in placed))
+
+    # ---- the one bucket policy: the shapes every program is compiled for -------------------------------------
+    def rows_bucket(self, rows: int) -> int:
+        """Prefill rows per batch shard: a power of two, a multiple of the pipeline's microbatches."""
+        return -(-next_pow2(rows) // self.microbatches) * self.microbatches
+
+    def chunk_bucket(self, tokens: int, paged: bool) -> tuple[int, int]:
+        """(chunk length, page-table columns) of a prefill call whose longest chunk has `tokens` tokens."""
+        if paged:
+            return next_pow2(tokens, 16), self.sizes.max_pages
+        c = seq_bucket(tokens, self.config.max_model_len, self.seq_multiple)
+        return c, self.table_bucket(self.sizes.pages_for(c))
+
+    def table_bucket(self, pages: int) -> int:
+        """Page-table columns a program reads for `pages` pages: a power of two, a multiple of the seq split."""
+        n = self.sizes.seq_shards
+        return min(-(-next_pow2(pages) // n) * n, self.sizes.max_pages)
+
+    def shapes(self) -> dict:
+        """Every shape the scheduler can ask for: prefill (rows per shard, chunk, paged) and decode table widths."""
+        chunk = min(self.config.prefill_chunk, self.config.max_model_len)
+        rows = sorted({self.rows_bucket(k) for k in range(1, self.sizes.slots_per_shard + 1)})
+        prefill = set()
+        for paged in (False, True):
+            if paged and chunk >= self.config.max_model_len:
+                continue  # every prompt fits one chunk: no later chunks
+            for t in range(1, chunk + 1):
+                c, _ = self.chunk_bucket(t, paged)
+                prefill.update((r, c, paged) for r in rows)
+        tables = sorted({self.table_bucket(k) for k in range(1, self.sizes.max_pages + 1)})
+        return {"prefill": sorted(prefill), "decode": tables}
+
+    def padding_batch(self, rows_per_shard: int, chunk: int, columns: int) -> PrefillBatch:
+        """A prefill batch of padding rows only (nothing written, nothing inserted), to fill in."""
+        r = rows_per_shard * self.sizes.batch_shards
+        z = lambda: np.zeros(r, np.int32)  # noqa: E731
+        return PrefillBatch(tokens=np.zeros((r, chunk), np.int32), start=z(), length=z(),
+                            table=np.zeros((r, columns), np.int32), final=np.zeros(r, bool),
+                            slot=np.full(r, -1, np.int32), generated=z(), request=host_rows(r))
 
     def _order(self, c: int):
         return zigzag.order(c, self.sizes.seq_shards)  # a first chunk is split over seq in zigzag order
