@@ -1,4 +1,4 @@
-"""The runner executes a scheduler's Plan on the decode state: the prefill calls, then the decode loop. It owns
+"""The runner executes a scheduler's Plan on the decode state: the decode loop, then the prefill calls. It owns
 the state (allocated once, on first use, and donated to every program) and sums the expert statistics."""
 from __future__ import annotations
 
@@ -22,22 +22,23 @@ class Runner:
         return self.state
 
     def execute(self, plan):
-        """-> (per prefill call (tokens [R], ended [R]), decode (tokens [S, steps], done [S]) or None)."""
+        """Decode the running slots first, then the prompt chunks (whose finished prompts join the batch for the
+        next iteration). -> (per prefill call (tokens [R], ended [R]), decode (tokens [S, steps], done [S]) or
+        None)."""
         params, state = self.params(), self.ensure_state()
-        prefill = []
-        for call in plan.prefills:
-            run = self.programs.prefill_paged if call.paged else self.programs.prefill_first
-            state, tok, ended, stats = run(params, state, call.batch, np.bool_(call.any_sampling))
-            self.state = state
-            self._stats(stats)
-            prefill.append((tok, ended))
         decode = None
         if plan.decode_steps:
             state, out, done, stats = self.programs.generate(params, state, plan.table, plan.release,
                                                              np.bool_(plan.any_sampling), plan.decode_steps)
-            self.state = state
             self._stats(stats)
             decode = (out, done)
+        prefill = []
+        for call in plan.prefills:
+            run = self.programs.prefill_paged if call.paged else self.programs.prefill_first
+            state, tok, ended, stats = run(params, state, call.batch, np.bool_(call.any_sampling))
+            self._stats(stats)
+            prefill.append((tok, ended))
+        self.state = state
         self.programs_run += len(prefill) + (decode is not None)
         prefill = [(to_host(t), to_host(e)) for t, e in prefill]
         return prefill, None if decode is None else (to_host(decode[0]), to_host(decode[1]))

@@ -2,14 +2,15 @@
 
 1. ends aborted requests (their pages are free from this iteration on; their slots stop at the next decode);
 2. admits waiting requests, first come first served, while a slot and the pages of their first chunk are free;
-3. picks prompt chunks within the token budget (`max_num_batched_tokens`; one request adds at most
-   `prefill_chunk` tokens an iteration, at fixed boundaries, so a long prompt cannot hold the running decodes
-   up for its whole length);
-4. makes sure every running request has pages for the next `decode_steps` tokens, preempting the most recently
+3. makes sure every running request has pages for the next `decode_steps` tokens, preempting the most recently
    admitted requests when the pool runs out (they go back to the front of the queue and recompute their
    prompt and output so far: nothing is lost or truncated);
+4. picks prompt chunks within the token budget (`max_num_batched_tokens`; one request adds at most
+   `prefill_chunk` tokens an iteration, at fixed boundaries, so a long prompt cannot hold the running decodes
+   up for its whole length);
 
-and writes the iteration down as a `Plan` of plain arrays. After the runner has executed it, `update` hands
+and writes the iteration down as a `Plan` of plain arrays. The runner decodes first, then prefills: a prompt
+that ends in this iteration joins the batch for the next one. After the runner has executed it, `update` hands
 each request its new tokens and ends the finished ones (end-of-sequence or max_tokens on device, stop strings
 here on the decoded text)."""
 from __future__ import annotations
@@ -176,7 +177,6 @@ class Scheduler:
                 return
             self.waiting.popleft()
             self.slots[slot] = req
-            self.pending_release[slot] = False  # the prefill's insert takes the slot over
             self.admitted.append(req)
             req.status = Status.PREFILL
 
@@ -210,8 +210,12 @@ class Scheduler:
             need = max(self.sizes.pages_for(r.cache_len + min(steps, r.max_new - len(r.output))) for r in running)
             table = self.table[:, :self.table_bucket(need)].copy()
         release = self.pending_release.copy()
-        if running:
+        if running:  # this decode stops them
             self.pending_release[:] = False
+        for call in prefills:  # a finished prompt's insert takes its slot over (after this decode)
+            for row in call.rows:
+                if row is not None and row[2]:
+                    self.pending_release[row[0].slot] = False
         return Plan(prefills, steps if running else 0, table, release,
                     any(r.params.temperature > 0 for r in running), running)
 
@@ -318,6 +322,14 @@ class Scheduler:
         decode_result: (tokens [S, steps], done [S]) or None. -> the requests that got tokens or ended."""
         touched = []
         now = time.perf_counter()
+        if decode_result is not None:  # the decode ran first
+            out, done = decode_result
+            for req in plan.running:
+                if req.finished or req.status is not Status.RUNNING:
+                    continue
+                new = [int(t) for t in out[req.slot] if t >= 0]
+                self._emit(req, new, bool(done[req.slot]), now)
+                touched.append(req)
         for call, (tok, ended) in zip(plan.prefills, prefill_results):
             for j, row in enumerate(call.rows):
                 if row is None:
@@ -330,14 +342,6 @@ class Scheduler:
                     continue
                 req.status = Status.RUNNING
                 self._emit(req, [int(tok[j])] if tok[j] >= 0 else [], bool(ended[j]), now)
-                touched.append(req)
-        if decode_result is not None:
-            out, done = decode_result
-            for req in plan.running:
-                if req.finished or req.status is not Status.RUNNING:
-                    continue
-                new = [int(t) for t in out[req.slot] if t >= 0]
-                self._emit(req, new, bool(done[req.slot]), now)
                 touched.append(req)
         return touched
 

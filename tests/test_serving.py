@@ -1,0 +1,160 @@
+"""Continuous batching invariants: requests that join and leave a running batch at random moments each get
+exactly the tokens they get alone (greedy and seeded sampling), on every kind of mesh; aborts change nobody
+else's tokens; every page is free once the queue drains; running out of pages loses no request; nothing
+compiles after warm-up."""
+import asyncio
+import random
+
+import jax
+import pytest
+
+from conftest import engine
+from jaxpar.errors import GenerationError
+from jaxpar.serving.request import SamplingParams
+from jaxpar.serving.scheduler import QueueFull
+
+# small buckets so that prompts are chunked (16 tokens a chunk), batches mix prefill and decode, and slots turn over
+SERVING = dict(max_num_seqs=4, prefill_chunk=16, max_num_batched_tokens=32, decode_steps=4)
+INLINE = {"dp2_pp2_tp2": {"axes": {"data": 2, "stage": 2, "tensor": 2}, "microbatches": 2}}
+
+COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration"
+    else None)
+
+
+def serving_engine(mesh, **kw):
+    return engine(mesh, INLINE.get(mesh), **{**SERVING, **kw})
+
+
+def workload(n: int, seed: int, vocab_digits=True):
+    """n requests: prompts of 2-40 tokens (sums of digits, so the model's answers vary), 1-12 new tokens,
+    every other one sampled with its own seed."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        body = "".join(rng.choice("0123456789+=") for _ in range(rng.randrange(1, 40)))
+        prompt = [256] + list(body.encode())
+        params = SamplingParams(max_tokens=rng.randrange(1, 13), temperature=0.0 if i % 2 else 0.8, top_k=20,
+                                seed=rng.randrange(2 ** 31), ignore_eos=rng.random() < 0.3)
+        out.append((prompt, params))
+    return out
+
+
+def alone(eng, prompt, params):
+    return eng.generate_tokens([prompt], max_new_tokens=params.max_tokens, temperature=params.temperature,
+                               top_k=params.top_k, seed=params.seed, stop_at_eos=not params.ignore_eos)[0]
+
+
+def run_concurrently(eng, work, seed: int, abort_every: int = 0):
+    """Submit the requests a few at a time between scheduler iterations (random moments), abort every
+    `abort_every`-th one mid-flight, run until the queue drains. -> (requests, aborted indices)."""
+    rng = random.Random(seed)
+    loop, reqs, aborted = eng.loop, [], set()
+    pending = list(work)
+    while pending or loop.scheduler.has_work:
+        for _ in range(rng.choice([0, 0, 1, 2, 3])):
+            if pending:
+                reqs.append(loop.add(*pending.pop(0)))
+        if abort_every:
+            for i, r in enumerate(reqs):
+                if i % abort_every == abort_every - 1 and i not in aborted and r.output:
+                    loop.abort(r)
+                    aborted.add(i)
+        if loop.scheduler.has_work:
+            loop.step()
+    return reqs, aborted
+
+
+@pytest.mark.parametrize("mesh", ["single", "dp2_tp4", "pp2_tp4", "ep8", "sp4", "dp2_pp2_tp2"])
+def test_concurrent_requests_get_their_solo_tokens(mesh):
+    eng = serving_engine(mesh)
+    work = workload(52, seed=1)
+    want = [alone(eng, p, sp) for p, sp in work]
+    reqs, aborted = run_concurrently(eng, work, seed=2, abort_every=9)
+    assert aborted
+    for i, (r, w) in enumerate(zip(reqs, want)):
+        if i in aborted:
+            assert r.finish_reason == "abort" and r.output == w[:len(r.output)], i
+        else:
+            assert r.output == w, (mesh, i, r.output, w)
+            assert r.finish_reason == ("length" if len(w) == r.max_new else "stop")
+    assert eng.scheduler.pool.in_use() == 0 and not eng.scheduler.admitted
+    assert all(s is None for s in eng.scheduler.slots)
+
+
+@pytest.mark.parametrize("mesh", ["single", "dp2_tp4"])
+def test_running_out_of_pages_preempts_and_loses_nothing(mesh):
+    """A pool of 6 pages per shard for 4 slots of up to 4 pages each: requests are preempted (recomputed
+    later) and every one still gets its solo tokens."""
+    eng = serving_engine(mesh, num_pages=6)
+    work = [(p, SamplingParams(max_tokens=24, temperature=sp.temperature, top_k=20, seed=sp.seed, ignore_eos=True))
+            for p, sp in workload(12, seed=3)]
+    want = [alone(eng, p, sp) for p, sp in work]
+    reqs, _ = run_concurrently(eng, work, seed=4)
+    assert [r.output for r in reqs] == want
+    assert eng.scheduler.preemptions > 0
+    assert eng.scheduler.pool.in_use() == 0
+
+
+def test_nothing_compiles_after_warmup():
+    eng = serving_engine("single", max_num_seqs=8)  # its own buckets: warm-up compiles them all
+    report = eng.warmup()
+    assert report["programs"] == len(eng.scheduler.shapes()["prefill"]) + len(eng.scheduler.shapes()["decode"])
+    n = len(COMPILES)
+    run_concurrently(eng, workload(30, seed=5), seed=6)
+    assert len(COMPILES) == n
+
+
+def test_queue_limit_refuses_and_requests_are_checked():
+    eng = serving_engine("single", max_queue=2)
+    loop = eng.loop
+    a, b = (loop.add([256, 49], SamplingParams(max_tokens=2)) for _ in range(2))
+    with pytest.raises(QueueFull, match="queue is full \\(2 waiting"):
+        loop.add([256, 49], SamplingParams(max_tokens=2))
+    loop.run_until([a, b])
+    assert a.output == b.output and a.finished
+    with pytest.raises(GenerationError, match="needs .* KV cache pages"):
+        serving_engine("single", num_pages=2).loop.add([256] * 40, SamplingParams(max_tokens=20))
+    with pytest.raises(GenerationError, match="max_tokens must be an integer >= 1"):
+        SamplingParams(max_tokens=0).check()
+
+
+def test_stop_strings_end_the_text_before_them():
+    eng = serving_engine("single")
+    full = eng.generate(["123+456="], max_new_tokens=6)[0]
+    assert full == "579"
+    assert eng.generate(["123+456="], max_new_tokens=6, stop=["7"]) == ["5"]
+    assert eng.generate(["123+456="], max_new_tokens=6, stop=["79", "x"]) == ["5"]
+
+
+def test_async_api_streams_and_a_closed_stream_frees_its_pages():
+    eng = serving_engine("dp2_tp4")
+    work = workload(8, seed=7)
+    want = [alone(eng, p, sp) for p, sp in work]
+    loop = eng.loop
+    loop.start()
+    try:
+        async def one(p, sp):
+            toks = []
+            async for _, new in loop.submit(p, sp):
+                toks += new
+            return toks
+
+        async def early_close(p):
+            gen = loop.submit(p, SamplingParams(max_tokens=40, ignore_eos=True))
+            req, _ = await gen.__anext__()
+            await gen.aclose()  # a client that goes away
+            return req
+
+        async def main():
+            return await asyncio.wait_for(asyncio.gather(*(one(p, sp) for p, sp in work),
+                                                         early_close(work[0][0])), timeout=120)
+        *got, closed = asyncio.run(main())
+        assert got == want
+        assert closed.finish_reason == "abort" and len(closed.output) < 40
+        assert loop.complete([256, 49, 43, 49, 61], SamplingParams(max_tokens=3)).output == \
+            eng.generate_tokens([[256, 49, 43, 49, 61]], max_new_tokens=3)[0]
+    finally:
+        loop.stop()
+    assert eng.scheduler.pool.in_use() == 0
