@@ -31,13 +31,13 @@ def print_stats(engine) -> None:
     sys.stdout.flush()
     s = engine.last_stats
     mib = 2 ** 20
-    from jaxpar.engine import params as P
-    kv = P.bytes_per_device(engine.cache_struct(s["batch_padded"], s["cache_len"]))
+    kv = engine.kv_cache_bytes_per_device()
     lines = [f"time to first token: {s['ttft_s'] * 1e3:.1f} ms (includes compilation on first use)",
              f"time per output token: {s['tpot_s'] * 1e3:.2f} ms (the decode loop's compilation too, on first use)",
              f"tokens/s: {s['tokens_per_s']:.1f} ({s['new_tokens']} new tokens, {s['prompts']} prompts)",
              f"memory per device: params {engine.params_bytes_per_device() / mib:.2f} MiB, "
-             f"KV cache {kv / mib:.2f} MiB ({engine.mesh.size} devices)"]
+             f"KV cache {kv / mib:.2f} MiB ({engine.sizes.pool_pages // engine.sizes.batch_shards // engine.sizes.seq_shards} "
+             f"pages of {engine.sizes.page_size} tokens per device; {engine.mesh.size} devices)"]
     ex = s.get("experts")
     if ex:
         lines.append(f"expert load: {ex['assignments']} token-expert assignments, {ex['dropped_total']} dropped "

@@ -58,7 +58,7 @@ def run_concurrently(eng, work, seed: int, abort_every: int = 0):
                 reqs.append(loop.add(*pending.pop(0)))
         if abort_every:
             for i, r in enumerate(reqs):
-                if i % abort_every == abort_every - 1 and i not in aborted and r.output:
+                if i % abort_every == abort_every - 1 and i not in aborted and r.output and not r.finished:
                     loop.abort(r)
                     aborted.add(i)
         if loop.scheduler.has_work:

@@ -167,6 +167,9 @@ def run(main, argv=None) -> None:
         main(argv)
     except JaxparError as e:
         fail(str(e))
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except OSError as e:  # a file or directory the user named cannot be read or written
         fail(f"{str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:
