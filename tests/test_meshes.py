@@ -36,7 +36,7 @@ def test_greedy_tokens_match_single_and_are_right(mesh):
     assert out == [str(eval(p[:-1])) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("mesh", ["single", "ep8"])
+@pytest.mark.parametrize("mesh", ["single", "ep8", "dp2_tp4", "sp4"])
 def test_scanned_layers_give_the_unrolled_answer(mesh):
     """On CPU devices the layers run unrolled (per-layer weights and cache) unless pipeline stages hold them;
     on GPU/TPU they scan the stacked layers. Both forms give the same logits, greedy tokens and expert

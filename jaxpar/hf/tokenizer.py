@@ -82,7 +82,11 @@ class NoTokenizer:
     def encode(self, text, add_bos=True):
         raise GenerationError(f"{self.directory}: no tokenizer.json, so text prompts cannot be encoded")
 
-    decode = chat = encode
+    chat = encode
+
+    def decode(self, ids):
+        raise GenerationError(f"{self.directory}: no tokenizer.json, so token ids cannot be decoded to text "
+                              f"(generate_tokens returns the ids)")
 
 
 def load_tokenizer(directory: str, cfg):

@@ -311,8 +311,8 @@ class Scheduler:
     @staticmethod
     def _request_row(rows, j: int, req: Request) -> None:
         p = req.params
-        rows.max_new[j], rows.temperature[j], rows.top_k[j], rows.top_p[j] = req.max_new, p.temperature, p.top_k, \
-            p.top_p
+        top_k = min(p.top_k, np.iinfo(np.int32).max)  # more than the vocabulary is the same as all of it
+        rows.max_new[j], rows.temperature[j], rows.top_k[j], rows.top_p[j] = req.max_new, p.temperature, top_k, p.top_p
         rows.keys[j] = seed_key(p.seed)
         rows.stop_ids[j, :len(req.stop_ids)] = req.stop_ids
 
