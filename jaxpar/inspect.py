@@ -13,7 +13,7 @@ def inspect_engine(engine, batch: int = 1, prompt_len: int = 16, max_new_tokens:
 
     c = compile_steps(engine, batch, prompt_len, max_new_tokens)
     return {"devices": engine.mesh.size, "mesh": dict(engine.model_layout.mesh_cfg.axes),
-            "batch": c["batch"], "prompt_len": c["prompt_len"], "cache_len": c["cache_len"],
+            "batch": c["batch"], "prompt_len": c["prompt_len"], "cache_len": c["cache_len"], "page_size": c["page_size"],
             "kv_repeat": engine.kv_repeat,
             "params_bytes_per_device": engine.params_bytes_per_device(),
             "kv_cache_bytes_per_device": c["kv_cache_bytes_per_device"],
