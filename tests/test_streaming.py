@@ -26,7 +26,8 @@ def test_streaming_gives_the_tokens_and_statistics_of_a_plain_call(mesh):
         streamed = eng.generate_tokens(ids, on_token=lambda r, t: seen.setdefault(r, []).append(t), **kw)
         assert plain == streamed == [seen.get(i, []) for i in range(len(ids))], (mesh, kw)
         assert experts == eng.last_stats.get("experts"), (mesh, kw)
-    assert eng.tokenizer.decode(plain[0]) == "579"
+        if kw == dict(max_new_tokens=6):
+            assert eng.tokenizer.decode(plain[0]) == "579"
     assert ("experts" in eng.last_stats) == ("ep" in mesh)
 
 
