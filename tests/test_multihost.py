@@ -2,6 +2,7 @@
 join into one 8-device mesh (collectives over gloo) and generate the same tokens as one process with 8;
 only process 0 prints. A process that cannot reach the coordinator fails with one clear line, in bounded
 time."""
+import json
 import os
 import socket
 import subprocess
@@ -67,3 +68,30 @@ def test_unreachable_coordinator_fails_fast_with_a_clear_error():
 def test_multihost_option_errors(argv, needle):
     r = _generate("--mesh", "single", "--prompt", "1+1=", *argv, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
+
+
+def _worker(*args, timeout=300):
+    return [sys.executable, os.path.join(ROOT, "tests", "serving_worker.py"), *args]
+
+
+@pytest.mark.parametrize("mesh", ["dp2_tp4"])
+def test_serving_loop_over_two_processes_follows_process_0(mesh):
+    """Continuous batching over 2 processes x 4 devices: requests arrive at moments only process 0 knows; it
+    broadcasts each iteration's plan, process 1 runs the same programs in the same order (no deadlock), and
+    every request gets the tokens of 1 process x 8 devices."""
+    one = subprocess.run(_worker(mesh, "8"), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = _free_port()
+    procs = [subprocess.Popen(_worker(mesh, "4", f"127.0.0.1:{port}", "2", str(i)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    got = outs[0][0].splitlines()[-1]  # the collective library prints its progress before
+    want = json.loads(one.stdout.splitlines()[-1])
+    assert json.loads(got) == want and len(want) == 16 and sum(map(len, want)) > 16
+    assert "[[" not in outs[1][0]  # the follower prints no completions

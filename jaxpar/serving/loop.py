@@ -24,6 +24,7 @@ class ServingLoop:
         self._stop = False
         self.error: BaseException | None = None
         self.iterations = 0
+        self.leading = False  # several processes: this one (process 0) broadcasts each plan (`lead`)
         self._listeners: dict = {}  # request -> function called (under the lock) when it got tokens or ended
 
     # ---- requests -------------------------------------------------------------------------------------------
@@ -43,6 +44,9 @@ class ServingLoop:
         with self.lock:
             sched = self.scheduler
             plan = sched.schedule()
+            if self.leading:
+                from jaxpar.serving import multihost
+                multihost.broadcast(multihost.to_wire(plan))
             prefill, decode = self.runner.execute(plan)
             touched = sched.update(plan, prefill, decode)
             self.iterations += 1
@@ -55,6 +59,30 @@ class ServingLoop:
             if fn is not None:
                 fn(r)
         self.wake.notify_all()
+
+    # ---- several processes ----------------------------------------------------------------------------------
+    def lead(self) -> None:
+        """Process 0 of several: from now on every iteration's plan is broadcast to the followers."""
+        self.leading = True
+
+    def release_followers(self) -> None:
+        """Tell the followers that no more plans come (they return from `follow`)."""
+        from jaxpar.serving import multihost
+        with self.lock:
+            multihost.broadcast(multihost.WirePlan([], 0, None, None, False, stop=True))
+            self.leading = False
+
+    def follow(self) -> int:
+        """Processes other than 0: execute process 0's plans, in its order, until it releases them.
+        -> the number of iterations run."""
+        from jaxpar.serving import multihost
+        n = 0
+        while True:
+            wire = multihost.broadcast(None)
+            if wire.stop:
+                return n
+            self.runner.execute(multihost.executable(wire))
+            n += 1
 
     # ---- drivers --------------------------------------------------------------------------------------------
     @property
