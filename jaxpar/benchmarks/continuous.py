@@ -95,7 +95,7 @@ def offline_static(eng, work, batch: int) -> dict:
     return {"seconds": wall, "output_tokens": useful, "generated_tokens": generated, "tokens_per_s": useful / wall}
 
 
-def saturation(eng, batch: int, rng, rounds: int = 2) -> dict:
+def saturation(eng, batch: int, rng, rounds: int = 3) -> dict:
     """Decode tokens/s with every slot busy: the serving loop's steps once all requests decode, against
     generate_tokens of the same batch (batch / its time per output token). The two alternate, `rounds` times
     each, best kept: which runs first must not favour either."""
