@@ -3,6 +3,7 @@ state, and the serving loop (jaxpar/serving) that every generation goes through:
 submit their prompts as requests and drive the loop until they end; `submit` is the online API."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Sequence
 
@@ -62,7 +63,6 @@ class Engine:
         ctx = self.config.max_position_embeddings
         serving = serving.check(ctx)
         if serving.max_model_len is None:
-            import dataclasses
             serving = dataclasses.replace(serving, max_model_len=ctx)
         self.serving = serving
         self.sizes = cache_sizes(self.layout, serving.max_num_seqs, serving.max_model_len, serving.page_size,
@@ -182,7 +182,6 @@ class Engine:
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop, not stop_at_eos)
         params.check(CLI_NAMES)
         self.check_prompts(prompts)
-        import dataclasses
         loop = self.loop
         t0 = time.perf_counter()
         runs0 = self.runner.programs_run
@@ -231,8 +230,6 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     the compiled executables (for jaxpar.inspect and benchmarks)."""
     import jax
 
-    from jaxpar.engine.state import PrefillBatch, host_rows
-
     ctx = engine.config.max_position_embeddings
     check_sampling(max_new_tokens)
     if prompt_len < 1 or prompt_len > ctx:
@@ -246,16 +243,10 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     page = engine.serving.page_size
     sizes = cache_sizes(lay, b, t, page, None)
     progs = Programs(engine.config, lay, engine.kv_repeat, engine.unrolled, sizes)
-    n = sizes.seq_shards
-    nb_prompt = min(-(-sizes.pages_for(s) // n) * n, sizes.max_pages)
-
-    def struct(x, sh):
-        return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sh)
-    rows = host_rows(b)
-    z = np.zeros(b, np.int32)
-    host = PrefillBatch(tokens=np.zeros((b, s), np.int32), start=z, length=z, table=np.zeros((b, nb_prompt), np.int32),
-                        final=np.zeros(b, bool), slot=z, generated=z, request=rows)
-    batch_struct = jax.tree.map(struct, host, progs.batch_sh)
+    sched = Scheduler(sizes, dataclasses.replace(engine.serving, max_model_len=t), lay, engine.eos_ids)
+    host = sched.padding_batch(b // sizes.batch_shards, s, sched.table_bucket(sizes.pages_for(s)))
+    batch_struct = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), host,
+                                progs.batch_sh)
     state = progs.state_struct()
     flag = jax.ShapeDtypeStruct((), np.bool_, sharding=progs.rep_sh)
     out = {"batch": b, "prompt_len": s, "cache_len": t, "page_size": page}
