@@ -20,9 +20,8 @@ import numpy as np
 
 from jaxpar.engine import params as P
 from jaxpar.engine.sampling import sample_rows
-from jaxpar.engine.state import (STOP_WIDTH, DecodeState, PrefillBatch, RequestRows, batch_names, pool_shape,
-                                 state_names)
-from jaxpar.layout.rules import activate, constrain
+from jaxpar.engine.state import DecodeState, PrefillBatch, batch_names, host_rows, pool_shape, state_names
+from jaxpar.layout.rules import activate, active, constrain
 from jaxpar.parallel import zigzag
 
 POOL_NAMES = ("layers", "pages", None, "kv_heads", "head_dim")
@@ -127,10 +126,8 @@ class Programs:
         else:
             cache = tuple(jnp.zeros((cfg.num_hidden_layers,) + shape, dt) for _ in range(2))
         i32 = jnp.zeros(n, jnp.int32)
-        req = RequestRows(max_new=i32, temperature=jnp.zeros(n, jnp.float32), top_k=i32,
-                          top_p=jnp.ones(n, jnp.float32), keys=jnp.zeros((n, 2), jnp.uint32),
-                          stop_ids=jnp.full((n, STOP_WIDTH), -1, jnp.int32))
-        return DecodeState(cache=cache, tokens=i32, lengths=i32, generated=i32, done=jnp.ones(n, bool), request=req)
+        return DecodeState(cache=cache, tokens=i32, lengths=i32, generated=i32, done=jnp.ones(n, bool),
+                           request=jax.tree.map(jnp.asarray, host_rows(n)))
 
     # ---- the model -----------------------------------------------------------------------------------------
     def _model(self, params):
@@ -159,7 +156,6 @@ class Programs:
     def _sample(self, logits, request, steps, any_sampling):
         """Each device samples its own rows (a shard_map: XLA would otherwise gather the batch around the
         sampling branch); the vocab shards are gathered once before."""
-        from jaxpar.layout.rules import active
         logits = constrain(logits, ("batch", None))
         args = (logits, request.keys, steps, request.temperature, request.top_k, request.top_p, any_sampling)
         lay = active()
