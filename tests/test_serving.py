@@ -133,28 +133,35 @@ def test_async_api_streams_and_a_closed_stream_frees_its_pages():
     work = workload(8, seed=7)
     want = [alone(eng, p, sp) for p, sp in work]
     loop = eng.loop
-    loop.start()
+
+    async def one(p, sp):
+        toks = []
+        async for _, new in loop.submit(p, sp):
+            toks += new
+        return toks
+
+    loop.start()  # the background loop serves concurrent consumers
     try:
-        async def one(p, sp):
-            toks = []
-            async for _, new in loop.submit(p, sp):
-                toks += new
-            return toks
-
-        async def early_close(p):
-            gen = loop.submit(p, SamplingParams(max_tokens=40, ignore_eos=True))
-            req, _ = await gen.__anext__()
-            await gen.aclose()  # a client that goes away
-            return req
-
-        async def main():
-            return await asyncio.wait_for(asyncio.gather(*(one(p, sp) for p, sp in work),
-                                                         early_close(work[0][0])), timeout=120)
-        *got, closed = asyncio.run(main())
+        async def all_of_them():
+            return await asyncio.wait_for(asyncio.gather(*(one(p, sp) for p, sp in work)), timeout=120)
+        got = asyncio.run(all_of_them())
         assert got == want
-        assert closed.finish_reason == "abort" and len(closed.output) < 40
         assert loop.complete([256, 49, 43, 49, 61], SamplingParams(max_tokens=3)).output == \
             eng.generate_tokens([[256, 49, 43, 49, 61]], max_new_tokens=3)[0]
     finally:
         loop.stop()
-    assert eng.scheduler.pool.in_use() == 0
+
+    async def early_close():
+        """A client that goes away after its first token (the loop stepped here, so the moment is exact)."""
+        gen = loop.submit(work[0][0], SamplingParams(max_tokens=40, ignore_eos=True))
+        first = asyncio.ensure_future(gen.__anext__())
+        while not first.done():
+            await asyncio.sleep(0)
+            if not first.done():
+                loop.step()
+        req, toks = first.result()
+        await gen.aclose()
+        return req, toks
+    closed, toks = asyncio.run(early_close())
+    assert closed.finish_reason == "abort" and closed.output[:len(toks)] == toks and len(closed.output) < 40
+    assert eng.scheduler.pool.in_use() == 0 and not eng.scheduler.has_work
