@@ -34,7 +34,12 @@ def parser(prog: str, description: str, devices: bool = True) -> Parser:
 
 def start(args, fake_default: int | None = None) -> None:
     """Before anything touches JAX: fake devices, then the distributed runtime. Processes other than 0
-    print nothing on stdout."""
+    print nothing on stdout. fake_default applies only while JAX has no devices yet (a caller that already
+    has them, a notebook or a test, keeps its own)."""
+    if fake_default is not None and "jax" in sys.modules:
+        from jax._src import xla_bridge
+        if xla_bridge.backends_are_initialized():
+            fake_default = None
     setup_devices(args.fake_devices or fake_default)
     if setup_distributed(args):
         import jax
