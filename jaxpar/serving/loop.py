@@ -23,7 +23,6 @@ class ServingLoop:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.error: BaseException | None = None
-        self.iterations = 0
         self.leading = False  # several processes: this one (process 0) broadcasts each plan (`lead`)
         self._listeners: dict = {}  # request -> function called (under the lock) when it got tokens or ended
 
@@ -49,7 +48,6 @@ class ServingLoop:
                 multihost.broadcast(multihost.to_wire(plan))
             prefill, decode = self.runner.execute(plan)
             touched = sched.update(plan, prefill, decode)
-            self.iterations += 1
             self._notify(touched)
             return touched
 
