@@ -43,8 +43,13 @@ class HFTokenizer:
 
     def chat(self, text: str) -> list[int]:
         """The prompt as one user turn of the model's chat template, ready for the assistant's reply."""
+        return self.render_chat([{"role": "user", "content": text}])
+
+    def render_chat(self, messages: list[dict], what: str = "--chat") -> list[int]:
+        """Turns ({"role", "content"} dicts: system, user, assistant) through the model's chat template, ending
+        with the assistant's turn opened (add_generation_prompt). what: how errors name the caller."""
         if not isinstance(self.template, str) or not self.template:
-            raise GenerationError(f"--chat: {self.directory} has no chat template (chat_template.jinja or "
+            raise GenerationError(f"{what}: {self.directory} has no chat template (chat_template.jinja or "
                                   f"chat_template in tokenizer_config.json)")
         import datetime
 
@@ -52,7 +57,7 @@ class HFTokenizer:
         import jinja2.sandbox
 
         def raise_exception(message):
-            raise GenerationError(f"--chat: the chat template refused the prompt: {message}")
+            raise GenerationError(f"{what}: the chat template refused the messages: {message}")
 
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                            extensions=["jinja2.ext.loopcontrols"])
@@ -62,10 +67,10 @@ class HFTokenizer:
         special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.config.items()
                    if k.endswith("_token")}
         try:
-            rendered = env.from_string(self.template).render(messages=[{"role": "user", "content": text}],
-                                                             add_generation_prompt=True, **special)
+            rendered = env.from_string(self.template).render(messages=messages, add_generation_prompt=True,
+                                                             **special)
         except jinja2.TemplateError as e:
-            raise GenerationError(f"--chat: cannot render the chat template of {self.directory}: {e}") from None
+            raise GenerationError(f"{what}: cannot render the chat template of {self.directory}: {e}") from None
         return self._tok.encode(rendered, add_special_tokens=False).ids
 
 
@@ -83,6 +88,9 @@ class NoTokenizer:
         raise GenerationError(f"{self.directory}: no tokenizer.json, so text prompts cannot be encoded")
 
     chat = encode
+
+    def render_chat(self, messages, what="--chat"):
+        raise GenerationError(f"{what}: {self.directory} has no tokenizer.json, so chat messages cannot be encoded")
 
     def decode(self, ids):
         raise GenerationError(f"{self.directory}: no tokenizer.json, so token ids cannot be decoded to text "

@@ -14,12 +14,15 @@ from jaxpar.serving.request import Request, SamplingParams
 from jaxpar.serving.runner import Runner
 from jaxpar.serving.scheduler import Scheduler
 
+HEARTBEAT_S = 5.0  # an idle leader's empty plan every this many seconds (see `_heartbeat`)
+
 
 class ServingLoop:
     def __init__(self, scheduler: Scheduler, runner: Runner):
         self.scheduler, self.runner = scheduler, runner
         self.lock = threading.RLock()
         self.wake = threading.Condition(self.lock)
+        self._stepping = threading.Lock()  # one iteration at a time (`step` lets `lock` go while programs run)
         self._thread: threading.Thread | None = None
         self._stop = False
         self.error: BaseException | None = None
@@ -39,17 +42,20 @@ class ServingLoop:
             self._notify([req])
 
     def step(self) -> list[Request]:
-        """One iteration: schedule, execute, hand out the results."""
-        with self.lock:
-            sched = self.scheduler
-            plan = sched.schedule()
-            if self.leading:
-                from jaxpar.serving import multihost
-                multihost.broadcast(multihost.to_wire(plan))
+        """One iteration: schedule, execute, hand out the results. The lock is free while the programs run, so
+        requests can be added or aborted meanwhile (an abort frees pages the running programs may still write;
+        no one gets them before the next `schedule`, and `update` skips ended requests)."""
+        with self._stepping:
+            with self.lock:
+                plan = self.scheduler.schedule()
+                if self.leading:
+                    from jaxpar.serving import multihost
+                    multihost.broadcast(multihost.to_wire(plan))
             prefill, decode = self.runner.execute(plan)
-            touched = sched.update(plan, prefill, decode)
-            self._notify(touched)
-            return touched
+            with self.lock:
+                touched = self.scheduler.update(plan, prefill, decode)
+                self._notify(touched)
+                return touched
 
     def _notify(self, reqs) -> None:
         for r in reqs:
@@ -62,6 +68,11 @@ class ServingLoop:
     def lead(self) -> None:
         """Process 0 of several: from now on every iteration's plan is broadcast to the followers."""
         self.leading = True
+
+    def _heartbeat(self) -> None:
+        """An empty plan: idle followers wait inside a collective, which times out if nothing comes for long."""
+        from jaxpar.serving import multihost
+        multihost.broadcast(multihost.WirePlan([], 0, None, None, False))
 
     def release_followers(self) -> None:
         """Tell the followers that no more plans come (they return from `follow`)."""
@@ -101,12 +112,12 @@ class ServingLoop:
                         return
                     if self.error is not None:
                         raise RuntimeError("the serving loop failed") from self.error
-                    if not pending:
-                        if self.background:
-                            self.wake.wait(timeout=1.0)
-                        else:
-                            self.step()
+                    if not pending and self.background:
+                        self.wake.wait(timeout=1.0)
                         continue
+                if not pending:
+                    self.step()
+                    continue
                 for r, toks in pending:
                     if deliver is not None:
                         deliver(r, toks)
@@ -137,10 +148,11 @@ class ServingLoop:
             while True:
                 with self.lock:
                     while not self._stop and not self.scheduler.has_work:
-                        self.wake.wait()
+                        if not self.wake.wait(HEARTBEAT_S if self.leading else None) and self.leading:
+                            self._heartbeat()
                     if self._stop:
                         return
-                    self.step()
+                self.step()
         except BaseException as e:  # the engine failed: every waiter learns it
             with self.lock:
                 self.error = e
@@ -149,44 +161,72 @@ class ServingLoop:
                     fn(None)
 
     # ---- the online API -------------------------------------------------------------------------------------
+    def open(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> "RequestStream":
+        """Queue a request now (QueueFull at once when the queue is full) and return its stream of tokens, an
+        async iterator for the running asyncio loop. The background loop must be running (`start`)."""
+        return RequestStream(self, prompt, params, request_id)
+
     async def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None):
-        """Queue a request and yield its new tokens (lists of ids) as they come; the request is aborted if the
+        """Queue a request and yield (request, new token ids) as they come; the request is aborted if the
         consumer stops early (a closed stream, a cancelled task). `.finish_reason` of the request says why it
         ended. The background loop must be running (`start`)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def listener(r):  # called on the loop thread, under the lock
-            if r is None:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-                return
-            toks, r.unread = r.unread, []
-            loop.call_soon_threadsafe(queue.put_nowait, (toks, r.finished))
-
-        with self.lock:
-            req = self.scheduler.add(prompt, params, request_id)
-            self._listeners[req] = listener
-            if req.finished:
-                listener(req)
-            self.wake.notify_all()
+        stream = self.open(prompt, params, request_id)
         try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    raise RuntimeError("the serving loop failed") from self.error
-                toks, finished = item
-                if toks:
-                    yield req, toks
-                if finished:
-                    return
+            async for toks in stream:
+                yield stream.request, toks
         finally:
-            with self.lock:
-                self._listeners.pop(req, None)
-                if not req.finished:
-                    self.scheduler.abort(req)
+            stream.close()
 
     def complete(self, prompt: list[int], params: SamplingParams) -> Request:
         """The blocking convenience: run one request to its end (with or without the background thread)."""
         req = self.add(prompt, params)
         self.run_until([req])
         return req
+
+
+class RequestStream:
+    """One request's new tokens for asyncio: `async for toks in stream` yields lists of ids until the request
+    ends (`stream.request.finish_reason` says why). `close()` (also when the iteration is left early or
+    cancelled) aborts a request that has not ended, so its slot and pages are free at the next iteration."""
+
+    def __init__(self, loop: ServingLoop, prompt: list[int], params: SamplingParams, request_id: str | None):
+        self.loop = loop
+        aio = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+        def listener(r):  # called on the loop's thread, under its lock
+            if r is None:  # the engine failed
+                aio.call_soon_threadsafe(self._queue.put_nowait, None)
+                return
+            toks, r.unread = r.unread, []
+            aio.call_soon_threadsafe(self._queue.put_nowait, (toks, r.finished))
+
+        with loop.lock:
+            if loop.error is not None:
+                raise RuntimeError("the serving loop failed") from loop.error
+            self.request = loop.scheduler.add(prompt, params, request_id)
+            loop._listeners[self.request] = listener
+            if self.request.finished:
+                listener(self.request)
+            loop.wake.notify_all()
+
+    async def __aiter__(self):
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None:
+                    raise RuntimeError("the serving loop failed") from self.loop.error
+                toks, finished = item
+                if toks:
+                    yield toks
+                if finished:
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with self.loop.lock:
+            self.loop._listeners.pop(self.request, None)
+            if not self.request.finished:
+                self.loop.scheduler.abort(self.request)
+                self.loop.wake.notify_all()

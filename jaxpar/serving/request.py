@@ -88,6 +88,7 @@ class Request:
         self.finish_reason: str | None = None
         self.aborted = False
         self.arrival = time.perf_counter()
+        self.admit_time: float | None = None  # when it first got a slot
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.preemptions = 0

@@ -179,6 +179,8 @@ class Scheduler:
             self.slots[slot] = req
             self.admitted.append(req)
             req.status = Status.PREFILL
+            if req.admit_time is None:
+                req.admit_time = time.perf_counter()
 
     def _preempt_for(self, keep: Request) -> bool:
         """Preempt the most recently admitted request other than `keep`; False if there is none."""
