@@ -8,7 +8,8 @@ from jaxpar.tools import cli
 SHIPPED = ["single", "dp8", "tp2", "tp4", "tp8", "dp2_tp4", "sp4", "sp8", "sp4_ulysses", "dp2_sp2_tp2", "pp2", "pp4",
            "pp2_tp4", "ep8", "dp2_ep4", "tp2_ep4"]  # expert meshes run tiny-add-moe (their default model)
 SUBCOMMANDS = {"seq": "sequence", "moe": "experts", "pp": "pipeline", "collectives": "collectives",
-               "attention": "attention", "continuous": "continuous"}
+               "attention": "attention", "continuous": "continuous",
+               "serve": "serve"}
 
 
 def _device_summary() -> str:
@@ -32,7 +33,9 @@ def main(argv=None):
                    "against capacity factor, EP vs TP), `bench pp` (pipeline bubble, PP vs TP), "
                    "`bench collectives` (collective bandwidth against message size), `bench attention` (blockwise "
                    "against dense prefill attention), `bench continuous` (continuous against static batching: "
-                   "throughput, latency against the admission interval, chunked prefill); `bench --vs-transformers` "
+                   "throughput, latency against the admission interval, chunked prefill), `bench serve` (an "
+                   "OpenAI-compatible server under Poisson arrivals: latency percentiles, throughput, goodput); "
+                   "`bench --vs-transformers` "
                    "(decode and prefill speed against Hugging Face transformers on this CPU).")
     p.add_argument("--mesh", nargs="+", default=SHIPPED, help="mesh files or shipped names (default: all shipped)")
     g = p.add_mutually_exclusive_group()

@@ -63,3 +63,23 @@ def test_continuous_batching_benchmark(tmp_path):
     assert m["saturation"]["ratio"] > 0
     a = r["attention"][0]
     assert a["max_diff"] <= 1e-5 and a["paged_us_per_token"] > 0
+
+
+def test_serving_benchmark(tmp_path):
+    """`bench serve` end to end: it starts a server, sends the workload at two rates, overloads it and soaks
+    it, runs the same workload through the engine's Python API and in static batches, and stops the server
+    cleanly; every request is answered and counted."""
+    out = tmp_path / "serve"
+    bench.main(["serve", "--mesh", "single", "--fake-devices", "1", "--max-num-seqs", "2", "--max-queue", "4",
+                "--requests", "6", "--rates", "20", "inf", "--load-seconds", "2", "--soak", "12", "--vs-engine",
+                "--static", "--out", str(out)])
+    r = json.loads((out / "serve.json").read_text())
+    assert r["server_exit_status"] == 0 and r["model"] == "tiny-add"
+    for rate in r["rates"]:
+        assert rate["statuses"] == {"200": 6} and rate["output_tokens"] == r["output_tokens"] > 0
+        assert rate["ttft_ms"]["p50"] > 0 and rate["e2e_ms"]["p99"] >= rate["ttft_ms"]["p99"]
+    assert r["load"]["lost"] == 0 and set(r["load"]["statuses"]) <= {"200", "503"}
+    assert r["soak"]["ok"] == 12 and r["soak"]["rss_after_mib"] > 0
+    assert r["engine"]["output_tokens_per_s"] > 0 and r["http_over_engine"] > 0
+    assert r["static"]["output_tokens_per_s"] > 0
+    assert (out / "serve.png").exists()

@@ -78,7 +78,7 @@ def test_server_over_two_processes_answers_as_one_process_does(tmp_path):
     import threading
 
     from conftest import engine, mesh_path
-    from server_process import ServerProcess, free_port
+    from jaxpar.server.process import ServerProcess, free_port
 
     coord, http = _free_port(), free_port()
     env = dict(_env(), XLA_FLAGS="")

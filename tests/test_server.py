@@ -14,7 +14,7 @@ import transformers
 
 import jaxpar
 from conftest import mesh_path
-from server_process import ServerProcess
+from jaxpar.server.process import ServerProcess
 from test_hf import make_tokenizer
 
 KEY = "test-key"

@@ -100,7 +100,8 @@ def build_app(state: ServerState) -> FastAPI:
             state.check_serving()
         return {"object": "list", "data": [{"id": state.name, "object": "model", "created": state.created,
                                             "owned_by": "jaxpar", "root": state.name,
-                                            "max_model_len": state.served.max_model_len}]}
+                                            "max_model_len": state.served.max_model_len,
+                                            "vocab_size": state.served.vocab_size}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -213,8 +214,7 @@ class Reply:
 
     def _chunk(self, text: str | None, finish_reason: str | None = None, first: bool = False) -> str:
         if self.creq.chat:
-            delta = {"role": "assistant", "content": text or ""} if first else \
-                ({"content": text} if text else {})
+            delta = {"role": "assistant", "content": text or ""} if first else {"content": text or ""}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         else:
@@ -234,11 +234,9 @@ class Reply:
             if self.creq.chat:
                 yield self._chunk("", first=True)
                 first = False
-            async for toks in self.stream:
-                self._observe(toks)
-                piece = self.text.push(toks)
-                if piece:
-                    yield self._chunk(piece)
+            async for toks in self.stream:  # a chunk per delivery, even when its text must wait (a split
+                self._observe(toks)          # character, a stop string in the making): clients see progress
+                yield self._chunk(self.text.push(toks))
             yield self._chunk(self.text.finish(self.req), self.req.finish_reason, first=first)
             if self.creq.include_usage:
                 usage = {"id": self.rid, "object": "chat.completion.chunk" if self.creq.chat else "text_completion",

@@ -2,7 +2,7 @@
 dashboards built for vLLM need only the prefix changed."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                    40.0, 80.0, 160.0)
@@ -12,6 +12,7 @@ TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3
 class Metrics:
     def __init__(self, name: str):
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends (the soak benchmark reads it)
         label = {"model_name": name}
         self.running = Gauge("jaxpar:num_requests_running", "Requests holding a slot (prefilling or decoding).",
                              ["model_name"], registry=r).labels(**label)

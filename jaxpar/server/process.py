@@ -1,5 +1,5 @@
-"""A `python -m jaxpar.serve` subprocess for tests: bound to 127.0.0.1 on a free port, started and stopped by
-the test through its own process handle, every call with a timeout."""
+"""A `python -m jaxpar.serve` subprocess (tests and `bench serve`): bound to 127.0.0.1 on a free port, started
+and stopped through its own process handle, every call with a timeout."""
 import os
 import signal
 import socket
@@ -9,7 +9,6 @@ import time
 
 import httpx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -29,7 +28,7 @@ class ServerProcess:
             cmd += ["--api-key", api_key]
         self.log_path = log_path
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(extra_env or {})})
 
     @property
