@@ -65,6 +65,7 @@ def client(server):
 
 
 def test_health_models_and_the_api_key(server, client):
+    assert server.health_seen[0] == 503 and server.health_seen[-1] == 200  # 503 while loading and compiling
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # no key needed
     r = httpx.get(server.url + "/v1/models", timeout=10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"

@@ -242,6 +242,8 @@ def run(args, rates: list, tmp: str) -> None:
         work = _workload(args, models["vocab_size"], ctx)
         result = {"url": url if args.url else "started", "model": models["id"], "max_model_len": ctx,
                   "requests": len(work), "output_tokens": sum(o for _, o in work), "rates": []}
+        # untimed: the client's connections and the server's first requests (not its programs: warmed up)
+        asyncio.run(_run(url, headers, work[:4], float("inf"), args.seed, "warm-up"))
         for rate in rates:
             recs, secs = asyncio.run(_run(url, headers, work, rate, args.seed, f"rate {rate:g}/s"))
             result["rates"].append(summarize(recs, secs, rate, args.slo_ttft_ms, args.slo_tpot_ms))

@@ -23,6 +23,7 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
+        self.health_seen: list = []  # /health's answers while waiting for the server to be ready
         cmd = [sys.executable, "-m", "jaxpar.serve", "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
@@ -46,7 +47,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                code = httpx.get(self.url + "/health", timeout=2).status_code
+                self.health_seen.append(code)
+                if code == 200:
                     return
             except httpx.HTTPError:
                 pass
