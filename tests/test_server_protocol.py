@@ -95,3 +95,25 @@ def test_streamed_text_holds_back_a_stop_string_in_the_making():
     assert out + s.finish(req) == "hello "
     s = TextStream(tok.decode, stop=("STOP",))  # the tokens that complete it come in one delivery
     assert s.push(tok.encode("ab STOP cd", add_bos=False)) == "ab "
+
+
+def test_health_and_requests_answer_503_while_loading_and_after_an_engine_failure():
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from jaxpar.server.app import ServerState, build_app
+    state = ServerState("tiny-add")
+    client = TestClient(build_app(state))
+    assert client.get("/health").status_code == 503 and client.get("/health").json()["status"] == "loading"
+    r = client.post("/v1/completions", json={"prompt": "1+1="})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "loading" in r.json()["error"]["message"]
+    loop = SimpleNamespace(error=None)
+    state.attach(SimpleNamespace(loop=loop, tokenizer=ByteTokenizer(), config=SimpleNamespace(vocab_size=259),
+                                 serving=SimpleNamespace(max_model_len=64)))
+    state.status = "ready"
+    assert client.get("/health").status_code == 200
+    loop.error = RuntimeError("device lost")  # what the serving loop records when a program fails
+    assert client.get("/health").status_code == 503 and client.get("/health").json()["status"] == "failed"
+    r = client.post("/v1/completions", json={"prompt": "1+1="})
+    assert r.status_code == 503 and "device lost" in r.json()["error"]["message"]
