@@ -12,13 +12,17 @@ from jaxpar.tokenizer import ByteTokenizer
 DEFAULT_MODEL = "tiny-add"
 DEFAULT_MOE_MODEL = "tiny-add-moe"  # the default on meshes with an expert axis
 DTYPES = ("float32", "bfloat16")
+FAKE_HINT = "; on a CPU, --fake-devices N (or jaxpar.load(..., fake_devices=N)) simulates N devices"
 
 
 def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", seed: int = 0, devices=None,
-         unroll=None, **serving):
+         unroll=None, fake_devices: int | None = None, **serving):
     """Build an Engine: a model laid out on a mesh.
 
-    mesh: a mesh file path, a shipped mesh name (`tp4`), or a MeshConfig.
+    mesh: a mesh file path, a shipped mesh name (`tp4`, found from any directory), or a MeshConfig.
+    fake_devices: run on N simulated CPU devices, as the CLI's --fake-devices N. It must come before JAX
+    starts its backend (the first jax.devices() or computation in this process); afterwards only the count
+    JAX already has is accepted.
     model: None (the embedded default: tiny-add, or tiny-add-moe on a mesh with an expert axis; or the config
     stored with `checkpoint`), a config path, a shipped model name, or a ModelConfig. A model with no checkpoint gets random weights from `seed`.
     unroll: layers applied one after another with per-layer weights and cache (True), or scanned over the
@@ -34,11 +38,14 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
     if dtype not in DTYPES:
         raise JaxparError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     serving_cfg = serving_config(serving)
+    if fake_devices is not None:
+        use_fake_devices(fake_devices)
     import jax
 
     mesh_cfg = mesh if isinstance(mesh, MeshConfig) else load_mesh_file(str(mesh))
     devices = list(jax.devices() if devices is None else devices)
-    mesh_cfg = mesh_cfg.resolved(len(devices))  # the mesh alone is checked before any model file is read
+    # the mesh alone is checked before any model file is read
+    mesh_cfg = mesh_cfg.resolved(len(devices), FAKE_HINT)
     if hf is not None:
         if checkpoint is not None:
             raise JaxparError("give either --hf or --checkpoint, not both")
@@ -70,6 +77,23 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
         from jaxpar.hf.tokenizer import load_tokenizer  # a checkpoint converted from Hugging Face
         tokenizer = load_tokenizer(checkpoint, cfg)
     return Engine(cfg, ml, params, tokenizer, unroll, serving_cfg)
+
+
+def use_fake_devices(n) -> None:
+    """N simulated CPU devices for this process (the CLI's --fake-devices), or a JaxparError saying why not."""
+    from jaxpar.tools import cli
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise JaxparError(f"fake_devices must be an integer >= 1, got {n!r}")
+    if cli.backend_started():  # the device count is fixed once JAX has created its devices
+        import jax
+        have = jax.devices()
+        if len(have) != n:
+            raise JaxparError(f"fake_devices={n}: JAX has already started with {len(have)} {have[0].platform} "
+                              f"device(s), and the device count cannot change after that; call "
+                              f"jaxpar.load(..., fake_devices={n}) before anything else uses JAX in this process "
+                              f"(in a notebook: restart the kernel)")
+        return
+    cli.setup_devices(n)
 
 
 def _diff(a: ModelConfig, b: ModelConfig) -> str:

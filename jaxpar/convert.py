@@ -32,7 +32,8 @@ def main(argv=None):
     p.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + *.safetensors)")
     p.add_argument("--out", required=True, help="checkpoint directory to write (must be new or empty)")
     p.add_argument("--mesh", default="single", help="mesh to stream the weights through (default single)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype the weights are stored in (default float32)")
     args = p.parse_args(argv)
     cli.start(args)
     print(f"wrote {convert(args.hf, args.out, args.mesh, args.dtype)}")

@@ -42,7 +42,7 @@ def print_human(r: dict) -> None:
 
 
 def main(argv=None):
-    p = cli.parser("inspect", __doc__.splitlines()[0].split(": ", 1)[1])
+    p = cli.parser("inspect", cli.describe(__doc__))
     cli.add_model_args(p)
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt length in tokens (default 16)")

@@ -60,8 +60,8 @@ def hardware(args):
 
 
 def size_by_params(args, hw) -> dict:  # hw: the preset (whole nodes), not the devices asked for
-    """Sizing from a parameter count alone (architectures jaxpar does not run): weights in each dtype and
-    reference 003's minimum instance, weights x KV allowance rounded up to 1, 2, 4, 8 devices or whole nodes."""
+    """Sizing from a parameter count alone (architectures jaxpar does not run): weights in each dtype and the
+    rule-of-thumb minimum instance, weights x KV allowance rounded up to 1, 2, 4, 8 devices or whole nodes."""
     from jaxpar.analysis.planner import min_devices
     from jaxpar.analysis.sizing import DTYPE_BYTES
     n = _params(args.params)
@@ -131,8 +131,10 @@ def print_human(r: dict, top: int) -> None:
     print(f"hardware: {hw['name']}: {_gb(hw['memory_bytes'])}, {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"{hw['flops']['bf16'] / 1e12:.0f} TFLOP/s bf16; {links}")
     mdev = s["min_devices_by_allowance"]
-    print(f"minimum devices by reference 003's rule (weights x {s['kv_allowance']} KV allowance): "
-          f"{mdev if mdev else 'more than 64 nodes'}")
+    need = s["weights_bytes"][q["dtype"]] * s["kv_allowance"]
+    print(f"minimum devices (a rule of thumb, not from --batch or --context): {mdev if mdev else 'more than 64 nodes'}"
+          f" = {q['dtype']} weights x --kv-allowance {s['kv_allowance']:g} (the extra is room for the KV cache) = "
+          f"{_gb(need)}, rounded up to 1, 2, 4, 8 devices or whole nodes of {_gb(hw['memory_bytes'])} devices")
     lay = r["layouts"]
     print(f"\n{r['devices']} devices, {q['dtype']} weights, batch {q['batch']}, context {q['context']}, "
           f"{q['new_tokens']} new tokens: {sum(x['fits'] for x in lay)} of {len(lay)} layouts fit"
@@ -149,7 +151,14 @@ def print_human(r: dict, top: int) -> None:
               f"{'yes' if x['fits'] else 'no':>6}{x['est_prefill_ms']:>12.2f}{x['est_decode_ms']:>11.3f}"
               f"{share:>8.1f}{x['est_request_ms'] / 1e3:>11.3f}  {', '.join(x['decode']['links'] or ['-'])}")
     if rec:
-        print(f"\nrecommended: {rec['name']}: {json.dumps(rec['mesh'])}")
+        print(f"\nrecommended: {rec['name']} on {rec['devices']} devices: {json.dumps(rec['mesh'])}")
+        print(f"  the fastest of the layouts above that fit, for this batch {q['batch']} and context "
+              f"{q['context']}: weights, KV cache and workspace take {_gb(rec['memory_bytes_per_device'])} of the "
+              f"{_gb(rec['memory_budget_bytes'])} per device left after --headroom {q['headroom']:g}")
+        if mdev and rec["devices"] < mdev:
+            print(f"  (fewer than the rule-of-thumb minimum of {mdev}: that rule sets aside "
+                  f"{s['kv_allowance']} x the weights for any batch and context; this layout is sized for the "
+                  f"batch and context given, so a larger batch or context may need more devices)")
         print("  weights per device: " + ", ".join(f"{d} {_gb(b)}" for d, b in
                                                    rec["weights_bytes_per_device_by_dtype"].items()))
     else:
@@ -158,12 +167,13 @@ def print_human(r: dict, top: int) -> None:
 
 def main(argv=None):
     from jaxpar.analysis.hardware import network_names, preset_names
-    p = cli.parser("plan", __doc__.splitlines()[0].split(": ", 1)[1], devices=False)
+    p = cli.parser("plan", cli.describe(__doc__), devices=False)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="model config file, shipped name (tiny-add, llama3-70b, ...) or Hugging Face "
                                    "directory")
     g.add_argument("--params", help="size by parameter count only (e.g. 671B), for architectures jaxpar does "
-                                    "not run: weights and reference 003's minimum devices; no layouts")
+                                    "not run: the weights in each dtype and the rule-of-thumb minimum devices "
+                                    "(see --kv-allowance); no layouts")
     p.add_argument("--devices", type=int, default=8, help="total devices (default 8)")
     p.add_argument("--hardware", default="h100-nvlink",
                    help=f"preset ({', '.join(preset_names())}) or a hardware YAML file (default h100-nvlink)")
@@ -178,7 +188,9 @@ def main(argv=None):
     p.add_argument("--kv-dtype", help="KV cache and activation dtype (default bf16; float32 with float32 weights)")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free (default 0.1)")
     p.add_argument("--kv-allowance", type=float, default=1.8,
-                   help="reference 003's rule: memory needed = weights x this (default 1.8)")
+                   help="the minimum-devices rule of thumb: memory needed = weights x this, the extra for the "
+                        "KV cache (default 1.8: 80%% of the weights again), rounded up to 1, 2, 4, 8 devices or "
+                        "whole nodes; the layouts use the exact KV cache of --batch and --context instead")
     p.add_argument("--capacity-factor", type=float, default=0.0, help="expert capacity of enumerated EP layouts "
                                                                       "(default 0 = dropless)")
     p.add_argument("--mesh", nargs="+", help="evaluate these mesh files instead of enumerating layouts")
@@ -209,7 +221,8 @@ def main(argv=None):
             print(f"{r['params'] / 1e9:.0f} B parameters: " + ", ".join(f"{d} {_gb(b)}" for d, b in
                                                                          r["weights_bytes"].items()))
             print(f"{args.dtype} weights x {args.kv_allowance} KV allowance = {_gb(r['required_bytes'])}: minimum "
-                  f"{r['min_devices']} x {hw.name} ({_gb(hw.memory_bytes)} each)")
+                  f"{r['min_devices']} x {hw.name} ({_gb(hw.memory_bytes)} each; the rule of thumb: weights x "
+                  f"--kv-allowance, rounded up to 1, 2, 4, 8 devices or whole nodes)")
         return
     preset, hw = load_hardware(args.hardware), hardware(args)
     cfg = load_model(args.model)

@@ -81,3 +81,71 @@ def test_config_end_of_sequence_ids_stop_generation():
                         devices=jax.devices()[:1])
     other.params = eng.params
     assert other.generate_tokens([[256] + list(b"12+30=")], max_new_tokens=4)[0] == first[:1]
+
+
+# ---- python -m jaxpar.generate, in-process on the session's engines ---------------------------------------------
+def run_generate(argv, capsys, monkeypatch, eng=None):
+    from jaxpar import generate
+    from jaxpar.tools import cli
+    monkeypatch.setattr(cli, "load_engine", lambda args: eng or engine("single"))
+    generate.main(["--mesh", "single"] + argv)
+    return capsys.readouterr()
+
+
+def test_prompts_file_plain_text_and_stdin(tmp_path, capsys, monkeypatch):
+    import io
+    f = tmp_path / "prompts.txt"
+    f.write_text("123+456=\n\n12+30=\n")  # the blank line is skipped
+    out = run_generate(["--prompts-file", str(f)], capsys, monkeypatch)
+    assert out.out == "579\n42\n" and out.err == ""
+    monkeypatch.setattr("sys.stdin", io.StringIO("12+30=\n"))
+    assert run_generate(["--prompts-file", "-"], capsys, monkeypatch).out == "42\n"
+
+
+def test_prompts_file_jsonl(tmp_path, capsys, monkeypatch):
+    import json
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "12+30="}\n{"prompt": "1+2=", "max_tokens": 1}\n')
+    out = run_generate(["--prompts-file", str(f)], capsys, monkeypatch)
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    assert rows == [{"prompt": "12+30=", "completion": "42", "finish_reason": "stop", "prompt_tokens": 7,
+                     "completion_tokens": 2},
+                    {"prompt": "1+2=", "completion": "3", "finish_reason": "length", "prompt_tokens": 5,
+                     "completion_tokens": 1}]
+    assert out.err == ""  # max_tokens 1 asked, 1 given: nothing to explain
+
+
+def test_short_and_empty_completions_say_why(capsys, monkeypatch):
+    ctx = engine("single").serving.max_model_len  # 64: the BOS and 63 bytes fill it
+    out = run_generate(["--prompt", "1" * 63], capsys, monkeypatch)
+    assert out.out == "\n"
+    assert out.err == f"note: prompt 0: nothing generated: its 64 tokens fill the context window (max_model_len " \
+                      f"{ctx})\n"
+    out = run_generate(["--prompt", "1+1=", "--prompt", "1" * 61], capsys, monkeypatch)
+    got = len(engine("single").generate_tokens([[256] + [49] * 61])[0])
+    assert out.err == f"note: prompt 1: stopped after {got} of 32 new tokens: the context window (max_model_len " \
+                      f"{ctx}) is full\n" and got == 2
+    # random weights: ids past the byte range, which the byte tokenizer has no text for (README's tiny-moe)
+    from jaxpar.config import config_from_dict
+    rnd = engine("single", model=config_from_dict(dict(vocab_size=4096, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=1, num_attention_heads=4,
+                                                       max_position_embeddings=64)))
+    out = run_generate(["--prompt", "hi", "--max-new-tokens", "4"], capsys, monkeypatch, rnd)
+    assert out.out == "\n"
+    assert out.err == "note: prompt 0: the 4 generated ids decode to no text (the model emits ids the tokenizer " \
+                      "has no text for: a model with random weights?)\n"
+
+
+def test_stats_compile_first_then_steady_state(capsys, monkeypatch):
+    eng = engine("single")
+    calls = []
+    monkeypatch.setattr(eng, "warmup", lambda: calls.append("warmup") or {"programs": 7, "seconds": 1.5})
+    gen = eng.generate_tokens
+    monkeypatch.setattr(eng, "generate_tokens", lambda *a, **kw: calls.append("generate") or gen(*a, **kw))
+    err = run_generate(["--prompt", "12+30=", "--stats"], capsys, monkeypatch).err.splitlines()
+    assert calls == ["warmup", "generate"]
+    assert err[0].startswith("stats: compile: 7 programs in 1.5 s")
+    assert err[1].startswith("stats: time to first token: ") and err[1].endswith(" ms")
+    assert err[2].startswith("stats: time per output token: ") and err[2].endswith(" ms")
+    assert err[3].startswith("stats: tokens/s: ") and "2 new tokens, 1 prompts" in err[3]
+    assert not any("compilation on first use" in line for line in err)

@@ -22,11 +22,12 @@ def write(tmp_path, name, data):
 
 
 MESH_CASES = {  # name: (file content or None for a missing file, expected message fragments)
-    "missing": (None, ["mesh file not found"]),
+    "missing": (None, ["mesh file not found", "shipped meshes", "dp2_tp4, dp8", "tp4, tp8"]),
     "unparseable": ("axes: [tensor: 2\n", ["not valid YAML"]),
     "unknown_key": ({"axes": {"tensor": 2}, "layout": "x"}, ["unknown key(s) layout"]),
     "unknown_axis": ({"axes": {"pipeline": 2}}, ["axes", "unknown axis 'pipeline'"]),
-    "too_many_devices": ({"axes": {"data": 2, "tensor": 8}}, ["data=2 x tensor=8", "multiply to 16", "only 8"]),
+    "too_many_devices": ({"axes": {"data": 2, "tensor": 8}}, ["data=2 x tensor=8", "multiply to 16", "only 8",
+                                                              "--fake-devices N", "fake_devices=N"]),
     "two_minus_one": ({"axes": {"data": -1, "tensor": -1}}, ["only one axis may be -1", "data, tensor"]),
     "minus_one_not_dividing": ({"axes": {"data": -1, "tensor": 3}}, ["multiply to 3", "8 devices"]),
     "bad_size": ({"axes": {"tensor": 0}}, ["axes.tensor", "got 0"]),
@@ -153,6 +154,50 @@ def test_missing_checkpoint(tmp_path, capsys):
         jaxpar.load(mesh=mesh_path("tp2"), checkpoint=d)
     check(run_cli(["--mesh", mesh_path("tp2"), "--checkpoint", d, "--prompt", "1+1="], capsys),
           [d, "checkpoint directory not found"])
+    f = write(tmp_path, "config.yaml", GOOD_MODEL)  # a file where a directory belongs: said so, not "not found"
+    with pytest.raises(jaxpar.JaxparError, match="is a file, not a checkpoint directory"):
+        jaxpar.load(mesh=mesh_path("tp2"), checkpoint=f)
+    check(run_cli(["--mesh", mesh_path("tp2"), "--checkpoint", f, "--prompt", "1+1="], capsys),
+          [f, "is a file, not a checkpoint directory", "config.yaml and params/"])
+    check(run_cli(["--mesh", mesh_path("tp2"), "--hf", f, "--prompt", "1+1="], capsys),
+          [f, "is a file, not a Hugging Face model directory"])
+
+
+def test_unknown_mesh_name_lists_the_shipped_ones(capsys):
+    from jaxpar.layout.mesh_file import MESHES_DIR, shipped_meshes
+    names = shipped_meshes()
+    assert names == sorted(f[:-5] for f in os.listdir(MESHES_DIR) if f.endswith(".yaml")) and "tp4" in names
+    msg = run_cli(["--mesh", "tp3", "--prompt", "1+1="], capsys)
+    check(msg, ["tp3: mesh file not found", "usable by name from any directory", ", ".join(names)])
+
+
+def test_fake_devices_from_python():
+    """This process's JAX has started with 8 devices (conftest): the same count is accepted, any other
+    refused with the counts and what to do; a fresh process is tested in test_install.py."""
+    from jaxpar.api import use_fake_devices
+    use_fake_devices(8)
+    with pytest.raises(jaxpar.JaxparError) as e:
+        jaxpar.load(mesh="tp4", fake_devices=4)
+    check(str(e.value), ["fake_devices=4", "already started with 8 cpu device(s)", "before anything else uses JAX"])
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(jaxpar.JaxparError, match="fake_devices must be an integer >= 1"):
+            jaxpar.load(mesh="tp4", fake_devices=bad)
+
+
+def test_prompts_file_errors(tmp_path, capsys):
+    empty = write(tmp_path, "empty.txt", "\n  \n")
+    check(run_cli(["--mesh", "single", "--prompts-file", empty], capsys), [empty, "no prompts"])
+    check(run_cli(["--mesh", "single", "--prompt", "1+1=", "--prompts-file", empty], capsys),
+          ["--prompts-file", "not allowed with", "--prompt"])
+    check(run_cli(["--mesh", "single"], capsys), ["one of the arguments --prompt --prompts-file is required"])
+    check(run_cli(["--mesh", "single", "--prompts-file", str(tmp_path / "absent.txt")], capsys),
+          [str(tmp_path / "absent.txt"), "No such file"])
+    for lines, frags in ((['{"prompt": "1+1="}', "{oops"], ["line 2", "not valid JSON"]),
+                         (['["1+1="]'], ["line 1", 'a "prompt" string']),
+                         (['{"prompt": "1+1=", "max_token": 3}'], ["line 1", "unknown key(s) max_token"]),
+                         (['', '{"prompt": "1+1=", "max_tokens": 0}'], ["line 2", "max_tokens", "got 0"])):
+        f = write(tmp_path, "bad.jsonl", "\n".join(lines) + "\n")
+        check(run_cli(["--mesh", "single", "--prompts-file", f], capsys), [f] + frags)
 
 
 def test_checkpoint_not_matching_config(tmp_path, capsys):
@@ -175,7 +220,8 @@ def test_cli_end_to_end_error_has_no_traceback():
     r = subprocess.run([sys.executable, "-m", "jaxpar.inspect", "--fake-devices", "8", "--mesh", "tp16-missing.yaml"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: tp16-missing.yaml: mesh file not found"]
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith("error: tp16-missing.yaml: mesh file not found; the shipped meshes") and "tp4" in line
 
 
 def test_readme_command_prints_579():
@@ -233,3 +279,25 @@ def test_unreadable_checkpoints(tmp_path, capsys):
     with pytest.raises(jaxpar.JaxparError, match="empty"):
         jaxpar.load(mesh=mesh_path("tp2"), checkpoint=str(empty))
     check(run_cli(["--mesh", mesh_path("tp2"), "--checkpoint", str(empty), "--prompt", "1"], capsys), [str(empty)])
+
+
+@pytest.mark.parametrize("tool", ["generate", "inspect", "plan", "convert", "benchmarks.attention",
+                                  "tools.load_memory"])
+def test_help_is_whole_sentences_and_every_option_has_help(tool, monkeypatch):
+    """--help: the description is whole (not a docstring's first line cut mid-sentence) and no option is
+    left without a word of help."""
+    import importlib
+
+    class Parsed(Exception):
+        pass
+
+    def capture(self, argv=None, namespace=None):
+        raise Parsed(self)
+
+    monkeypatch.setattr(cli.Parser, "parse_args", capture)
+    with pytest.raises(Parsed) as e:
+        importlib.import_module(f"jaxpar.{tool}").main([])
+    p = e.value.args[0]
+    assert p.description[0].isupper() and p.description.endswith("."), p.description
+    missing = [a.option_strings[0] for a in p._actions if not a.help]
+    assert not missing, f"{tool}: options without help: {missing}"

@@ -29,3 +29,16 @@ def test_wheel_install_runs_shipped_mesh_and_model(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import jaxpar; print(jaxpar.__file__)"], capture_output=True,
                        text=True, cwd=tmp_path, env=env)
     assert r.stdout.startswith(str(target))
+
+
+def test_fake_devices_from_python_in_a_fresh_process(tmp_path):
+    """jaxpar.load(fake_devices=N) sets up N CPU devices when JAX has not started (even when it is already
+    imported, as in a notebook), and a shipped mesh name works from a directory other than the repository."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}  # not conftest's 8
+    env["PYTHONPATH"] = ROOT
+    code = ("import jax, jaxpar\n"
+            "eng = jaxpar.load(mesh='tp4', fake_devices=4)\n"
+            "print(jax.device_count(), jax.devices()[0].platform, eng.mesh.size, eng.generate(['123+456='])[0])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "4 cpu 4 579\n"

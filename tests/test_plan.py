@@ -277,3 +277,20 @@ def test_plan_reads_a_hugging_face_directory(tmp_path, capsys):
     r = run_plan(capsys, "--model", str(tmp_path), "--devices", "8", "--mesh", "tp8")
     assert abs(r["sizing"]["params"] / 1e9 - 8.03) < 0.01  # Llama-3-8B
     assert r["layouts"][0]["weights_bytes_per_device"] * 8 > r["sizing"]["weights_bytes"]["bf16"]
+
+
+def test_human_output_says_what_minimum_and_recommended_mean(capsys):
+    """The rule-of-thumb minimum (weights x --kv-allowance, whatever the batch and context) and the
+    recommended layout (fits this batch and context exactly) can disagree: 32 devices against a 16-device
+    layout for Llama-3.1-405B in bf16 on two H100 nodes. The output says which number is which."""
+    plan_cli.main(["--model", "llama3.1-405b", "--devices", "16", "--nodes", "2", "--network", "ib-ndr"])
+    out = capsys.readouterr().out
+    assert "reference 00" not in out
+    assert ("minimum devices (a rule of thumb, not from --batch or --context): 32 = bf16 weights x --kv-allowance "
+            "1.8 (the extra is room for the KV cache) = 1461.07 GB, rounded up to 1, 2, 4, 8 devices or whole "
+            "nodes of 80.00 GB devices") in out
+    assert "recommended: pp2_tp8_m1 on 16 devices:" in out
+    assert "the fastest of the layouts above that fit, for this batch 1 and context 4096:" in out
+    assert "(fewer than the rule-of-thumb minimum of 32: that rule sets aside 1.8 x the weights" in out
+    plan_cli.main(["--params", "671B", "--dtype", "fp8", "--hardware", "b200-nvlink"])
+    assert "rule of thumb: weights x --kv-allowance" in capsys.readouterr().out

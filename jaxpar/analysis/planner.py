@@ -194,7 +194,8 @@ def recommend(layouts: list) -> dict | None:
 
 def min_devices(total_bytes: float, hw: Hardware, options=None) -> int | None:
     """Smallest instance (1, 2, 4, ... devices: powers of two within a node, then whole nodes) whose memory
-    holds `total_bytes`, the rule of reference 003 (weights x KV allowance, rounded up to an instance)."""
+    holds `total_bytes`: the rule of thumb of weights x KV allowance (1.8: the weights plus ~80% for the KV
+    cache), rounded up to an instance, as published for sizing DeepSeek-V3 in fp8 on B200s."""
     node = hw.devices_per_node
     options = options or [2 ** i for i in range(int(math.log2(node)) + 1)] + [node * k for k in (2, 4, 8, 16, 32, 64)]
     for n in options:

@@ -63,15 +63,18 @@ def markdown(r: dict) -> str:
 
 def main(argv=None):
     from jaxpar.tools import cli
-    p = cli.parser("bench attention", __doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
-    p.add_argument("--blocks", type=int, nargs="+", default=[64, 128, 256, 512])
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="bench_out")
+    p = cli.parser("bench attention", cli.describe(__doc__))
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096],
+                   help="prompt lengths S to time (default 256 512 1024 2048 4096)")
+    p.add_argument("--blocks", type=int, nargs="+", default=[64, 128, 256, 512],
+                   help="block sizes of the blockwise kernel, each timed against dense; one that does not divide a "
+                        "length is skipped there (default 64 128 256 512)")
+    p.add_argument("--heads", type=int, default=12, help="query heads of the layer (default 12)")
+    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads of the layer (default 4)")
+    p.add_argument("--head-dim", type=int, default=64, help="size of each head (default 64)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per call (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per point, the fastest kept (default 5)")
+    p.add_argument("--out", default="bench_out", help="output directory for attention.json (default bench_out)")
     args = p.parse_args(argv)
     if min(args.lengths + args.blocks) < 1 or args.heads % args.kv_heads:
         cli.fail("--lengths and --blocks must be positive and --heads a multiple of --kv-heads")

@@ -33,6 +33,9 @@ def save(directory: str, cfg: ModelConfig, params: dict, kv_repeat: int = 1, lay
 
 def read_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, "config.yaml")
+    if os.path.isfile(directory):
+        raise CheckpointError(f"{directory}: is a file, not a checkpoint directory (a jaxpar checkpoint is a "
+                              f"directory holding config.yaml and params/)")
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     if not os.path.isfile(path) or not os.path.isdir(os.path.join(directory, "params")):

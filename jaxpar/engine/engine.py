@@ -205,7 +205,8 @@ class Engine:
                            "tpot_s": (t1 - t_first) / max(steps - 1, 1), "tokens_per_s": n / (t1 - t0),
                            "programs_run": self.runner.programs_run - runs0,
                            "preemptions": sum(r.preemptions for r in reqs),
-                           "finish_reasons": [r.finish_reason for r in reqs]}
+                           "finish_reasons": [r.finish_reason for r in reqs],
+                           "max_new": [r.max_new for r in reqs]}  # max_new_tokens bounded by the context
         if self.runner.expert_stats:
             self.last_stats["experts"] = summarise_expert_stats(self.runner.expert_stats)
         return reqs

@@ -27,6 +27,9 @@ REFUSED = {"quantization_config": "quantized checkpoints", "partial_rotary_facto
 
 def read_hf_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, "config.json")
+    if os.path.isfile(directory):
+        raise ConfigError(f"{directory}: is a file, not a Hugging Face model directory (give the directory that "
+                          f"holds config.json and the *.safetensors files)")
     if not os.path.isdir(directory):
         raise ConfigError(f"{directory}: Hugging Face model directory not found")
     if not os.path.isfile(path):

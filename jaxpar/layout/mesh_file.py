@@ -31,9 +31,10 @@ class MeshConfig:
     def size(self, axis: str) -> int:
         return self.axes.get(axis, 1)
 
-    def resolved(self, n_devices: int) -> "MeshConfig":
+    def resolved(self, n_devices: int, hint: str = "") -> "MeshConfig":
         """Replace a -1 axis by the remaining devices. Without -1 the sizes may multiply to fewer devices than
-        there are (the mesh then runs on the first ones), never to more."""
+        there are (the mesh then runs on the first ones), never to more (an error that ends with `hint`: how to
+        get more devices, where the devices are real ones rather than a count to plan for)."""
         axes = dict(self.axes)
         free = [a for a, s in axes.items() if s == -1]
         known = math.prod(s for s in axes.values() if s != -1)
@@ -44,7 +45,7 @@ class MeshConfig:
             axes[free[0]] = n_devices // known
         elif known > n_devices:
             raise MeshFileError(f"{self.source}: axes: sizes {_fmt(axes)} multiply to {known}, "
-                                f"but there are only {n_devices} devices")
+                                f"but there are only {n_devices} devices{hint}")
         return dataclasses.replace(self, axes=axes)
 
     @property
@@ -127,8 +128,10 @@ def load_mesh_file(path: str) -> MeshConfig:
     """Read a mesh file; a bare name like `tp4` is looked up among the shipped meshes."""
     if not os.path.exists(path) and os.sep not in path and os.path.isfile(os.path.join(MESHES_DIR, path + ".yaml")):
         path = os.path.join(MESHES_DIR, path + ".yaml")
+    if os.path.isdir(path):
+        raise MeshFileError(f"{path}: is a directory, not a mesh file; {_shipped_list()}")
     if not os.path.isfile(path):
-        raise MeshFileError(f"{path}: mesh file not found")
+        raise MeshFileError(f"{path}: mesh file not found; {_shipped_list()}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -137,3 +140,12 @@ def load_mesh_file(path: str) -> MeshConfig:
     except OSError as e:
         raise MeshFileError(f"{path}: cannot read mesh file: {e.strerror}") from None
     return parse_mesh(data, path)
+
+
+def shipped_meshes() -> list[str]:
+    """The names `load_mesh_file` accepts without a path: the YAML files in the package's meshes/."""
+    return sorted(f[:-5] for f in os.listdir(MESHES_DIR) if f.endswith(".yaml"))
+
+
+def _shipped_list() -> str:
+    return f"the shipped meshes, usable by name from any directory, are {', '.join(shipped_meshes())}"

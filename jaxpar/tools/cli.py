@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -13,12 +14,23 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def describe(doc: str) -> str:
+    """A tool's --help description from its module docstring: the whole first paragraph (not its first line,
+    which ends mid-sentence), without the leading `python -m jaxpar.<tool>: `."""
+    text = " ".join(doc.strip().split("\n\n")[0].split())
+    text = re.sub(r"^`?python -m jaxpar[.\w ]*`?: ", "", text)
+    return text[:1].upper() + text[1:]
+
+
 def parser(prog: str, description: str, devices: bool = True) -> Parser:
     """The tool's parser with the options every tool that runs on devices takes: --fake-devices and the
-    multi-host group (devices=False: an analytic tool)."""
+    multi-host group (devices=False: an analytic tool, which accepts --fake-devices like every tool but has
+    nothing to run on them)."""
     p = Parser(prog=f"python -m jaxpar.{prog}", description=description)
     p.add_argument("--fake-devices", type=int, metavar="N",
-                   help="run on N simulated CPU devices (set before JAX starts); with several processes, N each")
+                   help="run on N simulated CPU devices (set before JAX starts); with several processes, N each"
+                   if devices else "accepted as by every jaxpar tool, and ignored: this tool runs nothing on "
+                                   "devices (use --devices for the count to plan for)")
     if devices:
         g = p.add_argument_group("multi-host (one process per host, joined by JAX's distributed runtime)")
         g.add_argument("--coordinator", metavar="HOST:PORT",
@@ -36,15 +48,21 @@ def start(args, fake_default: int | None = None) -> None:
     """Before anything touches JAX: fake devices, then the distributed runtime. Processes other than 0
     print nothing on stdout. fake_default applies only while JAX has no devices yet (a caller that already
     has them, a notebook or a test, keeps its own)."""
-    if fake_default is not None and "jax" in sys.modules:
-        from jax._src import xla_bridge
-        if xla_bridge.backends_are_initialized():
-            fake_default = None
+    if fake_default is not None and backend_started():
+        fake_default = None
     setup_devices(args.fake_devices or fake_default)
     if setup_distributed(args):
         import jax
         if jax.process_index() != 0:
             sys.stdout = open(os.devnull, "w")
+
+
+def backend_started() -> bool:
+    """Whether JAX has started its backend (created its devices): from then on the device count is fixed."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge
+    return xla_bridge.backends_are_initialized()
 
 
 def _stdout_for_python_only() -> None:
@@ -152,9 +170,10 @@ def setup_devices(n: int | None) -> None:
         return
     if n < 1:
         fail(f"--fake-devices must be >= 1, got {n}")
-    if "jax" in sys.modules:
+    if "jax" in sys.modules:  # JAX read its environment when imported: set its config too
         import jax
         jax.config.update("jax_num_cpu_devices", n)
+        jax.config.update("jax_platforms", "cpu")
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     os.environ["JAX_PLATFORMS"] = "cpu"

@@ -47,8 +47,8 @@ def _tiny():
 
 def main(argv=None):
     p = cli.parser("tools.load_memory", "Peak host memory while loading a Hugging Face checkpoint onto a mesh.")
-    p.add_argument("--hf", required=True)
-    p.add_argument("--mesh", default="tp8")
+    p.add_argument("--hf", required=True, help="Hugging Face model directory to load (with --make-llama: to create)")
+    p.add_argument("--mesh", default="tp8", help="mesh file or shipped mesh name to load onto (default tp8)")
     p.add_argument("--make-llama", type=int, metavar="MB", help="first write a random Llama of about MB to --hf")
     p.add_argument("--convert", metavar="OUT", help="measure `jaxpar.convert` to OUT (load + Orbax save) instead")
     args = p.parse_args(argv)
