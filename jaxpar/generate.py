@@ -7,6 +7,7 @@ import time
 
 from jaxpar.errors import JaxparError
 from jaxpar.tools import cli
+from jaxpar.tools.compiles import CompileCounter
 
 
 class Streamer:
@@ -141,22 +142,27 @@ def notes(engine, ids: list, outs: list, limits: list, stats: dict, labels: list
     return lines
 
 
-def print_stats(engine, s: dict, warm: dict | None = None) -> None:
-    """Timings of the run (steady state: warm-up compiled every program first, and says how long that took)
-    and per-device memory, on stderr."""
+def programs(n: int) -> str:
+    return f"{n} program" + ("" if n == 1 else "s")
+
+
+def print_stats(engine, s: dict, first: dict) -> None:
+    """The compilations of the untimed first run (first: {"programs", "seconds"}), the timed run's steady-state
+    timings and the programs it compiled (s["compiles"]: none, when the first run compiled them all), and
+    per-device memory, on stderr."""
     sys.stdout.flush()
     mib = 2 ** 20
     kv = engine.kv_cache_bytes_per_device()
-    lines = []
-    if warm is not None:
-        lines.append(f"compile: {warm['programs']} programs in {warm['seconds']:.1f} s (every prompt and decode "
-                     f"shape, before generating: the timings below have no compilation)")
-    lines += [f"time to first token: {s['ttft_s'] * 1e3:.1f} ms",
-              f"time per output token: {s['tpot_s'] * 1e3:.2f} ms",
-              f"tokens/s: {s['tokens_per_s']:.1f} ({s['new_tokens']} new tokens, {s['prompts']} prompts)",
-              f"memory per device: params {engine.params_bytes_per_device() / mib:.2f} MiB, "
-              f"KV cache {kv / mib:.2f} MiB ({engine.sizes.pool_pages // engine.sizes.batch_shards // engine.sizes.seq_shards} "
-              f"pages of {engine.sizes.page_size} tokens per device; {engine.mesh.size} devices)"]
+    n = s["compiles"]
+    lines = [f"compile: {programs(first['programs'])} in {first['seconds']:.1f} s (an untimed first run)",
+             f"time to first token: {s['ttft_s'] * 1e3:.1f} ms",
+             f"time per output token: {s['tpot_s'] * 1e3:.2f} ms",
+             f"tokens/s: {s['tokens_per_s']:.1f} ({s['new_tokens']} new tokens, {s['prompts']} prompts)",
+             f"compiled during the timed run: {programs(n)}" +
+             (" (expected none: the timings above include their compilation)" if n else ""),
+             f"memory per device: params {engine.params_bytes_per_device() / mib:.2f} MiB, "
+             f"KV cache {kv / mib:.2f} MiB ({engine.sizes.pool_pages // engine.sizes.batch_shards // engine.sizes.seq_shards} "
+             f"pages of {engine.sizes.page_size} tokens per device; {engine.mesh.size} devices)"]
     ex = s.get("experts")
     if ex:
         lines.append(f"expert load: {ex['assignments']} token-expert assignments, {ex['dropped_total']} dropped "
@@ -189,8 +195,10 @@ def main(argv=None):
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template "
                                                         "(Hugging Face models with a chat_template)")
     p.add_argument("--stats", action="store_true",
-                   help="compile every program first and print the compile time, then the run's steady-state "
-                        "time to first token, time per output token, tokens/s and per-device memory (stderr)")
+                   help="run the prompts twice: an untimed first run (output discarded) that compiles the "
+                        "programs, then the timed run; print the compile count and time, the timed run's "
+                        "steady-state time to first token, time per output token and tokens/s, and per-device "
+                        "memory (stderr)")
     args = p.parse_args(argv)
     cli.start(args)
     from jaxpar.engine.engine import check_sampling
@@ -211,10 +219,16 @@ def main(argv=None):
     ids = [encode(x["prompt"]) for x in items]
     engine.check_prompts(ids)  # here, so that a message's "prompt i" counts over all the prompts
     limits = [x["max_tokens"] or args.max_new_tokens for x in items]
-    warm = engine.warmup() if args.stats else None
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.stats:  # an untimed first run of the same prompts compiles what the timed run needs
+        with CompileCounter() as counter:
+            t0 = time.perf_counter()
+            generate(engine, ids, limits, **kw)
+            first = {"programs": counter.n, "seconds": time.perf_counter() - t0}
     stream = Streamer(engine.tokenizer) if len(ids) == 1 and not jsonl else None
-    outs, stats = generate(engine, ids, limits, on_token=stream, **kw)
+    with CompileCounter() as counter:
+        outs, stats = generate(engine, ids, limits, on_token=stream, **kw)
+    stats["compiles"] = counter.n
     if stream is not None:
         stream.finish()
     for x, i, o, reason in zip(items, ids, outs, stats["finish_reasons"]):
@@ -228,7 +242,7 @@ def main(argv=None):
     for line in notes(engine, ids, outs, limits, stats, labels):
         print(line, file=sys.stderr)
     if args.stats:
-        print_stats(engine, stats, warm)
+        print_stats(engine, stats, first)
 
 
 if __name__ == "__main__":

@@ -136,16 +136,28 @@ def test_short_and_empty_completions_say_why(capsys, monkeypatch):
                       "has no text for: a model with random weights?)\n"
 
 
-def test_stats_compile_first_then_steady_state(capsys, monkeypatch):
-    eng = engine("single")
-    calls = []
-    monkeypatch.setattr(eng, "warmup", lambda: calls.append("warmup") or {"programs": 7, "seconds": 1.5})
+def test_stats_untimed_first_run_then_steady_state(capsys, monkeypatch):
+    """--stats runs the prompts once untimed (compiling; no output, no notes), then the timed run, which
+    compiles nothing. A model of its own, so that the first run has programs to compile."""
+    from jaxpar.config import config_from_dict
+    eng = engine("single", model=config_from_dict(dict(vocab_size=272, hidden_size=16, intermediate_size=32,
+                                                       num_hidden_layers=1, num_attention_heads=2,
+                                                       max_position_embeddings=32)))
+    runs = []
     gen = eng.generate_tokens
-    monkeypatch.setattr(eng, "generate_tokens", lambda *a, **kw: calls.append("generate") or gen(*a, **kw))
-    err = run_generate(["--prompt", "12+30=", "--stats"], capsys, monkeypatch).err.splitlines()
-    assert calls == ["warmup", "generate"]
-    assert err[0].startswith("stats: compile: 7 programs in 1.5 s")
+    monkeypatch.setattr(eng, "generate_tokens", lambda *a, **kw: runs.append(kw.get("on_token")) or gen(*a, **kw))
+    n = len(COMPILES)
+    out = run_generate(["--prompt", "12+30=", "--max-new-tokens", "3", "--stats"], capsys, monkeypatch, eng)
+    assert len(runs) == 2 and runs[0] is None and runs[1] is not None  # only the timed run streams
+    text = eng.tokenizer.decode(gen([eng.tokenizer.encode("12+30=")], max_new_tokens=3)[0])
+    assert out.out == text + "\n"  # one completion: the first run's was discarded
+    err = [line for line in out.err.splitlines() if not line.startswith("note: ")]
+    assert len(out.err.splitlines()) - len(err) <= 1  # a note (random weights) only for the timed run
+    first = int(err[0].split("compile: ")[1].split()[0])
+    assert first == len(COMPILES) - n >= 1  # every compilation was in the first run
+    assert err[0].startswith("stats: compile: ") and err[0].endswith(" s (an untimed first run)")
     assert err[1].startswith("stats: time to first token: ") and err[1].endswith(" ms")
     assert err[2].startswith("stats: time per output token: ") and err[2].endswith(" ms")
-    assert err[3].startswith("stats: tokens/s: ") and "2 new tokens, 1 prompts" in err[3]
-    assert not any("compilation on first use" in line for line in err)
+    assert err[3].startswith("stats: tokens/s: ") and "3 new tokens, 1 prompts" in err[3]
+    assert err[4] == "stats: compiled during the timed run: 0 programs"
+    assert err[5].startswith("stats: memory per device: params ")

@@ -281,11 +281,12 @@ def test_unreadable_checkpoints(tmp_path, capsys):
     check(run_cli(["--mesh", mesh_path("tp2"), "--checkpoint", str(empty), "--prompt", "1"], capsys), [str(empty)])
 
 
-@pytest.mark.parametrize("tool", ["generate", "inspect", "plan", "convert", "benchmarks.attention",
-                                  "tools.load_memory"])
+@pytest.mark.parametrize("tool", ["generate", "inspect", "plan", "convert", "tools.load_memory", "bench",
+                                  "bench seq", "bench moe", "bench pp", "bench collectives", "bench attention",
+                                  "bench continuous", "bench --vs-transformers"])
 def test_help_is_whole_sentences_and_every_option_has_help(tool, monkeypatch):
     """--help: the description is whole (not a docstring's first line cut mid-sentence) and no option is
-    left without a word of help."""
+    left without a word of help. "bench X" is `python -m jaxpar.bench X`: the focused benchmark's parser."""
     import importlib
 
     class Parsed(Exception):
@@ -296,8 +297,10 @@ def test_help_is_whole_sentences_and_every_option_has_help(tool, monkeypatch):
 
     monkeypatch.setattr(cli.Parser, "parse_args", capture)
     with pytest.raises(Parsed) as e:
-        importlib.import_module(f"jaxpar.{tool}").main([])
+        module, *argv = tool.split()
+        importlib.import_module(f"jaxpar.{module}").main(argv)
     p = e.value.args[0]
+    p.format_help()  # help text that argparse can format (a bare % in it cannot be)
     assert p.description[0].isupper() and p.description.endswith("."), p.description
     missing = [a.option_strings[0] for a in p._actions if not a.help]
     assert not missing, f"{tool}: options without help: {missing}"

@@ -1,8 +1,8 @@
 """`python -m jaxpar.bench collectives`: bandwidth of all-reduce, all-gather, all-to-all and
-collective-permute against message size on the current devices (the check reference 002 runs with
-nccl-tests' all_reduce_perf). Reports algorithm bandwidth (message bytes / time) and bus bandwidth
-(NCCL's convention: what each device's link carried, e.g. x 2(n-1)/n for all-reduce), compares it with a
-hardware preset's link, and plots both."""
+collective-permute against message size on the current devices (the measurement NVIDIA's nccl-tests make
+with all_reduce_perf, the usual check of a GPU machine's interconnect). Reports algorithm bandwidth
+(message bytes / time) and bus bandwidth (NCCL's convention: what each device's link carried, e.g.
+x 2(n-1)/n for all-reduce), compares it with a hardware preset's link, and plots both."""
 from __future__ import annotations
 
 import time
@@ -134,13 +134,17 @@ def plot(r: dict, out_dir: str) -> list[str]:
 
 def main(argv=None):
     from jaxpar.tools import cli
-    p = cli.parser("bench collectives", __doc__.splitlines()[0].split(": ", 1)[1])
+    p = cli.parser("bench collectives", cli.describe(__doc__))
     p.add_argument("--devices", type=int, help="use the first N devices (default all)")
     p.add_argument("--min-log2", type=int, default=10, help="smallest message, log2 bytes (default 10 = 1 KiB)")
     p.add_argument("--max-log2", type=int, default=26, help="largest message, log2 bytes (default 26 = 64 MiB)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed calls per operation and message size, the fastest kept (default 5; one more "
+                        "untimed call compiles first)")
     p.add_argument("--compare", default="h100-nvlink", help="hardware preset shown for comparison")
-    p.add_argument("--out", default="bench_out")
+    p.add_argument("--out", default="bench_out",
+                   help="output directory: collectives.json and, with matplotlib, collectives.png (default "
+                        "bench_out); the table goes to stdout")
     args = p.parse_args(argv)
     if args.min_log2 < 4 or args.max_log2 < args.min_log2 or args.max_log2 > 34:
         cli.fail(f"--min-log2/--max-log2 must satisfy 4 <= min <= max <= 34, got {args.min_log2}, {args.max_log2}")

@@ -22,26 +22,14 @@ import time
 
 import numpy as np
 
+from jaxpar.tools.compiles import CompileCounter
+
 PROMPT_LEN = (8, 512)  # uniform
 OUTPUT_LEN = (4, 256)  # lognormal, clipped
 OUTPUT_MEDIAN, OUTPUT_SIGMA = 32, 1.0
 SATURATION = (16, 128)  # prompt and output lengths of the all-slots-busy decode measurement
 SHORT = 16  # prompt and output length of the short request of the chunked-prefill measurement
 ATTENTION_BATCH, PAGE = 16, 16
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-class CompileCounter:
-    """Counts XLA compilations (JAX's backend-compile events) from the moment it is made."""
-
-    def __init__(self):
-        import jax
-        self.n = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event, secs, **kw):
-        if event == COMPILE_EVENT:
-            self.n += 1
 
 
 def model_config(name: str):
@@ -305,7 +293,7 @@ def markdown(r: dict) -> str:
 
 def main(argv=None):
     from jaxpar.tools import cli
-    p = cli.parser("bench continuous", __doc__.splitlines()[0].split(": ", 1)[1])
+    p = cli.parser("bench continuous", cli.describe(__doc__))
     p.add_argument("--meshes", nargs="+", default=["single", "tp4"],
                    help="mesh files or shipped mesh names to run on, one after another (default: single tp4)")
     p.add_argument("--model", choices=("llama100m", "tiny"), default="llama100m",

@@ -77,12 +77,22 @@ def main(argv=None):
     p = cli.parser("bench moe", "Expert parallelism: capacity factor sweep and EP vs TP bytes per token.")
     p.add_argument("--model", default="tiny-add-moe", help="MoE model config or shipped name (default tiny-add-moe)")
     p.add_argument("--experts", type=int, default=8, help="size of the expert axis (and of the TP mesh compared)")
-    p.add_argument("--capacity-factors", type=float, nargs="+", default=FACTORS)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="bench_out")
+    p.add_argument("--capacity-factors", type=float, nargs="+", default=FACTORS,
+                   help="capacity factors of the sweep, 0 = dropless: no assignment is ever dropped (default "
+                        + " ".join(map(str, FACTORS)) + ")")
+    p.add_argument("--batch", type=int, default=64,
+                   help="prompts per run of the sweep (held-out addition problems, whose answers are checked), "
+                        "and the batch of the programs whose bytes are counted (default 64)")
+    p.add_argument("--prompt-len", type=int, default=16,
+                   help="prompt length of the programs whose bytes per token are counted (default 16; the "
+                        "sweep's prompts are the addition problems as they are)")
+    p.add_argument("--new-tokens", type=int, default=16,
+                   help="tokens generated per prompt in each timed run of the sweep (default 16)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per capacity factor, the fastest kept (default 3; an untimed run compiles "
+                        "first)")
+    p.add_argument("--out", default="bench_out",
+                   help="output directory: moe.json (default bench_out); the tables go to stdout")
     args = p.parse_args(argv)
     cli.start(args, fake_default=8)
     print(f"capacity factor on ep{args.experts} (batch {args.batch}, {args.new_tokens} new tokens):", flush=True)

@@ -36,16 +36,22 @@ def _time(eng, batch, prompt_len, new_tokens, repeats) -> dict:
 def main(argv=None):
     p = cli.parser("bench pp", "Pipeline bubble against microbatches; pipeline vs tensor parallelism latency.")
     p.add_argument("--stages", type=int, default=2, help="P for the bubble sweep (at most the CPU cores; default 2)")
-    p.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="microbatch counts M of the bubble sweep, one P-stage mesh each (default 1 2 4 8)")
     p.add_argument("--compare", type=int, nargs="+", default=[2, 4], help="ppN vs tpN for these N (default 2 4)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16,
+                   help="prompts per run of the bubble sweep; the ppN vs tpN comparison runs batch 1 (default 16)")
+    p.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt, random ids (default 128)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt in each run (default 32)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per point, the one with the least time per output token kept (default 3; an "
+                        "untimed run compiles first)")
     p.add_argument("--multi-thread", action="store_true",
                    help="let each fake device compute on several threads (default: one thread each, so that P stages "
                         "on P cores really run at once and the one-device baseline does not borrow the other cores)")
-    p.add_argument("--out", default="bench_out")
+    p.add_argument("--out", default="bench_out",
+                   help="output directory: pp.json and, with matplotlib, pp_bubble.png (default bench_out); the "
+                        "tables go to stdout")
     args = p.parse_args(argv)
     if not args.multi_thread:
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"

@@ -3,9 +3,12 @@ devices (the "adding devices" benchmark).
 
 For N = 1, 2, 4, 8 (ring and Ulysses) and prompt lengths from 1k to 32k tokens it compiles prefill and
 decode and reads, from the compiled programs, per-device peak memory and bytes moved; it times prefill up
-to --time-up-to tokens. Then it applies seed 001's rule (over-parallelised once communication time per
-layer exceeds compute time per layer) with this machine's measured bandwidth and FLOP rate and with the
-h100-nvlink and tpu-v5e figures, for this model and for a Llama-3-8B-shaped one."""
+to --time-up-to tokens. Then it asks how far adding devices pays for ring prefill: a split over N devices is
+over-parallelised once its communication time per layer (the ring's K/V transfers at the link's bandwidth,
+plus its latency per step) exceeds its compute time per layer (the layer's FLOPs at the peak rate), as then
+the transfers can no longer hide behind the computation. It works this out with this machine's measured
+bandwidth and FLOP rate and with the h100-nvlink and tpu-v5e figures, for this model and for a
+Llama-3-8B-shaped one."""
 from __future__ import annotations
 
 import time
@@ -150,12 +153,21 @@ def crossover(cfg, machine) -> list[dict]:
 def main(argv=None):
     p = cli.parser("bench seq", "Memory and communication of sequence parallelism against N and context.")
     p.add_argument("--model", default="tiny-long", help="model config or shipped name (default tiny-long)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the weights, activations and KV cache (default float32)")
+    p.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS,
+                   help="prompt lengths in tokens, each at most the model's context window (default "
+                        + " ".join(map(str, CONTEXTS)) + ")")
     p.add_argument("--devices", type=int, nargs="+", default=DEVICES, help="sizes of the seq axis")
-    p.add_argument("--attention", nargs="+", default=["ring", "ulysses"], choices=("ring", "ulysses", "dense"))
+    p.add_argument("--attention", nargs="+", default=["ring", "ulysses"], choices=("ring", "ulysses", "dense"),
+                   help="how attention runs over the split prompt for N > 1: ring (K/V blocks passed round the "
+                        "devices), ulysses (all-to-all to a split over heads), dense (XLA's own attention on the split "
+                        "tensors, which gathers K and V: the baseline); N = 1 always runs dense (default ring "
+                        "ulysses)")
     p.add_argument("--time-up-to", type=int, default=4096, help="time prefill for contexts up to this (default 4096)")
-    p.add_argument("--out", default="bench_out")
+    p.add_argument("--out", default="bench_out",
+                   help="output directory: seq.json and, with matplotlib, seq_memory.png and seq_bytes_moved.png "
+                        "(default bench_out); the tables go to stdout")
     args = p.parse_args(argv)
     cli.start(args, fake_default=8)
     from jaxpar.config import load_config
@@ -185,8 +197,9 @@ def markdown(r) -> str:
         out.append(f"| {x['n']} | {x['attention']} | {x['context']} | {x['prefill_peak_bytes'] / mib:.1f} | "
                    f"{x['prefill_temp_bytes'] / mib:.1f} | {x['prefill_bytes_moved'] / mib:.2f} | "
                    f"{x['decode_bytes_moved'] / 1024:.1f} | {x['kv_cache_bytes_per_device'] / mib:.2f} | {t} |")
-    out += ["", "Ring prefill, communication time / compute time per layer (seed 001's rule: > 1 means "
-            "over-parallelised); largest N at or under 1; tokens per device needed for each ring step's transfer "
+    out += ["", "Ring prefill, communication time / compute time per layer (> 1: the transfers take longer than "
+            "the computation they should hide behind, so the split is over-parallelised); largest N at or under 1; "
+            "tokens per device needed for each ring step's transfer "
             "to hide behind that step's attention:", "",
             "| hardware | model | context | " + " | ".join(f"N={n}" for n in ANALYTIC_N) +
             " | largest N | min tokens/device |", "|---|---|---|" + "---|" * (len(ANALYTIC_N) + 2)]

@@ -1,8 +1,9 @@
-"""`python -m jaxpar.bench --vs-transformers`: jaxpar against Hugging Face transformers (PyTorch) on this
-CPU, side by side in one run, on the same weights loaded from the same safetensors directory: a ~100M
-parameter Llama (float32, hidden 768, 12 layers, 12 heads, 4 kv heads, FFN 2048, vocabulary 8192) with
-random weights. Measures greedy decode tokens/s at batch 1 and 16, prefill of 512 tokens, and the memory
-read bandwidth of the machine (what batch-1 decode is bound by: all weights are read once per token)."""
+"""`python -m jaxpar.bench --vs-transformers`: the speed of jaxpar against Hugging Face transformers
+(PyTorch) on this CPU, side by side in one run, on the same weights loaded from the same safetensors
+directory: a ~100M parameter Llama (float32, hidden 768, 12 layers, 12 heads, 4 kv heads, FFN 2048,
+vocabulary 8192) with random weights. Measures greedy decode tokens/s at batch 1 and 16, prefill of 512
+tokens, and the memory read bandwidth of the machine (what batch-1 decode is bound by: all weights are read
+once per token)."""
 from __future__ import annotations
 
 import os
@@ -206,14 +207,20 @@ def markdown(r: dict) -> str:
 
 def main(argv=None):
     from jaxpar.tools import cli
-    p = cli.parser("bench --vs-transformers", __doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p = cli.parser("bench --vs-transformers", cli.describe(__doc__))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16],
+                   help="batch sizes of the decode measurement, each prompt 16 random tokens (default 1 16)")
     p.add_argument("--new-tokens", type=int, default=33, help="tokens per decode measurement (default 33)")
     p.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill measurement")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--overhead-meshes", nargs="+", default=["single", "tp4"])
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs of each measurement, jaxpar and transformers alike, the fastest kept (default 5)")
+    p.add_argument("--overhead-meshes", nargs="+", default=["single", "tp4"],
+                   help="mesh files or shipped mesh names on which the cost of streaming is timed: jaxpar's "
+                        "generate with a per-token callback against without, batch 1 (default single tp4)")
     p.add_argument("--overhead-tokens", type=int, default=48, help="tokens per streaming-overhead timing")
-    p.add_argument("--out", default="bench_out")
+    p.add_argument("--out", default="bench_out",
+                   help="output directory: vs_transformers.json, and the random model's safetensors in "
+                        "llama-100m/ (made on the first run, reused after; default bench_out)")
     args = p.parse_args(argv)
     cli.start(args, fake_default=4)
     import torch

@@ -18,7 +18,7 @@ def describe(doc: str) -> str:
     """A tool's --help description from its module docstring: the whole first paragraph (not its first line,
     which ends mid-sentence), without the leading `python -m jaxpar.<tool>: `."""
     text = " ".join(doc.strip().split("\n\n")[0].split())
-    text = re.sub(r"^`?python -m jaxpar[.\w ]*`?: ", "", text)
+    text = re.sub(r"^`?python -m jaxpar[.\w -]*`?: ", "", text)
     return text[:1].upper() + text[1:]
 
 
