@@ -170,6 +170,8 @@ def setup_devices(n: int | None) -> None:
         return
     if n < 1:
         fail(f"--fake-devices must be >= 1, got {n}")
+    if backend_started():  # a caller in a process that has its devices already (a test, a notebook) keeps them
+        return
     if "jax" in sys.modules:  # JAX read its environment when imported: set its config too
         import jax
         jax.config.update("jax_num_cpu_devices", n)
