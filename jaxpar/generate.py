@@ -110,14 +110,10 @@ def merge_stats(runs: list, seconds: float) -> dict:
     out = {"prompts": sum(s["prompts"] for s, _ in runs), "new_tokens": new, "ttft_s": first["ttft_s"],
            "tpot_s": sum(s["tpot_s"] * max(n - 1, 1) for s, n in runs) / steps, "tokens_per_s": new / seconds}
     experts = [s["experts"] for s, _ in runs if s.get("experts")]
-    if experts:
-        import numpy as np
-        load = sum(np.asarray(e["tokens_per_expert"]) for e in experts)
-        dropped = sum(np.asarray(e["dropped"]) for e in experts)
-        mean = load.mean(axis=1)
-        out["experts"] = {"tokens_per_expert": load.tolist(), "dropped": dropped.tolist(),
-                          "imbalance": np.where(mean > 0, load.max(axis=1) / np.maximum(mean, 1e-9), 0).tolist(),
-                          "assignments": int(load.sum()), "dropped_total": int(dropped.sum())}
+    if experts:  # each run's per-layer sums are one more term of the same sum
+        from jaxpar.engine.engine import summarise_expert_stats
+        out["experts"] = summarise_expert_stats([{"load": e["tokens_per_expert"], "dropped": e["dropped"]}
+                                                 for e in experts])
     return out
 
 

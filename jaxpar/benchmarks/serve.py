@@ -109,9 +109,11 @@ async def _run(url: str, headers: dict, work: list, rate: float, seed: int, labe
 
 def summarize(recs: list, seconds: float, rate: float, slo_ttft: float, slo_tpot: float) -> dict:
     ok = [r for r in recs if r["status"] == 200 and r["e2e"] is not None]
-    tpot = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1 and r["ttft"] is not None]
+    for r in ok:  # time per output token after the first (None for a single token)
+        r["tpot"] = (r["e2e"] - r["ttft"]) / (r["tokens"] - 1) if r["tokens"] > 1 and r["ttft"] is not None else None
+    tpot = [r["tpot"] for r in ok if r["tpot"] is not None]
     good = [r for r in ok if r["ttft"] is not None and r["ttft"] * 1e3 <= slo_ttft and
-            (r["tokens"] <= 1 or (r["e2e"] - r["ttft"]) / (r["tokens"] - 1) * 1e3 <= slo_tpot)]
+            (r["tpot"] is None or r["tpot"] * 1e3 <= slo_tpot)]
     statuses: dict = {}
     for r in recs:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1

@@ -47,9 +47,13 @@ class ServerState:
     def healthy(self) -> bool:
         return self.status == "ready" and self.engine is not None and self.engine.loop.error is None
 
-    def check_serving(self) -> None:
+    def note_failure(self) -> None:
+        """The serving loop records an engine failure; from then on the server is "failed"."""
         if self.engine is not None and self.engine.loop.error is not None:
             self.status, self.detail = "failed", f"the engine failed: {self.engine.loop.error!r}"
+
+    def check_serving(self) -> None:
+        self.note_failure()
         if self.status != "ready":
             why = {"loading": "the model is loading", "compiling": "the programs are compiling",
                    "draining": "the server is shutting down", "failed": self.detail}.get(self.status, self.status)
@@ -82,8 +86,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def health():
         if state.healthy:
             return Response(status_code=200)
-        if state.engine is not None and state.engine.loop.error is not None:
-            state.status = "failed"
+        state.note_failure()
         return JSONResponse({"status": state.status, "detail": state.detail}, status_code=503)
 
     @app.get("/metrics")
@@ -176,7 +179,7 @@ class Reply:
         self.stream.close()
         if self.stream in self.state.streams:
             self.state.streams.discard(self.stream)
-            self.state.metrics.request_done(self.req, self.req.arrival)
+            self.state.metrics.request_done(self.req)
 
     def usage(self) -> dict:
         p, c = len(self.creq.prompt), len(self.req.output)

@@ -48,12 +48,12 @@ class Metrics:
         self.kv_usage.set(scheduler.pool.in_use() / scheduler.pool.capacity)
         self.preemptions.set(scheduler.preemptions)
 
-    def request_done(self, req, arrival: float) -> None:
+    def request_done(self, req) -> None:
         self.finished.labels(model_name=self.name, finished_reason=req.finish_reason or "abort").inc()
         if req.finish_time is not None:
-            self.e2e.observe(req.finish_time - arrival)
+            self.e2e.observe(req.finish_time - req.arrival)
         if req.admit_time is not None:
-            self.queue.observe(req.admit_time - arrival)
+            self.queue.observe(req.admit_time - req.arrival)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
