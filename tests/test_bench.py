@@ -70,10 +70,10 @@ def test_serving_benchmark(tmp_path):
     it, runs the same workload through the engine's Python API and in static batches, and stops the server
     cleanly; every request is answered and counted."""
     out = tmp_path / "serve"
-    bench.main(["serve", "--mesh", "single", "--fake-devices", "1", "--max-num-seqs", "2", "--max-queue", "4",
+    bench.main(["serve", "--mesh", "single", "--fake-devices", "1", "--max-num-seqs", "2", "--max-queue", "8",
                 "--requests", "6", "--rates", "20", "inf", "--load-seconds", "2", "--soak", "12", "--vs-engine",
                 "--static", "--out", str(out)])
-    r = json.loads((out / "serve.json").read_text())
+    r = json.loads((out / "serve.json").read_text())  # a queue of 8 holds every timed rate's 6 requests
     assert r["server_exit_status"] == 0 and r["model"] == "tiny-add"
     for rate in r["rates"]:
         assert rate["statuses"] == {"200": 6} and rate["output_tokens"] == r["output_tokens"] > 0
