@@ -9,6 +9,18 @@ if not any("backend_optimization_level" in f for f in _flags):
     _flags.append("--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8"])
 os.environ["JAX_PLATFORMS"] = "cpu"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # one persistent compilation cache for this run, shared with the processes the tests start (CLI, servers,
+    # notebooks, multi-host): they compile many of the programs this process compiles. Compiled programs are
+    # the same either way; a cache hit still counts as a compilation (JAX's backend-compile event fires), so
+    # "nothing compiles after warm-up" stays a real check. Fresh per run, removed at exit.
+    import atexit
+    import shutil
+    import tempfile
+    _cache = tempfile.mkdtemp(prefix="jaxpar-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import pytest  # noqa: E402
 

@@ -38,9 +38,10 @@ MESHES = ["single", "tp2", "dp2_tp4", "tp8"]  # tp8: kv heads replicated 4x (8x 
 TOKENS = np.random.RandomState(0).randint(3, 128, (3, 24))
 
 
-def make_tokenizer(directory):
+def make_tokenizer(directory, extra: tuple = ()):
+    """One word per character: <unk> <s> </s>, a-z, 0-9, then `extra`; a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    words = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)] + [str(i) for i in range(10)]
+    words = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)] + [str(i) for i in range(10)] + list(extra)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])

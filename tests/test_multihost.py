@@ -17,7 +17,8 @@ PROMPTS = ["--prompt", "123+456=", "--prompt", "12+34=", "--prompt", "999+1=", "
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    """No device count in XLA_FLAGS (each command sets its own), the rest of the suite's flags kept."""
+    env = dict(os.environ, XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f))
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 
@@ -33,9 +34,9 @@ def _generate(*args, timeout=240):
                           env=_env(), cwd=ROOT, timeout=timeout)
 
 
-# pipeline stages and expert all-to-alls across the two processes (data and tensor splits across processes:
-# the server test below, on dp2_tp4)
-@pytest.mark.parametrize("mesh", ["ep8", "pp2_tp4"])
+# expert all-to-alls and data splits across the two processes (pipeline stages across processes: the server
+# test below, on pp2_tp4)
+@pytest.mark.parametrize("mesh", ["ep8", "dp2_tp4"])
 def test_two_processes_generate_what_one_process_does(mesh):
     one = _generate("--fake-devices", "8", "--mesh", mesh, *PROMPTS)
     assert one.returncode == 0, one.stderr
@@ -73,33 +74,44 @@ def test_multihost_option_errors(argv, needle):
 
 
 def test_server_over_two_processes_answers_as_one_process_does(tmp_path):
-    """`python -m jaxpar.serve` on 2 processes x 4 devices behind one endpoint: requests arrive at moments only
-    process 0 knows; it broadcasts each iteration's plan, process 1 runs the same programs in the same order (no
-    deadlock), every completion equals `generate` on 1 process x 8 devices, and SIGTERM to process 0 ends both."""
+    """`python -m jaxpar.serve` on a pipeline mesh (pp2_tp4) over 2 processes x 4 devices behind one endpoint: 32
+    requests (half of them streamed) arrive at moments only process 0 knows; it broadcasts each iteration's plan,
+    process 1 runs the same programs in the same order (no deadlock), every completion equals `generate` on
+    1 process x 8 devices, and SIGTERM to process 0 ends both."""
     import random
     import threading
+
+    import httpx
 
     from conftest import engine, mesh_path
     from jaxpar.server.process import ServerProcess, free_port
 
     coord, http = _free_port(), free_port()
-    env = dict(_env(), XLA_FLAGS="")
-    procs = [ServerProcess("--fake-devices", "4", "--mesh", mesh_path("dp2_tp4"), "--coordinator", f"127.0.0.1:{coord}",
+    env = _env()
+    procs = [ServerProcess("--fake-devices", "4", "--mesh", mesh_path("pp2_tp4"), "--coordinator", f"127.0.0.1:{coord}",
                            "--num-processes", "2", "--process-id", str(i), "--distributed-timeout", "120",
-                           port=http, log_path=str(tmp_path / f"p{i}.log"), extra_env=env) for i in range(2)]
+                           "--max-queue", "32", port=http, log_path=str(tmp_path / f"p{i}.log"), extra_env=env)
+             for i in range(2)]
     try:
         procs[0].wait_ready()
         rng = random.Random(5)
         work = [(f"{rng.randint(0, 999)}+{rng.randint(0, 999)}=", rng.choice([0.0, 0.0, 0.8]), rng.randint(0, 99))
-                for _ in range(12)]
+                for _ in range(32)]
         got, errors = {}, []
 
         def send(i, prompt, temperature, seed):
             time.sleep(rng.random() * 0.5)
+            body = {"prompt": prompt, "max_tokens": 6, "temperature": temperature, "seed": seed}
             try:
-                r = procs[0].post("/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": temperature,
-                                                      "seed": seed}, timeout=120)
-                got[i] = r.json()["choices"][0]["text"]
+                if i % 2:
+                    with httpx.stream("POST", procs[0].url + "/v1/completions", json=dict(body, stream=True),
+                                      headers=procs[0].headers, timeout=120) as r:
+                        events = [json.loads(line[6:]) for line in r.iter_lines()
+                                  if line.startswith("data: ") and line != "data: [DONE]"]
+                    got[i] = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+                else:
+                    r = procs[0].post("/v1/completions", body, timeout=120)
+                    got[i] = r.json()["choices"][0]["text"]
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
@@ -109,13 +121,12 @@ def test_server_over_two_processes_answers_as_one_process_does(tmp_path):
         for t in threads:
             t.join(180)
         assert not errors, errors
-        one = engine("dp2_tp4")  # one process, 8 devices
+        one = engine("pp2_tp4")  # one process, 8 devices
         want = {i: one.generate([p], max_new_tokens=6, temperature=t, seed=s)[0] for i, (p, t, s) in enumerate(work)}
         assert got == want
-        assert sum(map(len, want.values())) > 12
+        assert sum(map(len, want.values())) > 32
         assert procs[0].terminate() == 0
         assert procs[1].proc.wait(60) == 0, procs[1].output()[-2000:]
     finally:
         for p in procs:
             p.kill()
-
