@@ -51,3 +51,15 @@ def engine(mesh: str, inline: dict | None = None, **kw):
 @pytest.fixture
 def get_engine():
     return engine
+
+
+# the slowest files first: the two xdist workers take whole files in this order, so a long file started last
+# would leave one worker idle at the end
+_FIRST = ["test_notebooks.py", "test_multihost.py", "test_serving.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return _FIRST.index(name) if name in _FIRST else len(_FIRST)
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept
