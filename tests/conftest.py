@@ -7,6 +7,8 @@ if not any("backend_optimization_level" in f for f in _flags):
     # the suite is compile-bound: LLVM at -O0 compiles about 20% faster (test_meshes 74 -> 60 s); what
     # `inspect` reports of the compiled programs (collectives, memory) is identical either way
     _flags.append("--xla_backend_optimization_level=0")
+# what a process the tests start gets: the suite's flags without the device count (it sets its own)
+CHILD_XLA_FLAGS = " ".join(_flags)
 os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8"])
 os.environ["JAX_PLATFORMS"] = "cpu"
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -11,14 +11,13 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import CHILD_XLA_FLAGS, ROOT
 
 PROMPTS = ["--prompt", "123+456=", "--prompt", "12+34=", "--prompt", "999+1=", "--max-new-tokens", "5"]
 
 
 def _env():
-    """No device count in XLA_FLAGS (each command sets its own), the rest of the suite's flags kept."""
-    env = dict(os.environ, XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f))
+    env = dict(os.environ, XLA_FLAGS=CHILD_XLA_FLAGS)  # each command sets its own device count
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 

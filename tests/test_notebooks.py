@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import CHILD_XLA_FLAGS, ROOT
 
 NOTEBOOKS = ["quickstart.ipynb", "parallelism_tour.ipynb"]
 
@@ -23,7 +23,7 @@ def test_notebook_is_stored_without_outputs(name):
 def test_notebook_runs_top_to_bottom_on_cpu(name, tmp_path):
     nb = nbformat.read(os.path.join(ROOT, "colab", name), as_version=4)
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)  # the notebook asks for 8
+    env["XLA_FLAGS"] = CHILD_XLA_FLAGS  # the notebook asks for 8 devices itself
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("MPLBACKEND", None)  # the kernel's inline backend renders the plots into the notebook
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
