@@ -1,6 +1,7 @@
 """`python -m jaxpar.serve` as a user runs it: a subprocess on a free port, driven with the official `openai`
 client and with raw HTTP. A small Llama from transformers (its tokenizer covers its whole vocabulary, so
-every generated token is text) on `single`; the completions are compared with `jaxpar.load(...).generate`."""
+every generated token is text) served on `tp4`; the completions are compared with `jaxpar.load(...).generate`
+on one device."""
 import json
 import random
 import signal
