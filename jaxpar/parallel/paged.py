@@ -80,30 +80,55 @@ def write_pages(pools, k, v, table, positions, valid):
                          out_specs=(pool, pool))(*pools, k, v, table, positions, valid)
 
 
+# Keys per step when a row's pages are read block by block: the score array stays [b, H, s, BLOCK_TOKENS], and
+# the loop stops at the last page any row of the call has filled, so a wide page table costs nothing unused.
+BLOCK_TOKENS = 256
+
+
 def _attend_local(q, k, v, pk, pv, table, positions, valid, axis, n):
-    """Per device: write the new tokens, then attend over this device's pages (every page when n = 1)."""
+    """Per device: write the new tokens, then attend over this device's pages (every page when n = 1).
+    A table of at most BLOCK_TOKENS tokens is read in one piece; a wider one block by block (online softmax),
+    up to the last page a valid position of the call reaches."""
     pk = _write_local(pk, k, table, positions, valid, axis, n)
     pv = _write_local(pv, v, table, positions, valid, axis, n)
     page = pk.shape[1]
     b, nb = table.shape
-    cols = jnp.arange(nb)
-    if n > 1:  # this device's logical pages: j = i, i + n, i + 2n, ...
-        cols = jax.lax.axis_index(axis) + n * jnp.arange(nb // n)
-    pages = table[:, cols]  # [b, nb/n]
-    key_pos = (cols[:, None] * page + jnp.arange(page)[None, :]).reshape(-1)  # [T]
-    keys = pk[pages].reshape(b, -1, *pk.shape[2:]).astype(q.dtype)
-    vals = pv[pages].reshape(b, -1, *pv.shape[2:]).astype(q.dtype)
-    mask = key_pos[None, None, :] <= positions[:, :, None]  # [b, s, T]: causal over the cached positions
-    if n == 1:
-        return attend(q, keys, vals, mask), pk, pv
-    o, m, l = accumulate(empty_partial(q, keys.shape[2]), q, keys, vals, mask)
-    m_all = jax.lax.pmax(m, axis)
-    scale = jnp.exp(m - m_all)
-    o = o * jnp.moveaxis(scale, -1, 1)[..., None]
-    l = l * scale
-    # out and sum in one all-reduce: the sum rides along as one more channel of the head dimension
-    packed = jax.lax.psum(jnp.concatenate([o, jnp.moveaxis(l, -1, 1)[..., None]], axis=-1), axis)
-    out = packed[..., :-1] / jnp.maximum(packed[..., -1:], jnp.finfo(jnp.float32).tiny)
+    local = nb // n  # this device's logical pages: j = i, i + n, i + 2n, ...
+    first = jax.lax.axis_index(axis) if n > 1 else 0
+    per_block = max(1, BLOCK_TOKENS // page)
+
+    def block_inputs(cols):
+        key_pos = (cols[:, None] * page + jnp.arange(page)[None, :]).reshape(-1)  # [T]
+        pages = jnp.take(table, cols, axis=1, mode="fill", fill_value=0)  # [b, len(cols)]
+        keys = pk[pages].reshape(b, -1, *pk.shape[2:]).astype(q.dtype)
+        vals = pv[pages].reshape(b, -1, *pv.shape[2:]).astype(q.dtype)
+        return keys, vals, key_pos[None, None, :] <= positions[:, :, None]  # causal over the cached positions
+
+    if local <= per_block:
+        keys, vals, mask = block_inputs(first + n * jnp.arange(local))
+        if n == 1:
+            return attend(q, keys, vals, mask), pk, pv
+        acc = accumulate(empty_partial(q, keys.shape[2]), q, keys, vals, mask)
+    else:
+        last_page = jnp.max(jnp.where(valid, positions, 0)) // page
+        filled = jnp.maximum(last_page - first, -1) // n + 1  # this device's pages up to last_page
+        blocks = -(-filled // per_block)
+
+        def step(j, acc):
+            keys, vals, mask = block_inputs(first + n * (j * per_block + jnp.arange(per_block)))
+            return accumulate(acc, q, keys, vals, mask)
+        # the first block outside the loop: the carry then has the types (and varying mesh axes) of the result
+        acc = jax.lax.fori_loop(1, blocks, step, step(0, empty_partial(q, k.shape[2])))
+    o, m, l = acc
+    if n > 1:  # merge the devices' partial results
+        m_all = jax.lax.pmax(m, axis)
+        scale = jnp.exp(m - m_all)
+        o = o * jnp.moveaxis(scale, -1, 1)[..., None]
+        l = l * scale
+        # out and sum in one all-reduce: the sum rides along as one more channel of the head dimension
+        packed = jax.lax.psum(jnp.concatenate([o, jnp.moveaxis(l, -1, 1)[..., None]], axis=-1), axis)
+        o, l = packed[..., :-1], jnp.moveaxis(packed[..., -1], 1, -1)
+    out = o / jnp.maximum(jnp.moveaxis(l, -1, 1)[..., None], jnp.finfo(jnp.float32).tiny)
     bb, s, kv, g, d = out.shape
     return out.astype(q.dtype).reshape(bb, s, kv * g, d), pk, pv
 

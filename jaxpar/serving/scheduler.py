@@ -274,7 +274,9 @@ class Scheduler:
         return -(-next_pow2(rows) // self.microbatches) * self.microbatches
 
     def chunk_bucket(self, tokens: int, paged: bool) -> tuple[int, int]:
-        """(chunk length, page-table columns) of a prefill call whose longest chunk has `tokens` tokens."""
+        """(chunk length, page-table columns) of a prefill call whose longest chunk has `tokens` tokens. Later
+        chunks carry the whole table (one program per chunk length): attention over pages stops at the last
+        page the rows have filled (parallel/paged.py), so the unused columns cost nothing."""
         if paged:
             return next_pow2(tokens, 16), self.sizes.max_pages
         c = seq_bucket(tokens, self.config.max_model_len, self.seq_multiple)
