@@ -61,6 +61,7 @@ def test_continuous_batching_benchmark(tmp_path):
     assert m["compiles_after_warmup"] == 0 and m["sweep"][0]["compiles"] == 0
     assert m["chunked_prefill"]["compiles_timed_run"] == 0 and m["chunked_prefill"]["short_ttft_s"] > 0
     assert m["saturation"]["ratio"] > 0
+    assert m["prefill_only"]["prompt_tokens"] == r["prompt_tokens"] and m["prefill_only"]["seconds"] > 0
     a = r["attention"][0]
     assert a["max_diff"] <= 1e-5 and a["paged_us_per_token"] > 0
 

@@ -74,9 +74,9 @@ def test_multihost_option_errors(argv, needle):
 
 def test_server_over_two_processes_answers_as_one_process_does(tmp_path):
     """`python -m jaxpar.serve` on a pipeline mesh (pp2_tp4) over 2 processes x 4 devices behind one endpoint: 32
-    requests (half of them streamed) arrive at moments only process 0 knows; it broadcasts each iteration's plan,
-    process 1 runs the same programs in the same order (no deadlock), every completion equals `generate` on
-    1 process x 8 devices, and SIGTERM to process 0 ends both."""
+    requests (half of them streamed) arrive at moments only process 0 knows and queue for its 4 slots; it
+    broadcasts each iteration's plan, process 1 runs the same programs in the same order (no deadlock), every
+    completion equals `generate` on 1 process x 8 devices, and SIGTERM to process 0 ends both."""
     import random
     import threading
 
@@ -89,7 +89,7 @@ def test_server_over_two_processes_answers_as_one_process_does(tmp_path):
     env = _env()
     procs = [ServerProcess("--fake-devices", "4", "--mesh", mesh_path("pp2_tp4"), "--coordinator", f"127.0.0.1:{coord}",
                            "--num-processes", "2", "--process-id", str(i), "--distributed-timeout", "120",
-                           "--max-queue", "32", port=http, log_path=str(tmp_path / f"p{i}.log"), extra_env=env)
+                           "--max-queue", "32", "--max-num-seqs", "4", port=http, log_path=str(tmp_path / f"p{i}.log"), extra_env=env)
              for i in range(2)]
     try:
         procs[0].wait_ready()

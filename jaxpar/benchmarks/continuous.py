@@ -1,5 +1,6 @@
 """`python -m jaxpar.bench continuous`: continuous batching against static batching on the same engine and the
-same workload, per mesh: offline output tokens/s of both and their ratio; the decode rate with every slot busy
+same workload, per mesh: offline output tokens/s of both and their ratio, and the time of the prompts' prefill
+alone (static batching's time over it bounds what continuous batching can gain); the decode rate with every slot busy
 against `generate_tokens` of the same batch; the time to first token of a short request submitted while a
 4096-token prompt is prefilled chunk by chunk; compilations after warm-up (there should be none); time to
 first token and time per output token (p50/p99) against the admission interval n (decode steps between
@@ -81,6 +82,14 @@ def offline_static(eng, work, batch: int) -> dict:
     wall = time.perf_counter() - t0
     useful = sum(o for _, o in work)
     return {"seconds": wall, "output_tokens": useful, "generated_tokens": generated, "tokens_per_s": useful / wall}
+
+
+def prefill_only(eng, work) -> dict:
+    """Every request with one output token, all at once: the prefill every mode pays in full. Static batching's
+    time over this is the most continuous batching could gain (if its decode steps cost nothing)."""
+    t0 = time.perf_counter()
+    eng.loop.run_until([eng.loop.add(p, _params(1)) for p, _ in work])
+    return {"seconds": time.perf_counter() - t0, "prompt_tokens": sum(len(p) for p, _ in work)}
 
 
 def saturation(eng, batch: int, rng, rounds: int = 3) -> dict:
@@ -179,8 +188,11 @@ def run_mesh(mesh: str, cfg, args, work, counter) -> dict:
     r["continuous"] = offline_continuous(eng, work)
     r["static"] = offline_static(eng, work, args.max_num_seqs)
     r["speedup"] = r["continuous"]["tokens_per_s"] / r["static"]["tokens_per_s"]
+    r["prefill_only"] = prefill_only(eng, work)
+    r["speedup_bound"] = r["static"]["seconds"] / r["prefill_only"]["seconds"]
     print(f"  {mesh}: continuous {r['continuous']['tokens_per_s']:.1f} tokens/s, static "
-          f"{r['static']['tokens_per_s']:.1f}", flush=True)
+          f"{r['static']['tokens_per_s']:.1f}; prefill alone {r['prefill_only']['seconds']:.1f} s (static / "
+          f"prefill {r['speedup_bound']:.2f}x)", flush=True)
     r["saturation"] = saturation(eng, args.max_num_seqs, rng)
     r["compiles_after_warmup"] = counter.n - c0
     # default rate: 70% of what the engine just sustained offline: busy, yet able to keep up
@@ -262,12 +274,14 @@ def markdown(r: dict) -> str:
            f"prefill_chunk {a['prefill_chunk']}, max_num_batched_tokens {a['max_num_batched_tokens']}; "
            f"output tokens {r['output_tokens']} (prompts {r['prompt_tokens']} tokens)", "",
            "| mesh | warm-up (programs, s) | continuous tokens/s | static tokens/s | continuous / static | "
+           "prefill alone (s) | static / prefill alone: the most continuous can gain | "
            "all slots busy: loop tokens/s | generate_tokens tokens/s | loop / generate_tokens | compiles after "
-           "warm-up |", "|---|---|---|---|---|---|---|---|---|"]
+           "warm-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in r["meshes"]:
         s, w = m["saturation"], m["warmup"]
         out.append(f"| {m['mesh']} | {w['programs']}, {w['seconds']:.0f} | {m['continuous']['tokens_per_s']:.1f} | "
-                   f"{m['static']['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {s['loop_tokens_per_s']:.1f} | "
+                   f"{m['static']['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {m['prefill_only']['seconds']:.1f} | "
+                   f"{m['speedup_bound']:.2f}x | {s['loop_tokens_per_s']:.1f} | "
                    f"{s['generate_tokens_per_s']:.1f} | {s['ratio']:.2f} | {m['compiles_after_warmup']} |")
     out += ["", "| mesh | prompt | chunk | token budget | long prompt TTFT (ms) | short request TTFT (ms) | "
                 "compiles |", "|---|---|---|---|---|---|---|"]

@@ -102,7 +102,8 @@ def _attend_local(q, k, v, pk, pv, table, positions, valid, axis, n):
         pages = jnp.take(table, cols, axis=1, mode="fill", fill_value=0)  # [b, len(cols)]
         keys = pk[pages].reshape(b, -1, *pk.shape[2:]).astype(q.dtype)
         vals = pv[pages].reshape(b, -1, *pv.shape[2:]).astype(q.dtype)
-        return keys, vals, key_pos[None, None, :] <= positions[:, :, None]  # causal over the cached positions
+        mask = (key_pos[None, None, :] <= positions[:, :, None]) & jnp.repeat(cols < nb, page)[None, None, :]
+        return keys, vals, mask  # causal over the cached positions, none past the table
 
     if local <= per_block:
         keys, vals, mask = block_inputs(first + n * jnp.arange(local))
