@@ -66,6 +66,14 @@ def test_continuous_batching_benchmark(tmp_path):
     assert a["max_diff"] <= 1e-5 and a["paged_us_per_token"] > 0
 
 
+def test_decode_steps_needed_by_each_batching_mode():
+    """Static batches of 2 run to their longest (5, then 10: 15 steps); continuous batching refills a slot when
+    its request ends (3 ends, 10 joins; 5 ends, 2 joins; 13 steps), or only every 4 steps (16)."""
+    from jaxpar.benchmarks.continuous import decode_steps_needed
+    assert decode_steps_needed([5, 3, 10, 2], 2, 1) == {"static": 15, "continuous": 13, "ratio": 15 / 13}
+    assert decode_steps_needed([5, 3, 10, 2], 2, 4)["continuous"] == 16
+
+
 def test_serving_benchmark(tmp_path):
     """`bench serve` end to end: it starts a server, sends the workload at two rates, overloads it and soaks
     it, runs the same workload through the engine's Python API and in static batches, and stops the server

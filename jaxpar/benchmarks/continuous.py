@@ -1,6 +1,7 @@
 """`python -m jaxpar.bench continuous`: continuous batching against static batching on the same engine and the
 same workload, per mesh: offline output tokens/s of both and their ratio, and the time of the prompts' prefill
-alone (static batching's time over it bounds what continuous batching can gain); the decode rate with every slot busy
+alone, and the decode steps each mode needs for the workload's output lengths (their ratio is the most
+continuous batching can gain on it, on any hardware); the decode rate with every slot busy
 against `generate_tokens` of the same batch; the time to first token of a short request submitted while a
 4096-token prompt is prefilled chunk by chunk; compilations after warm-up (there should be none); time to
 first token and time per output token (p50/p99) against the admission interval n (decode steps between
@@ -49,6 +50,21 @@ def workload(n: int, ctx: int, vocab: int, rng) -> list:
     out = np.minimum(out, ctx // 2)  # a small context window (tiny: 64) keeps room for the prompt
     plen = np.minimum(rng.integers(PROMPT_LEN[0], PROMPT_LEN[1] + 1, n), ctx - out)
     return [(rng.integers(3, vocab, p).tolist(), int(o)) for p, o in zip(plen, out)]
+
+
+def decode_steps_needed(outputs: list, slots: int, n: int) -> dict:
+    """The decode steps each mode must run for these output lengths, counting nothing else (prefill and
+    program launches free): static batches of `slots` run to their longest request; continuous batching refills
+    freed slots in arrival order every n steps. Their ratio is what continuous batching can gain on this
+    workload at best, on any hardware."""
+    static = sum(max(outputs[i:i + slots]) for i in range(0, len(outputs), slots))
+    queue, running, steps = list(outputs), [], 0
+    while queue or running:
+        while queue and len(running) < slots:
+            running.append(queue.pop(0))
+        running = [left - n for left in running if left > n]
+        steps += n
+    return {"static": static, "continuous": steps, "ratio": static / steps}
 
 
 def _params(max_tokens: int):
@@ -188,6 +204,7 @@ def run_mesh(mesh: str, cfg, args, work, counter) -> dict:
     r["continuous"] = offline_continuous(eng, work)
     r["static"] = offline_static(eng, work, args.max_num_seqs)
     r["speedup"] = r["continuous"]["tokens_per_s"] / r["static"]["tokens_per_s"]
+    r["steps_needed"] = decode_steps_needed([o for _, o in work], args.max_num_seqs, main_n)
     r["prefill_only"] = prefill_only(eng, work)
     r["speedup_bound"] = r["static"]["seconds"] / r["prefill_only"]["seconds"]
     print(f"  {mesh}: continuous {r['continuous']['tokens_per_s']:.1f} tokens/s, static "
@@ -264,6 +281,10 @@ def attention_cost(cfg, contexts, repeats: int = 20) -> list:
     return rows
 
 
+def _steps(x: dict) -> str:
+    return f"{x['static']} / {x['continuous']} = {x['ratio']:.2f}x"
+
+
 def _ms(s: float) -> str:
     return f"{s * 1e3:.0f}" if s >= 0.1 else f"{s * 1e3:.1f}"
 
@@ -274,13 +295,14 @@ def markdown(r: dict) -> str:
            f"prefill_chunk {a['prefill_chunk']}, max_num_batched_tokens {a['max_num_batched_tokens']}; "
            f"output tokens {r['output_tokens']} (prompts {r['prompt_tokens']} tokens)", "",
            "| mesh | warm-up (programs, s) | continuous tokens/s | static tokens/s | continuous / static | "
-           "prefill alone (s) | static / prefill alone: the most continuous can gain | "
+           "decode steps needed, static / continuous | prefill alone (s) | static / prefill alone | "
            "all slots busy: loop tokens/s | generate_tokens tokens/s | loop / generate_tokens | compiles after "
-           "warm-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "warm-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in r["meshes"]:
         s, w = m["saturation"], m["warmup"]
         out.append(f"| {m['mesh']} | {w['programs']}, {w['seconds']:.0f} | {m['continuous']['tokens_per_s']:.1f} | "
-                   f"{m['static']['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {m['prefill_only']['seconds']:.1f} | "
+                   f"{m['static']['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {_steps(m['steps_needed'])} | "
+                   f"{m['prefill_only']['seconds']:.1f} | "
                    f"{m['speedup_bound']:.2f}x | {s['loop_tokens_per_s']:.1f} | "
                    f"{s['generate_tokens_per_s']:.1f} | {s['ratio']:.2f} | {m['compiles_after_warmup']} |")
     out += ["", "| mesh | prompt | chunk | token budget | long prompt TTFT (ms) | short request TTFT (ms) | "
