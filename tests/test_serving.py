@@ -113,6 +113,11 @@ def test_nothing_compiles_after_warmup():
     n = len(COMPILES)
     run_concurrently(eng, workload(30, seed=5), seed=6)
     assert len(COMPILES) == n
+    # a new admission interval compiles the decode programs again, and nothing else
+    assert eng.set_decode_steps(2)["programs"] == len(eng.scheduler.shapes()["decode"])
+    n = len(COMPILES)
+    reqs, _ = run_concurrently(eng, workload(10, seed=7), seed=8)
+    assert len(COMPILES) == n and all(r.finished for r in reqs)
 
 
 def test_queue_limit_refuses_and_requests_are_checked():

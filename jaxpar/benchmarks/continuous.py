@@ -18,7 +18,6 @@ arrival time, and its time to first token counts from that arrival time (so it i
 iteration in flight)."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -152,20 +151,6 @@ def staggered(eng, work, rate: float, rng) -> dict:
             "tokens_per_s": sum(len(r.output) for r in reqs) / (end - t0)}
 
 
-def set_decode_steps(eng, n: int) -> dict:
-    """Switch a warmed-up engine to admission interval n. The scheduler reads it every iteration and the decode
-    program takes it as a static argument, so only the decode programs need compiling again (Engine.configure
-    would rebuild the programs and recompile every prefill shape as well: minutes on a CPU)."""
-    cfg = dataclasses.replace(eng.scheduler.config, decode_steps=n)
-    eng.scheduler.config = eng.serving = cfg
-    shapes = eng.scheduler.shapes
-    eng.scheduler.shapes = lambda: {**shapes(), "prefill": []}  # the prefill shapes are compiled already
-    try:
-        return eng.warmup()
-    finally:
-        del eng.scheduler.shapes
-
-
 def chunked_prefill(mesh, cfg, args, counter, n: int, rng) -> dict:
     """A long prompt, then (right after the first iteration) a short request: both TTFTs. On its own engine
     (a context window of 8192); run twice, the first run compiling what the second, timed, one uses."""
@@ -218,7 +203,7 @@ def run_mesh(mesh: str, cfg, args, work, counter) -> dict:
     for n in sorted(set(args.decode_steps), reverse=True):
         row = {"decode_steps": n}
         if n != eng.scheduler.config.decode_steps:
-            row["rewarm"] = set_decode_steps(eng, n)
+            row["rewarm"] = eng.set_decode_steps(n)
         c0 = counter.n
         row.update(staggered(eng, work, rate, np.random.default_rng(args.seed + 2)))
         row["compiles"] = counter.n - c0

@@ -81,6 +81,19 @@ class Engine:
             n = self.runner.warmup(self.scheduler)
         return {"programs": n, "seconds": time.perf_counter() - t0}
 
+    def set_decode_steps(self, n: int) -> dict:
+        """Change the admission interval (decode steps between admissions) of an idle engine. The decode program
+        takes it as a static argument, so only the decode programs compile again (`configure` would rebuild
+        every program). -> {"programs": n, "seconds": s}."""
+        serving = dataclasses.replace(self.serving, decode_steps=n).check(self.config.max_position_embeddings)
+        t0 = time.perf_counter()
+        with self.loop.lock:
+            if self.scheduler.has_work:
+                raise GenerationError("set_decode_steps: the engine has requests in flight")
+            self.serving = self.scheduler.config = serving
+            n = self.runner.warmup(self.scheduler, prefill=False)
+        return {"programs": n, "seconds": time.perf_counter() - t0}
+
     @property
     def params(self) -> dict:
         """The parameters in the stacked form checkpoints store (rebuilt from the per-layer arrays when the

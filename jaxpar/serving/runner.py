@@ -43,10 +43,13 @@ class Runner:
         prefill = [(to_host(t), to_host(e)) for t, e in prefill]
         return prefill, None if decode is None else (to_host(decode[0]), to_host(decode[1]))
 
-    def warmup(self, scheduler) -> int:
+    def warmup(self, scheduler, prefill: bool = True) -> int:
         """Compile (by running on padding rows, which write nothing) every program shape the scheduler can ask
-        for, so nothing compiles under traffic. Run it before any request. -> the number of programs."""
+        for, so nothing compiles under traffic. Run it before any request. prefill=False: the decode programs
+        only (after a change of decode_steps). -> the number of programs."""
         params, shapes = self.params(), scheduler.shapes()
+        if not prefill:
+            shapes["prefill"] = []
         self.ensure_state()
         flag = np.bool_(False)
         for rows, chunk, paged in shapes["prefill"]:
