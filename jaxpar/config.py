@@ -28,6 +28,7 @@ class ModelConfig:
     rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 2048
+    sliding_window: int | None = None  # every layer attends to its last sliding_window positions (Mistral)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     attention_out_bias: bool | None = None  # o_proj bias; None = same as attention_bias (Llama). Qwen2: False
@@ -125,6 +126,7 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
     _int(cfg, "num_key_value_heads", source, allow_none=True)
     _int(cfg, "head_dim", source, allow_none=True)
     _int(cfg, "max_position_embeddings", source)
+    _int(cfg, "sliding_window", source, allow_none=True)
     _int(cfg, "num_local_experts", source, lo=0)
     _int(cfg, "num_experts_per_tok", source, lo=0)
     for name in ("tie_word_embeddings", "attention_bias", "qk_norm", "attention_out_bias"):

@@ -1,7 +1,8 @@
 """`python -m jaxpar.bench attention`: causal prefill attention of one layer, dense (the whole [S, S] score
 matrix) against blockwise (model/attend.causal_blockwise) at several block sizes, on one device: time, the
 largest score array each holds, and the largest difference from dense. The block sizes jaxpar picks
-(parallel/attention.block_size) come from this table."""
+(parallel/attention.block_size) come from this table. With --window W both attend within a sliding window of
+W positions (blockwise skips the key blocks before it)."""
 from __future__ import annotations
 
 import time
@@ -19,20 +20,22 @@ def _best(fn, args, repeats: int) -> float:
     return min(times)
 
 
-def measure(lengths, blocks, heads: int, kv_heads: int, head_dim: int, batch: int, repeats: int) -> list:
+def measure(lengths, blocks, heads: int, kv_heads: int, head_dim: int, batch: int, repeats: int,
+            window: int | None = None) -> list:
     import jax
     import jax.numpy as jnp
 
-    from jaxpar.model.attend import attend, causal_blockwise
+    from jaxpar.model.attend import AttentionSpec, attend, causal_blockwise
     from jaxpar.parallel.attention import block_size
+    spec = AttentionSpec(window=window)
     rows = []
     for s in lengths:
         r = np.random.RandomState(s)
         q = jnp.asarray(r.randn(batch, s, heads, head_dim), jnp.float32)
         k, v = (jnp.asarray(r.randn(batch, s, kv_heads, head_dim), jnp.float32) for _ in range(2))
         pos = jnp.arange(s)
-        mask = jnp.broadcast_to(pos[:, None] >= pos[None, :], (batch, s, s))
-        dense = jax.jit(attend)
+        mask = jnp.broadcast_to(spec.visible(pos[:, None], pos[None, :]), (batch, s, s))
+        dense = jax.jit(lambda q, k, v, mask: attend(q, k, v, mask, spec))
         want = dense(q, k, v, mask)
         rows.append({"tokens": s, "kind": "dense", "block": None, "ms": _best(dense, (q, k, v, mask), repeats) * 1e3,
                      "score_bytes": batch * heads * s * s * 4, "max_diff": 0.0, "chosen": block_size(s) is None})
@@ -40,7 +43,7 @@ def measure(lengths, blocks, heads: int, kv_heads: int, head_dim: int, batch: in
         for blk in blocks:
             if s % blk or blk > s:
                 continue
-            fn = jax.jit(lambda q, k, v, blk=blk: causal_blockwise(q, k, v, blk))
+            fn = jax.jit(lambda q, k, v, blk=blk: causal_blockwise(q, k, v, blk, spec))
             diff = float(jnp.abs(fn(q, k, v) - want).max())
             rows.append({"tokens": s, "kind": "blockwise", "block": blk, "ms": _best(fn, (q, k, v), repeats) * 1e3,
                          "score_bytes": batch * heads * blk * blk * 4, "max_diff": diff,
@@ -50,8 +53,9 @@ def measure(lengths, blocks, heads: int, kv_heads: int, head_dim: int, batch: in
 
 
 def markdown(r: dict) -> str:
+    window = f", sliding window {r['window']}" if r.get("window") else ""
     out = [f"one layer, batch {r['batch']}, {r['heads']} heads, {r['kv_heads']} kv heads, head_dim {r['head_dim']}, "
-           f"float32, {r['devices']}", "",
+           f"float32{window}, {r['devices']}", "",
            "| tokens | attention | ms | largest score array | max difference from dense | jaxpar's choice |",
            "|---|---|---|---|---|---|"]
     for x in r["rows"]:
@@ -74,16 +78,18 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=64, help="size of each head (default 64)")
     p.add_argument("--batch", type=int, default=1, help="sequences per call (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per point, the fastest kept (default 5)")
+    p.add_argument("--window", type=int, default=None,
+                   help="attend within a sliding window of this many positions (default: full causal attention)")
     p.add_argument("--out", default="bench_out", help="output directory for attention.json (default bench_out)")
     args = p.parse_args(argv)
-    if min(args.lengths + args.blocks) < 1 or args.heads % args.kv_heads:
-        cli.fail("--lengths and --blocks must be positive and --heads a multiple of --kv-heads")
+    if min(args.lengths + args.blocks) < 1 or args.heads % args.kv_heads or (args.window or 1) < 1:
+        cli.fail("--lengths, --blocks and --window must be positive and --heads a multiple of --kv-heads")
     cli.start(args)  # one device is all it uses
     import jax
     from jaxpar.benchmarks.output import publish
     d = jax.devices()[0]
     r = {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-         "devices": f"{d.device_kind} ({d.platform})",
+         "window": args.window, "devices": f"{d.device_kind} ({d.platform})",
          "rows": measure(args.lengths, args.blocks, args.heads, args.kv_heads, args.head_dim, args.batch,
-                         args.repeats)}
+                         args.repeats, args.window)}
     publish(args.out, "attention.json", r, markdown(r))

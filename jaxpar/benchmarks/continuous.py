@@ -225,14 +225,14 @@ def attention_cost(cfg, contexts, repeats: int = 20) -> list:
     import jax
     import jax.numpy as jnp
 
-    from jaxpar.model.attend import attend
+    from jaxpar.model.attend import CAUSAL, attend
     from jaxpar.parallel.paged import paged_attention
     b, h, kv, d = ATTENTION_BATCH, cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
     rng = np.random.default_rng(0)
     rows = []
 
     def paged(pools, q, k, v, table, pos, valid):
-        return paged_attention(q, k, v, pools, table, pos, valid)
+        return paged_attention(q, k, v, pools, table, pos, valid, CAUSAL)
 
     def contiguous(cache, q, k, v, table, pos, valid):
         rows_ = jnp.arange(b)

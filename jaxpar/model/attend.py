@@ -1,7 +1,12 @@
 """Attention arithmetic shared by the dense path and the parallel kernels: grouped-query attention in one
 shot, and its blockwise form (an unnormalised partial result plus running max and sum) that ring attention
-and sequence-sharded decode merge across blocks and devices (online softmax)."""
+and sequence-sharded decode merge across blocks and devices (online softmax).
+
+What a layer's attention computes is an `AttentionSpec`; every kernel (dense, blockwise, ring, Ulysses, paged)
+takes its visibility rule and its score transform from the spec, so a new variant changes this file only."""
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -9,17 +14,45 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """window: sliding-window attention (Mistral, Qwen2, gpt-oss and Gemma's local layers): the query at position
+    p sees the keys at p - window + 1 .. p; None: every earlier position (causal).
+    softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2); None: unchanged.
+    scale: the factor applied to q.k; None: head_dim ** -0.5 (Gemma's query_pre_attn_scalar sets another)."""
+    window: int | None = None
+    softcap: float | None = None
+    scale: float | None = None
+
+    def visible(self, q_pos, k_pos):
+        """Whether a query at q_pos may attend to a key at k_pos (broadcasting integer positions)."""
+        ok = k_pos <= q_pos
+        if self.window is not None:
+            ok = ok & (k_pos > q_pos - self.window)
+        return ok
+
+    def scores(self, q, k):
+        """Scores of grouped queries q [B,S,KV,G,D] against keys k [B,T,KV,D] -> [B,KV,G,S,T], float32."""
+        s = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+        s = s * (q.shape[-1] ** -0.5 if self.scale is None else self.scale)
+        if self.softcap is not None:
+            s = self.softcap * jnp.tanh(s / self.softcap)
+        return s
+
+
+CAUSAL = AttentionSpec()
+
+
 def _group(q, kv_heads):
     b, s, h, d = q.shape
     return q.reshape(b, s, kv_heads, h // kv_heads, d)
 
 
-def attend(q, k, v, mask):
-    """Grouped-query attention. q [B,S,H,D]; k, v [B,T,KV,D]; mask [B,S,T] (True = may attend)."""
+def attend(q, k, v, mask, spec: AttentionSpec = CAUSAL):
+    """Grouped-query attention. q [B,S,H,D]; k, v [B,T,KV,D]; mask [B,S,T] (True = may attend; callers build it
+    with `spec.visible`)."""
     b, s, h, d = q.shape
-    scores = jnp.einsum("bskgd,btkd->bkgst", _group(q, k.shape[2]), k,
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    scores = jnp.where(mask[:, None, None], spec.scores(_group(q, k.shape[2]), k), NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, h, d)
@@ -33,12 +66,11 @@ def empty_partial(q, kv_heads):
             jnp.zeros((b, kv_heads, g, s), jnp.float32))
 
 
-def accumulate(acc, q, k, v, mask=None):
+def accumulate(acc, q, k, v, mask=None, spec: AttentionSpec = CAUSAL):
     """Fold one key/value block into a query block's accumulator (online softmax, float32).
     q [B,S,H,D]; k, v [B,T,KV,D]; mask [B,S,T] or None (every key visible)."""
     o, m, l = acc
-    d = q.shape[-1]
-    s = jnp.einsum("bskgd,btkd->bkgst", _group(q, k.shape[2]), k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    s = spec.scores(_group(q, k.shape[2]), k)
     if mask is not None:
         s = jnp.where(mask[:, None, None], s, NEG_INF)
     m_new = jnp.maximum(m, s.max(axis=-1))
@@ -53,16 +85,18 @@ def accumulate(acc, q, k, v, mask=None):
 
 
 def finish(acc, dtype):
-    """Normalise an accumulator: -> [B,S,H,D]."""
+    """Normalise an accumulator: -> [B,S,H,D]. A query that saw no key gets zeros (not 0/0)."""
     o, _, l = acc
     b, s, kv, g, d = o.shape
-    return (o / jnp.moveaxis(l, -1, 1)[..., None]).astype(dtype).reshape(b, s, kv * g, d)
+    l = jnp.maximum(jnp.moveaxis(l, -1, 1)[..., None], jnp.finfo(jnp.float32).tiny)
+    return (o / l).astype(dtype).reshape(b, s, kv * g, d)
 
 
-def causal_blockwise(q, k, v, block: int):
+def causal_blockwise(q, k, v, block: int, spec: AttentionSpec = CAUSAL):
     """Causal attention over a prompt in position order, one query block against one key block at a time
     (online softmax, `accumulate`): the largest score array is [B, H, block, block], never [B, H, S, S], and
-    key blocks after a query block's diagonal are skipped (about half the work of `attend`).
+    key blocks after a query block's diagonal are skipped (about half the work of `attend`); with a sliding
+    window, so are the key blocks wholly before it (the work grows with S x window, not S x S).
     q [B,S,H,D]; k, v [B,S,KV,D]; position i at index i. S is padded at the end to a multiple of the block
     (padded keys come after every real query, so the causal mask hides them; padded queries are dropped)."""
     b, s, h, d = q.shape
@@ -72,13 +106,21 @@ def causal_blockwise(q, k, v, block: int):
     n, kvh = (s + pad) // block, k.shape[2]
     qb = q.reshape(b, n, block, h, d)
     kb, vb = (x.reshape(b, n, block, kvh, d) for x in (k, v))
-    diagonal = jnp.broadcast_to(jnp.tril(jnp.ones((block, block), bool)), (b, block, block))
+    offsets = jnp.arange(block)
+
+    def mask(i, j):  # query block i against key block j
+        return jnp.broadcast_to(spec.visible((i * block + offsets)[:, None], (j * block + offsets)[None, :]),
+                                (b, block, block))
 
     def query_block(i):
         qi = qb[:, i]
-        acc = jax.lax.fori_loop(0, i, lambda j, acc: accumulate(acc, qi, kb[:, j], vb[:, j]),
-                                empty_partial(qi, kvh))
-        return finish(accumulate(acc, qi, kb[:, i], vb[:, i], diagonal), q.dtype)
+        if spec.window is None:  # every key block before the diagonal is wholly visible
+            first, inner = 0, (lambda j, acc: accumulate(acc, qi, kb[:, j], vb[:, j], None, spec))
+        else:
+            first = jnp.maximum(i * block - spec.window + 1, 0) // block
+            inner = (lambda j, acc: accumulate(acc, qi, kb[:, j], vb[:, j], mask(i, j), spec))
+        acc = jax.lax.fori_loop(first, i, inner, empty_partial(qi, kvh))
+        return finish(accumulate(acc, qi, kb[:, i], vb[:, i], mask(i, i), spec), q.dtype)
 
     out = jax.lax.map(query_block, jnp.arange(n))  # [n, B, block, H, D]
     return jnp.moveaxis(out, 0, 1).reshape(b, s + pad, h, d)[:, :s]

@@ -7,6 +7,7 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
+from jaxpar.model.attend import AttentionSpec
 from jaxpar.model.rope import apply_rope
 from jaxpar.parallel.attention import prefill_attention
 from jaxpar.parallel.paged import paged_attention, write_pages
@@ -49,6 +50,7 @@ class Attention(nnx.Module):
         self.out_bias = cfg.out_bias
         if self.out_bias:
             self.bo = param(rngs, (d,), ("embed",), dt, zeros)
+        self.spec = AttentionSpec(window=cfg.sliding_window)
         self.qk_norm = cfg.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
@@ -70,9 +72,9 @@ class Attention(nnx.Module):
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         if paged:
-            out, cache = paged_attention(q, k, v, cache, pages["table"], positions, valid)
+            out, cache = paged_attention(q, k, v, cache, pages["table"], positions, valid, self.spec)
         else:
-            out = prefill_attention(q, k, v, positions)
+            out = prefill_attention(q, k, v, positions, self.spec)
             if cache is not None:
                 cache = write_pages(cache, k, v, pages["table"], pages["positions"], pages["valid"])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 
 from jaxpar.layout.rules import active
-from jaxpar.model.attend import attend, causal_blockwise
+from jaxpar.model.attend import AttentionSpec, attend, causal_blockwise
 from jaxpar.parallel.ring_attention import ring_attention_local
 from jaxpar.parallel.ulysses import ulysses_attention_local
 
@@ -39,14 +39,15 @@ def _seq(logical):
     return lay.axes(logical), lay.size(logical), lay
 
 
-def prefill_attention(q, k, v, positions):
-    """Causal attention over the prompt. q [B,S,H,D]; k, v [B,S,KV,D]; positions [B,S]."""
+def prefill_attention(q, k, v, positions, spec: AttentionSpec):
+    """Causal attention over the prompt, as `spec` says (sliding window, soft-capping, scale). q [B,S,H,D];
+    k, v [B,S,KV,D]; positions [B,S]."""
     axes, n, lay = _seq("seq")
     block = block_size(q.shape[1]) if axes is None else None
     if block:  # no seq axis: index i holds position i
-        return causal_blockwise(q, k, v, block)
+        return causal_blockwise(q, k, v, block, spec)
     if axes is None or lay.attention == "dense":
-        return attend(q, k, v, positions[:, :, None] >= positions[:, None, :])
+        return attend(q, k, v, spec.visible(positions[:, :, None], positions[:, None, :]), spec)
     body = ring_attention_local if lay.attention == "ring" else ulysses_attention_local
-    return lay.shard_map(functools.partial(body, axis=axes, n=n),
+    return lay.shard_map(functools.partial(body, axis=axes, n=n, spec=spec),
                          in_specs=(lay.spec(Q), lay.spec(KV), lay.spec(KV)), out_specs=lay.spec(Q))(q, k, v)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.layout.rules import active
-from jaxpar.model.attend import accumulate, attend, empty_partial
+from jaxpar.model.attend import AttentionSpec, accumulate, attend, empty_partial
 
 POOL = ("pages", None, "kv_heads", "head_dim")
 Q = ("batch", "seq", "heads", "head_dim")
@@ -85,10 +85,11 @@ def write_pages(pools, k, v, table, positions, valid):
 BLOCK_TOKENS = 256
 
 
-def _attend_local(q, k, v, pk, pv, table, positions, valid, axis, n):
+def _attend_local(q, k, v, pk, pv, table, positions, valid, axis, n, spec: AttentionSpec):
     """Per device: write the new tokens, then attend over this device's pages (every page when n = 1).
     A table of at most BLOCK_TOKENS tokens is read in one piece; a wider one block by block (online softmax),
-    up to the last page a valid position of the call reaches."""
+    from the first block a valid position's window reaches (the first page without a window) to the last page
+    a valid position of the call reaches."""
     pk = _write_local(pk, k, table, positions, valid, axis, n)
     pv = _write_local(pv, v, table, positions, valid, axis, n)
     page = pk.shape[1]
@@ -102,24 +103,30 @@ def _attend_local(q, k, v, pk, pv, table, positions, valid, axis, n):
         pages = jnp.take(table, cols, axis=1, mode="fill", fill_value=0)  # [b, len(cols)]
         keys = pk[pages].reshape(b, -1, *pk.shape[2:]).astype(q.dtype)
         vals = pv[pages].reshape(b, -1, *pv.shape[2:]).astype(q.dtype)
-        mask = (key_pos[None, None, :] <= positions[:, :, None]) & jnp.repeat(cols < nb, page)[None, None, :]
-        return keys, vals, mask  # causal over the cached positions, none past the table
+        mask = spec.visible(positions[:, :, None], key_pos[None, None, :]) & jnp.repeat(cols < nb, page)[None, None, :]
+        return keys, vals, mask  # as the spec says over the cached positions, none past the table
 
     if local <= per_block:
         keys, vals, mask = block_inputs(first + n * jnp.arange(local))
         if n == 1:
-            return attend(q, keys, vals, mask), pk, pv
-        acc = accumulate(empty_partial(q, keys.shape[2]), q, keys, vals, mask)
+            return attend(q, keys, vals, mask, spec), pk, pv
+        acc = accumulate(empty_partial(q, keys.shape[2]), q, keys, vals, mask, spec)
     else:
         last_page = jnp.max(jnp.where(valid, positions, 0)) // page
         filled = jnp.maximum(last_page - first, -1) // n + 1  # this device's pages up to last_page
         blocks = -(-filled // per_block)
+        start = 0
+        if spec.window is not None:  # blocks wholly before every valid position's window hold nothing visible
+            lo_page = jnp.maximum(jnp.min(jnp.where(valid, positions, jnp.iinfo(jnp.int32).max // 2))
+                                  - spec.window + 1, 0) // page
+            start = jnp.minimum((jnp.maximum(lo_page - first, 0) + n - 1) // n // per_block,
+                                jnp.maximum(blocks - 1, 0))
 
         def step(j, acc):
             keys, vals, mask = block_inputs(first + n * (j * per_block + jnp.arange(per_block)))
-            return accumulate(acc, q, keys, vals, mask)
+            return accumulate(acc, q, keys, vals, mask, spec)
         # the first block outside the loop: the carry then has the types (and varying mesh axes) of the result
-        acc = jax.lax.fori_loop(1, blocks, step, step(0, empty_partial(q, k.shape[2])))
+        acc = jax.lax.fori_loop(start + 1, blocks, step, step(start, empty_partial(q, k.shape[2])))
     o, m, l = acc
     if n > 1:  # merge the devices' partial results
         m_all = jax.lax.pmax(m, axis)
@@ -134,13 +141,13 @@ def _attend_local(q, k, v, pk, pv, table, positions, valid, axis, n):
     return out.astype(q.dtype).reshape(bb, s, kv * g, d), pk, pv
 
 
-def paged_attention(q, k, v, pools, table, positions, valid):
+def paged_attention(q, k, v, pools, table, positions, valid, spec: AttentionSpec):
     """New tokens q [B,S,H,D], k, v [B,S,KV,D] at positions [B,S] (valid [B,S]) of rows whose pages are
-    `table` [B, nb]: write their K/V into the pools, attend causally over every cached position.
+    `table` [B, nb]: write their K/V into the pools, attend over the cached positions `spec` makes visible.
     The sequence of q is not split (decode rules); the pools' pages are. -> (out [B,S,H,D], pools)."""
     axis, n = _seq_axes()
     lay = active()
-    body = functools.partial(_attend_local, axis=axis, n=n)
+    body = functools.partial(_attend_local, axis=axis, n=n, spec=spec)
     if lay is None or lay.mesh.size == 1:
         out, pk, pv = body(q, k, v, *pools, table, positions, valid)
         return out, (pk, pv)

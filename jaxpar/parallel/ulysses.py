@@ -6,11 +6,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpar.model.attend import attend
+from jaxpar.model.attend import AttentionSpec, attend
 from jaxpar.parallel import zigzag
 
 
-def ulysses_attention_local(q, k, v, axis, n: int):
+def ulysses_attention_local(q, k, v, axis, n: int, spec: AttentionSpec):
     """Per-device body (inside shard_map). q [B, S/n, H, D]; k, v [B, S/n, KV, D], H and KV divisible by n;
     the sequence is in zigzag order (zigzag.order). -> [B, S/n, H, D]."""
     b, sl, h, d = q.shape
@@ -22,7 +22,8 @@ def ulysses_attention_local(q, k, v, axis, n: int):
     hq, hk = h // n, kv // n
     ql, kl, vl = qkv[:, :, :hq], qkv[:, :, hq:hq + hk], qkv[:, :, hq + hk:]
     pos = zigzag.order(sl * n, n)
-    mask = jnp.broadcast_to(jnp.asarray(pos[:, None] >= pos[None, :]), (b, sl * n, sl * n))
-    out = attend(ql, kl, vl, mask)  # [B, S, H/n, D]
+    pos = jnp.asarray(pos)
+    mask = jnp.broadcast_to(spec.visible(pos[:, None], pos[None, :]), (b, sl * n, sl * n))
+    out = attend(ql, kl, vl, mask, spec)  # [B, S, H/n, D]
     out = jax.lax.all_to_all(out.reshape(b, n, sl, hq, d), axis, split_axis=1, concat_axis=3, tiled=True)
     return out.reshape(b, sl, h, d)
