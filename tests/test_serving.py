@@ -106,6 +106,36 @@ def test_running_out_of_pages_preempts_and_loses_nothing(mesh):
     assert eng.scheduler.pool.in_use() == 0
 
 
+@pytest.mark.parametrize("mesh", ["single", "sp4"])
+def test_a_sliding_window_model_gives_back_the_pages_behind_its_window(mesh):
+    """Every layer attends within 24 positions. Two requests of 30 prompt tokens and 70 new ones (25 pages of 4
+    tokens each) run together in a pool of 24 pages per shard without preemption: the pages behind a window go
+    back to the pool as the requests advance and are handed to the other one. Each gets the greedy tokens of
+    full forward passes (no cache at all), and every page is free at the end. Without the window the same
+    requests are refused: each alone needs more pages than the pool holds."""
+    from jaxpar.config import load_config
+    from jaxpar.errors import GenerationError
+    import numpy as np
+    cfg = load_config("tiny-llama").replace(sliding_window=24)
+    kw = dict(max_num_seqs=2, page_size=4, prefill_chunk=16, max_num_batched_tokens=32, decode_steps=4,
+              num_pages=24 // (4 if mesh == "sp4" else 1))  # per seq device
+    eng = engine(mesh, model=cfg, **kw)
+    assert eng.scheduler.pages_needed(100) == 11  # the window's 23 positions + a 16-token chunk, as pages
+    rng = np.random.RandomState(0)
+    prompts = [list(rng.randint(0, 512, 30)) for _ in range(2)]
+    want = []
+    for p in prompts:  # greedy from full forward passes: positions after the sequence cannot change its logits
+        seq = list(p)
+        for _ in range(70):
+            padded = np.array([seq + [0] * (112 - len(seq))])
+            seq.append(int(np.argmax(eng.logits(padded)[0, len(seq) - 1])))
+        want.append(seq[30:])
+    assert eng.generate_tokens(prompts, max_new_tokens=70, stop_at_eos=False) == want
+    assert eng.scheduler.preemptions == 0 and eng.scheduler.pool.in_use() == 0
+    with pytest.raises(GenerationError, match="needs 25 KV cache pages"):
+        engine(mesh, model=cfg.replace(sliding_window=None), **kw).generate_tokens(prompts, max_new_tokens=70)
+
+
 def test_nothing_compiles_after_warmup():
     eng = serving_engine("single", max_num_seqs=8)  # its own buckets: warm-up compiles them all
     report = eng.warmup()

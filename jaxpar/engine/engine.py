@@ -69,7 +69,8 @@ class Engine:
                                  serving.num_pages)
         self.programs = Programs(self.config, self.layout, self.kv_repeat, self.unrolled, self.sizes)
         detok = self.tokenizer.decode if hasattr(self.tokenizer, "decode") else None
-        self.scheduler = Scheduler(self.sizes, serving, self.layout, self.eos_ids, detok)
+        self.scheduler = Scheduler(self.sizes, serving, self.layout, self.eos_ids, detok,
+                                   window=self.config.sliding_window)
         self.runner = Runner(self.programs, lambda: self.run_params)
         self.loop = ServingLoop(self.scheduler, self.runner)
 

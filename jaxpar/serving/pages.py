@@ -37,9 +37,9 @@ class PagePool:
             out.append(page)
         return out
 
-    def release(self, shard: int, pages: list[int]) -> None:
-        """Drop one reference to each of a request's pages (its logical pages 0, 1, ...)."""
-        for j, page in enumerate(pages):
+    def release(self, shard: int, pages: list[int], first: int = 0) -> None:
+        """Drop one reference to each of a request's pages (its logical pages first, first + 1, ...)."""
+        for j, page in enumerate(pages, start=first):
             block = j % self.seq_shards
             self.refs[shard, block, page] -= 1
             if self.refs[shard, block, page] == 0:

@@ -81,7 +81,8 @@ class Request:
         self.unread: list[int] = []  # emitted tokens the caller has not taken yet
         self.status = Status.WAITING
         self.slot = self.shard = -1
-        self.pages: list[int] = []
+        self.pages: list[int] = []  # by logical page; the first `released` are given back (0 in their place)
+        self.released = 0
         self.prefix: list[int] = []
         self.computed = 0
         self.text: str | None = None  # the completion's text when a stop string cut it

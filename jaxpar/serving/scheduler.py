@@ -9,6 +9,10 @@
    `prefill_chunk` tokens an iteration, at fixed boundaries, so a long prompt cannot hold the running decodes
    up for its whole length);
 
+and, when every layer attends within a sliding window, gives back the pages behind a request's window as it
+advances (its next queries cannot see them), so a request holds about window / page_size pages however long
+it runs;
+
 and writes the iteration down as a `Plan` of plain arrays. The runner decodes first, then prefills: a prompt
 that ends in this iteration joins the batch for the next one. After the runner has executed it, `update` hands
 each request its new tokens and ends the finished ones (end-of-sequence or max_tokens on device, stop strings
@@ -85,8 +89,10 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, sizes: CacheSizes, config: ServingConfig, layout, eos_ids: tuple, detokenize=None):
-        self.sizes, self.config = sizes, config
+    def __init__(self, sizes: CacheSizes, config: ServingConfig, layout, eos_ids: tuple, detokenize=None,
+                 window: int | None = None):
+        """window: the model's sliding window when every layer has one (pages behind it are given back)."""
+        self.sizes, self.config, self.window = sizes, config, window
         self.seq_multiple = layout.seq_multiple
         self.microbatches = layout.batch_multiple // layout.size("batch")
         self.eos_ids = tuple(eos_ids)[:STOP_WIDTH]
@@ -106,7 +112,7 @@ class Scheduler:
             raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting requests); try again later")
         limit = self.config.max_model_len
         max_new = max(0, min(params.max_tokens, limit - len(prompt)))
-        need = self.sizes.pages_for(len(prompt) + max_new)
+        need = self.pages_needed(len(prompt) + max_new)
         if need > self.pool.capacity // self.sizes.batch_shards:
             raise GenerationError(f"a request of {len(prompt)} prompt tokens and up to {max_new} new tokens needs "
                                   f"{need} KV cache pages of {self.sizes.page_size} tokens, more than the "
@@ -137,14 +143,38 @@ class Scheduler:
             self._free_slot(req)
         req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, time.perf_counter()
 
+    def pages_needed(self, tokens: int) -> int:
+        """Pages a request of `tokens` tokens holds at most at once: all of them, or with a sliding window the
+        pages from its window's start to the end of its next chunk or decode steps (see `_slide`)."""
+        need = self.sizes.pages_for(tokens)
+        if self.window is None:
+            return need
+        ahead = max(self.config.prefill_chunk, self.config.decode_steps)
+        return min(need, self.sizes.pages_for(self.window - 1 + ahead) + 1)
+
     def _free_slot(self, req: Request) -> None:
-        self.pool.release(req.shard, req.pages)
+        self.pool.release(req.shard, req.pages[req.released:], first=req.released)
         self.table[req.slot] = 0
         self.slots[req.slot] = None
         self.pending_release[req.slot] = True
         self.admitted.remove(req)
         req.slot = req.shard = -1
         req.pages = []
+        req.released = 0
+
+    def _slide(self, req: Request, position: int) -> None:
+        """With a sliding window: give back the request's pages that hold only positions no query from
+        `position` on can see (keys before position - window + 1). Their table entries point at page 0, which
+        the kernels read only under the window's mask."""
+        if self.window is None:
+            return
+        upto = min(max(0, position - self.window + 1) // self.sizes.page_size, len(req.pages))
+        if upto <= req.released:
+            return
+        self.pool.release(req.shard, req.pages[req.released:upto], first=req.released)
+        req.pages[req.released:upto] = [0] * (upto - req.released)
+        self.table[req.slot, req.released:upto] = 0
+        req.released = upto
 
     # ---- planning -------------------------------------------------------------------------------------------
     def _grow(self, req: Request, tokens: int) -> bool:
@@ -202,6 +232,7 @@ class Scheduler:
             if req.status is not Status.RUNNING or req.slot < 0:
                 continue
             upto = req.cache_len + min(steps, req.max_new - len(req.output))
+            self._slide(req, req.cache_len)
             while not self._grow(req, upto):
                 if not self._preempt_for(req):
                     raise AssertionError("a request's pages exceed the pool (checked when it was added)")
@@ -230,6 +261,7 @@ class Scheduler:
             chunk = min(self.config.prefill_chunk, len(req.prefix) - req.computed)
             if chunk > budget:
                 break
+            self._slide(req, req.computed)
             if not self._grow(req, req.computed + chunk):
                 if not self._has_decodes() and not first and not later:
                     self._preempt_for(req)  # every slot is prefilling and the pool is full: make room
