@@ -272,6 +272,21 @@ def test_rule_overrides_that_split_one_tensor_twice(rules, frag, tmp_path, capsy
     check(run_cli(["--mesh", path, "--prompt", "1+1="], capsys), [path, frag])
 
 
+def test_the_reuse_check_reads_the_models_own_activations():
+    """The tensors the check above covers are the ones the model pins (recorded from its `constrain` calls),
+    not a hand-kept list: the mixture-of-experts hidden activation appears for a MoE model only."""
+    from jaxpar.config import load_config
+    from jaxpar.layout.plan import activation_names
+    from jaxpar.layout.rules import LOGICAL_AXES
+    dense, moe = activation_names(load_config("tiny-add")), activation_names(load_config("tiny-add-moe"))
+    expert_hidden = ("batch", "seq", None, "mlp")
+    assert expert_hidden in moe and expert_hidden not in dense
+    for names in (("batch", "residual_seq", "embed"), ("batch", "seq", "kv_heads", "head_dim"),
+                  ("batch", "seq", "vocab"), ("layers", "pages", None, "kv_heads", "head_dim")):
+        assert names in dense and names in moe
+    assert {n for names in dense + moe for n in names} <= set(LOGICAL_AXES) | {None, "pages"}
+
+
 def test_unreadable_checkpoints(tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "params").mkdir(parents=True)

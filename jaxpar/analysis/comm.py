@@ -14,7 +14,7 @@ import math
 from jaxpar.analysis.hlo import COLLECTIVES
 from jaxpar.config import ModelConfig
 from jaxpar.layout.mesh_file import MeshConfig
-from jaxpar.layout.rules import DECODE_RULES, Resolved, make_rules
+from jaxpar.layout.rules import Axes
 
 F32 = 4
 
@@ -39,28 +39,6 @@ class Step:
     tokens: int
     cache: int
     decode: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class Axes(Resolved):
-    """The logical-axis table resolved against a mesh file's sizes, without devices (Layout's rules, shared
-    through layout/rules.Resolved). `decode=True` drops the sequence split of activations, as
-    Layout.for_decode."""
-    mesh_cfg: MeshConfig
-    rules: dict
-    microbatches: int
-
-    def __init__(self, mesh_cfg: MeshConfig, decode: bool = False, rules: dict | None = None,
-                 microbatches: int | None = None):  # rules, microbatches: for dataclasses.replace
-        rules = make_rules(mesh_cfg.rules) if rules is None else rules
-        if decode:
-            rules = {**rules, **DECODE_RULES}
-        object.__setattr__(self, "mesh_cfg", mesh_cfg)
-        object.__setattr__(self, "rules", rules)
-        object.__setattr__(self, "microbatches", mesh_cfg.microbatches if microbatches is None else microbatches)
-
-    def axis_size(self, mesh_axis: str) -> int:
-        return self.mesh_cfg.size(mesh_axis)
 
 
 def schedule(cfg: ModelConfig, ax: Axes, step: Step) -> tuple:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -10,7 +11,7 @@ from jax.sharding import AxisType, Mesh
 from jaxpar.config import ModelConfig
 from jaxpar.errors import LayoutError
 from jaxpar.layout.mesh_file import MeshConfig
-from jaxpar.layout.rules import Layout, make_rules
+from jaxpar.layout.rules import Axes, Layout, make_rules, recording_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,46 +25,52 @@ class ModelLayout:
         return self.layout.mesh
 
 
-def _live(mesh_cfg: MeshConfig, rules: dict, logical: str) -> list:
-    """The mesh axes of size > 1 that split a logical axis."""
-    return [a for a in rules.get(logical, ()) if mesh_cfg.size(a) > 1]
+def _axes_desc(ax: Axes, logical: str) -> str:
+    """The mesh axes (of size > 1) that split a logical axis, with their sizes: "tensor=4 x seq=2"."""
+    return " x ".join(f"{a}={ax.axis_size(a)}" for a in ax.axes(logical))
 
 
-def _axes_desc(mesh_cfg: MeshConfig, rules: dict, logical: str) -> str:
-    return " x ".join(f"{a}={mesh_cfg.size(a)}" for a in _live(mesh_cfg, rules, logical))
+@functools.lru_cache(maxsize=64)
+def activation_names(cfg: ModelConfig) -> tuple:
+    """The logical names of every activation the model pins (its `constrain` calls), recorded while a forward
+    pass is traced abstractly (nothing computed or allocated), plus the KV pools'."""
+    import jax.numpy as jnp
+
+    from jaxpar.engine import params as P
+    from jaxpar.engine.programs import POOL_NAMES
+
+    def forward(params, tokens):
+        model = P.bind(cfg, 1, params)
+        h, _, _ = model(tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
+        return model.logits(h)
+    with recording_names() as names:
+        jax.eval_shape(forward, P.shapes(cfg), jax.ShapeDtypeStruct((1, 2), jnp.int32))
+    return tuple(sorted(names | {POOL_NAMES}, key=str))
 
 
-# activations and cache, by logical names (the model's `constrain` calls and the KV cache)
-ACTIVATIONS = (("batch", "seq", "embed"), ("batch", "residual_seq", "embed"), ("batch", "seq", "heads", "head_dim"),
-               ("batch", "seq", "kv_heads", "head_dim"), ("batch", "seq", "mlp"), ("batch", "seq", "vocab"),
-               ("layers", "batch", "cache_seq", "kv_heads", "head_dim"))
-
-
-def _check_axis_reuse(cfg: ModelConfig, rules: dict, mesh_cfg: MeshConfig) -> None:
+def _check_axis_reuse(cfg: ModelConfig, ax: Axes) -> None:
     """A mesh axis may split only one dimension of any one tensor (a rules override could ask for two)."""
     from jaxpar.engine.params import logical_names  # the parameters' names, from the abstract model
     params = jax.tree.leaves(logical_names(cfg), is_leaf=lambda x: isinstance(x, tuple))
-    for names in list(ACTIVATIONS) + params:
+    for names in list(activation_names(cfg)) + params:
         seen: dict = {}
         for lg in names:
-            for a in rules.get(lg, ()) if lg else ():
-                if mesh_cfg.size(a) > 1 and seen.setdefault(a, lg) != lg:
-                    raise LayoutError(f"{mesh_cfg.source}: rules: mesh axis {a} would split both {seen[a]} and "
+            for a in ax.axes(lg):
+                if seen.setdefault(a, lg) != lg:
+                    raise LayoutError(f"{ax.mesh_cfg.source}: rules: mesh axis {a} would split both {seen[a]} and "
                                       f"{lg}, two dimensions of one tensor {names}")
 
 
 def check_layout(mesh_cfg: MeshConfig, cfg: ModelConfig) -> int:
     """Refuse a layout the model cannot take (mesh_cfg resolved, no -1); returns kv_repeat. Needs no devices,
     so the planner checks layouts for hardware it does not have."""
-    rules = make_rules(mesh_cfg.rules)
+    ax = Axes(mesh_cfg)
     src = mesh_cfg.source
+    size = ax.size
 
-    def size(logical):
-        return int(np.prod([mesh_cfg.size(a) for a in rules.get(logical, ())]))
-
-    _check_axis_reuse(cfg, rules, mesh_cfg)
+    _check_axis_reuse(cfg, ax)
     if size("experts") > 1 and not cfg.num_local_experts:
-        raise LayoutError(f"{src}: axes {_axes_desc(mesh_cfg, rules, 'experts')}: expert parallelism needs a "
+        raise LayoutError(f"{src}: axes {_axes_desc(ax, 'experts')}: expert parallelism needs a "
                           f"mixture-of-experts model, and this model is dense (num_local_experts=0)")
     checks = [("heads", cfg.num_attention_heads, "num_attention_heads"),
               ("mlp", cfg.expert_ffn if cfg.num_local_experts else cfg.intermediate_size,
@@ -77,19 +84,19 @@ def check_layout(mesh_cfg: MeshConfig, cfg: ModelConfig) -> int:
     for logical, n, field in checks:
         s = size(logical)
         if n % s:
-            raise LayoutError(f"{src}: axes {_axes_desc(mesh_cfg, rules, logical)}: model {field}={n} "
+            raise LayoutError(f"{src}: axes {_axes_desc(ax, logical)}: model {field}={n} "
                               f"(logical axis {logical}) is not divisible by {s}")
-    _check_residual(mesh_cfg, rules, cfg)
+    _check_residual(ax, cfg)
     n_seq = mesh_cfg.size("seq")
     if n_seq > 1:
-        _check_seq(mesh_cfg, rules, cfg)
+        _check_seq(ax, cfg)
     ulysses = n_seq > 1 and mesh_cfg.attention == "ulysses"
     kv, s = cfg.kv_heads, size("kv_heads") * (size("seq") if ulysses else 1)
     if kv % s == 0:
         return 1
     if s % kv == 0:
         return s // kv  # replicate kv heads: each device holds one copy of the kv head its query heads use
-    how = _axes_desc(mesh_cfg, rules, "kv_heads") + (" (kv heads per device) x seq=" + str(n_seq) +
+    how = _axes_desc(ax, "kv_heads") + (" (kv heads per device) x seq=" + str(n_seq) +
                                                      " (ulysses)" if ulysses else "")
     raise LayoutError(f"{src}: axes {how}: model num_key_value_heads={kv} "
                       f"neither divides by {s} nor divides {s}, so kv heads cannot be split or replicated "
@@ -108,11 +115,13 @@ def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLa
                               mesh_cfg.microbatches), mesh_cfg, rep)
 
 
-def _check_residual(mesh_cfg: MeshConfig, rules: dict, cfg: ModelConfig) -> None:
+def _check_residual(ax: Axes, cfg: ModelConfig) -> None:
     """`residual_seq` is the sequence's axes, optionally followed by the axes the row-parallel projections
     contract over (NVIDIA-style sequence parallelism: their sums become reduce-scatters)."""
+    mesh_cfg = ax.mesh_cfg
+
     def live(lg):
-        return _live(mesh_cfg, rules, lg)
+        return list(ax.axes(lg))
     res, seq = live("residual_seq"), live("seq")
     extra = res[len(seq):]
     if res[:len(seq)] != seq or not extra:
@@ -129,18 +138,19 @@ def _check_residual(mesh_cfg: MeshConfig, rules: dict, cfg: ModelConfig) -> None
                               f"over {axes}")
 
 
-def _check_seq(mesh_cfg: MeshConfig, rules: dict, cfg: ModelConfig) -> None:
+def _check_seq(ax: Axes, cfg: ModelConfig) -> None:
     """A `seq` axis: the prompt's sequence and the cache slots must split over the same mesh axes (the
     kernels hand one to the other); Ulysses also splits heads over seq x tensor."""
+    mesh_cfg = ax.mesh_cfg
     src = mesh_cfg.source
-    seq, cache_seq = _live(mesh_cfg, rules, "seq"), _live(mesh_cfg, rules, "cache_seq")
+    seq, cache_seq = list(ax.axes("seq")), list(ax.axes("cache_seq"))
     if seq != cache_seq:
         raise LayoutError(f"{src}: rules: seq -> {seq} and cache_seq -> {cache_seq} "
                           f"must name the same mesh axes (prefill hands its sequence shards to the KV cache)")
     if mesh_cfg.attention == "ulysses":
-        n = int(np.prod([mesh_cfg.size(a) for a in rules.get("heads", ()) + rules.get("seq", ())]))
+        n = ax.size("heads") * ax.size("seq")
         if cfg.num_attention_heads % n:
-            heads = _axes_desc(mesh_cfg, rules, "heads")
+            heads = _axes_desc(ax, "heads")
             raise LayoutError(f"{src}: attention: ulysses splits heads over {heads}{' x ' if heads else ''}"
-                              f"{_axes_desc(mesh_cfg, rules, 'seq')} = {n} devices, but model "
+                              f"{_axes_desc(ax, 'seq')} = {n} devices, but model "
                               f"num_attention_heads={cfg.num_attention_heads} is not divisible by {n}")

@@ -13,6 +13,8 @@ import math
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxpar.layout.mesh_file import MeshConfig
+
 LOGICAL_AXES = ("batch", "seq", "residual_seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
                 "layers", "experts", "cache_seq")
 
@@ -38,9 +40,9 @@ DECODE_RULES = {"seq": (), "residual_seq": ()}  # decode: one token per row, no 
 
 class Resolved:
     """The logical->mesh table resolved against mesh-axis sizes: which mesh axes split a logical axis, into
-    how many parts, and the padding that follows. Shared by Layout (a real mesh) and the planner's
-    mesh-free twin (analysis/comm.Axes), so the two cannot disagree. Subclasses are frozen dataclasses with
-    `rules` and `microbatches` fields and an `axis_size(mesh_axis)` method."""
+    how many parts, and the padding that follows. Shared by Layout (a real mesh) and its mesh-free twin
+    (Axes: the planner, and the checks of layout/plan.py), so they cannot disagree. Subclasses are frozen
+    dataclasses with `rules` and `microbatches` fields and an `axis_size(mesh_axis)` method."""
     rules: dict
     microbatches: int
 
@@ -112,6 +114,28 @@ def make_rules(overrides: dict | None = None) -> dict:
     return rules
 
 
+@dataclasses.dataclass(frozen=True)
+class Axes(Resolved):
+    """The logical-axis table resolved against a mesh file's sizes, without devices (Layout's rules, shared
+    through layout/rules.Resolved). `decode=True` drops the sequence split of activations, as
+    Layout.for_decode."""
+    mesh_cfg: MeshConfig
+    rules: dict
+    microbatches: int
+
+    def __init__(self, mesh_cfg: MeshConfig, decode: bool = False, rules: dict | None = None,
+                 microbatches: int | None = None):  # rules, microbatches: for dataclasses.replace
+        rules = make_rules(mesh_cfg.rules) if rules is None else rules
+        if decode:
+            rules = {**rules, **DECODE_RULES}
+        object.__setattr__(self, "mesh_cfg", mesh_cfg)
+        object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "microbatches", mesh_cfg.microbatches if microbatches is None else microbatches)
+
+    def axis_size(self, mesh_axis: str) -> int:
+        return self.mesh_cfg.size(mesh_axis)
+
+
 _ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("jaxpar_layout", default=None)
 
 
@@ -129,8 +153,25 @@ def active() -> Layout | None:
     return _ACTIVE.get()
 
 
+_RECORDING: contextvars.ContextVar[set | None] = contextvars.ContextVar("jaxpar_recording", default=None)
+
+
+@contextlib.contextmanager
+def recording_names():
+    """Collect the logical names of every `constrain` call traced inside (layout/plan.activation_names)."""
+    names: set = set()
+    tok = _RECORDING.set(names)
+    try:
+        yield names
+    finally:
+        _RECORDING.reset(tok)
+
+
 def constrain(x, names):
     """Pin an activation's layout by logical axis names; a no-op when no layout is active."""
+    rec = _RECORDING.get()
+    if rec is not None:
+        rec.add(tuple(names))
     lay = _ACTIVE.get()
     if lay is None or lay.mesh.size == 1:
         return x
