@@ -11,11 +11,11 @@ from jaxpar.tokenizer import ByteTokenizer
 
 DEFAULT_MODEL = "tiny-add"
 DEFAULT_MOE_MODEL = "tiny-add-moe"  # the default on meshes with an expert axis
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "auto")
 FAKE_HINT = "; on a CPU, --fake-devices N (or jaxpar.load(..., fake_devices=N)) simulates N devices"
 
 
-def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", seed: int = 0, devices=None,
+def load(mesh="single", model=None, checkpoint=None, hf=None, dtype=None, seed: int = 0, devices=None,
          unroll=None, fake_devices: int | None = None, **serving):
     """Build an Engine: a model laid out on a mesh.
 
@@ -25,6 +25,10 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
     JAX already has is accepted.
     model: None (the embedded default: tiny-add, or tiny-add-moe on a mesh with an expert axis; or the config
     stored with `checkpoint`), a config path, a shipped model name, or a ModelConfig. A model with no checkpoint gets random weights from `seed`.
+    dtype: of parameters, activations and KV cache: "float32", "bfloat16", or "auto" (the checkpoint's own, as
+    its config says; a random model's config dtype). None: float32 on CPU devices (XLA:CPU runs bfloat16 matrix
+    products several times slower, and a bfloat16 checkpoint then takes twice its size in memory), "auto" on
+    GPU/TPU.
     unroll: layers applied one after another with per-layer weights and cache (True), or scanned over the
     stacked layers (False); None: unrolled on CPU without a pipeline, scanned otherwise.
     serving: options of continuous batching and the paged KV cache (jaxpar.serving.scheduler.ServingConfig):
@@ -35,7 +39,7 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
     from jaxpar.engine import params as P
     from jaxpar.engine.engine import Engine
 
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise JaxparError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     serving_cfg = serving_config(serving)
     if fake_devices is not None:
@@ -46,6 +50,8 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
     devices = list(jax.devices() if devices is None else devices)
     # the mesh alone is checked before any model file is read
     mesh_cfg = mesh_cfg.resolved(len(devices), FAKE_HINT)
+    if dtype is None:
+        dtype = "float32" if devices[0].platform == "cpu" else "auto"
     if hf is not None:
         if checkpoint is not None:
             raise JaxparError("give either --hf or --checkpoint, not both")
@@ -66,7 +72,7 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
                                       f"given ({_diff(cfg, other)})")
     else:
         cfg = model if isinstance(model, ModelConfig) else load_config(model)
-    cfg = cfg.replace(dtype=dtype)
+    cfg = with_dtype(cfg, dtype)
     ml = plan_layout(mesh_cfg, cfg, devices)
     if checkpoint is not None:
         params = ckpt.restore(checkpoint, cfg, ml.layout, ml.kv_repeat)
@@ -77,6 +83,11 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype="float32", s
         from jaxpar.hf.tokenizer import load_tokenizer  # a checkpoint converted from Hugging Face
         tokenizer = load_tokenizer(checkpoint, cfg)
     return Engine(cfg, ml, params, tokenizer, unroll, serving_cfg)
+
+
+def with_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:
+    """The config computing in `dtype`; "auto" keeps the dtype the checkpoint's config names."""
+    return cfg if dtype == "auto" else cfg.replace(dtype=dtype)
 
 
 def use_fake_devices(n) -> None:
@@ -122,7 +133,7 @@ def _load_hf(directory, mesh_cfg, model, dtype, devices, unroll=None, serving_cf
 
     if model is not None:
         raise JaxparError("give either --hf or --model, not both (the model config comes from config.json)")
-    cfg = read_hf_config(str(directory)).replace(dtype=dtype)
+    cfg = with_dtype(read_hf_config(str(directory)), dtype)
     ml = plan_layout(mesh_cfg, cfg, devices)
     tokenizer = load_tokenizer(str(directory), cfg)
     return Engine(cfg, ml, weights.load(str(directory), cfg, ml.layout, ml.kv_repeat), tokenizer, unroll, serving_cfg)

@@ -14,7 +14,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "generation_config.json")
 
 
-def convert(hf: str, out: str, mesh: str = "single", dtype: str = "float32") -> str:
+def convert(hf: str, out: str, mesh: str = "single", dtype: str | None = None) -> str:
     import jaxpar
     from jaxpar.errors import JaxparError
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -32,8 +32,9 @@ def main(argv=None):
     p.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + *.safetensors)")
     p.add_argument("--out", required=True, help="checkpoint directory to write (must be new or empty)")
     p.add_argument("--mesh", default="single", help="mesh to stream the weights through (default single)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="dtype the weights are stored in (default float32)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "auto"),
+                   help="dtype the weights are stored in; auto: the Hugging Face checkpoint's own "
+                        "(default: float32 on CPU, auto on GPU/TPU)")
     args = p.parse_args(argv)
     cli.start(args)
     print(f"wrote {convert(args.hf, args.out, args.mesh, args.dtype)}")

@@ -12,6 +12,7 @@ import transformers
 
 import jaxpar
 from conftest import mesh_path
+from jaxpar.hf.config import SUPPORTED, read_hf_config
 from jaxpar.tools import cli
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
@@ -23,6 +24,9 @@ VARIANTS = {  # name: (config class, model class, overrides)
     "llama_mqa_tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
     "llama_bias_head_dim": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, head_dim=16)),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=7)),  # shorter than TOKENS
+    "qwen2_window": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=5,
+                                                             max_window_layers=0)),  # every layer slides
     "qwen2_qkv_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3_qk_norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
     "mixtral_experts": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
@@ -89,7 +93,7 @@ def test_logits_match_transformers_on_every_mesh(hf_models, name):
 
 
 @pytest.mark.parametrize("name", ["llama_gqa_llama3", "llama_mqa_tied", "qwen2_qkv_bias", "qwen3_qk_norm",
-                                  "mixtral_experts"])
+                                  "mixtral_experts", "mistral_window"])
 def test_greedy_continuations_equal_transformers_generate(hf_models, name):
     d, model = hf_models[name]
     model.generation_config.eos_token_id = None
@@ -103,6 +107,36 @@ def test_greedy_continuations_equal_transformers_generate(hf_models, name):
     for mesh in ("single", "dp2_tp4"):
         got = load(mesh, hf=d).generate_tokens(prompts, max_new_tokens=8, stop_at_eos=False)
         assert got == want, (name, mesh)
+
+
+def test_sliding_window_matches_transformers_on_sequence_and_pipeline_meshes(hf_models):
+    """A window (7) shorter than the prompt (24) and than prompt + generated tokens: ring prefill over `seq`
+    (zigzag chunks of 3 tokens, so whole block pairs fall outside the window) and pipeline stages give
+    transformers' logits and greedy tokens."""
+    d, model = hf_models["mistral_window"]
+    ref = reference_logits(model, TOKENS)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        want = model.generate(torch.tensor(TOKENS[:1]), max_new_tokens=10, do_sample=False)[0, 24:].tolist()
+    for mesh in ("sp4", "sp8", "pp2"):
+        eng = load(mesh, hf=d)
+        assert np.abs(eng.logits(TOKENS) - ref).max() <= 1e-4, mesh
+        assert eng.generate_tokens([list(TOKENS[0])], max_new_tokens=10, stop_at_eos=False) == [want], mesh
+
+
+def test_window_changes_the_answer(hf_models, tmp_path):
+    """The windowed variants really differ from full attention past the window, so the tests above can fail:
+    transformers' Mistral with and without the window (the same weights: same seed and shapes) agree on the
+    first 7 positions only; the Qwen2 directory without use_sliding_window differs from its windowed logits."""
+    full, windowed = (reference_logits(hf_models[n][1], TOKENS) for n in ("mistral", "mistral_window"))
+    assert np.abs(full[:, :7] - windowed[:, :7]).max() <= 1e-5
+    assert np.abs(full[:, 8:] - windowed[:, 8:]).max() > 1e-2
+    d, model = hf_models["qwen2_window"]
+    alt = tmp_path / "qwen2_full"
+    shutil.copytree(d, alt)
+    _edit_config(str(alt), use_sliding_window=False)
+    assert np.abs(load("single", hf=str(alt)).logits(TOKENS) - reference_logits(model, TOKENS))[:, 6:].max() > 1e-2
 
 
 @pytest.mark.parametrize("name", MOE_VARIANTS)
@@ -195,9 +229,13 @@ def test_legacy_config_and_bfloat16_checkpoint(hf_models, tmp_path):
     m16 = transformers.AutoModelForCausalLM.from_pretrained(str(bf), dtype=torch.bfloat16)
     m16.save_pretrained(str(bf))
     want = reference_logits(m16.float(), TOKENS)  # the bf16 weights, computed in float32
-    assert np.abs(load("tp8", hf=str(bf)).logits(TOKENS) - want).max() <= 1e-4
-    got16 = load("tp4", hf=str(bf), dtype="bfloat16").logits(TOKENS)
+    on_cpu = load("tp8", hf=str(bf))  # the default on CPU devices: float32, whatever the checkpoint holds
+    assert on_cpu.config.dtype == "float32" and np.abs(on_cpu.logits(TOKENS) - want).max() <= 1e-4
+    auto = load("tp4", hf=str(bf), dtype="auto")  # the checkpoint's own dtype
+    assert auto.config.dtype == "bfloat16" and auto.run_params["embed"].dtype == jax.numpy.bfloat16
+    got16 = auto.logits(TOKENS)
     assert np.abs(got16 - want).max() <= 0.1 * np.abs(want).max()  # bfloat16 compute: close, not exact
+    assert np.array_equal(got16, load("tp4", hf=str(bf), dtype="bfloat16").logits(TOKENS))
 
 
 def test_convert_then_load_on_any_mesh(hf_models, tmp_path, capsys):
@@ -287,9 +325,25 @@ BAD = {
     "generation_config_is_a_list": (_json_list("generation_config.json"), ["generation_config.json", "JSON object"]),
     "tokenizer_config_broken": (lambda d: open(os.path.join(d, "tokenizer_config.json"), "w").write("{"),
                                 ["tokenizer_config.json", "not valid JSON"]),
+    "mixed_sliding_layers": (lambda d: _edit_config(d, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
+                                                    sliding_window=5, layer_types=["full_attention",
+                                                                                   "sliding_attention"]),
+                             ["use_sliding_window makes 1 of 2 layers sliding", "not supported"]),
+    "unknown_field": (lambda d: _edit_config(d, attention_temperature=0.5),
+                      ["attention_temperature", "unknown to jaxpar for MistralForCausalLM"]),
     "quantized": (lambda d: _edit_config(d, quantization_config={"quant_method": "gptq"}),
                   ["quantization_config", "not supported"]),
 }
+
+
+@pytest.mark.parametrize("arch", sorted(SUPPORTED))
+def test_every_field_transformers_writes_is_read_or_deliberately_ignored(arch, tmp_path):
+    """The whole config transformers holds for each supported architecture (every default written, not only
+    what differs) is accepted: no field a real checkpoint carries is refused as unknown."""
+    cfg = getattr(transformers, arch.replace("ForCausalLM", "Config"))().to_dict()
+    cfg["architectures"] = [arch]
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    assert read_hf_config(str(tmp_path)).num_hidden_layers == cfg["num_hidden_layers"]
 
 
 def test_index_listing_a_missing_shard(tmp_path, capsys):

@@ -279,9 +279,9 @@ def run(args, rates: list, tmp: str) -> None:
 def _start_server(args, tmp: str):
     from jaxpar.server.process import ServerProcess
     from jaxpar.serve import SERVING_OPTIONS
-    opts = ["--mesh", args.mesh, "--dtype", args.dtype]
-    for flag, value in (("--model", args.model), ("--checkpoint", args.checkpoint), ("--hf", args.hf),
-                        ("--fake-devices", args.fake_devices), ("--api-key", args.api_key)):
+    opts = ["--mesh", args.mesh]
+    for flag, value in (("--dtype", args.dtype), ("--model", args.model), ("--checkpoint", args.checkpoint),
+                        ("--hf", args.hf), ("--fake-devices", args.fake_devices), ("--api-key", args.api_key)):
         if value is not None:
             opts += [flag, str(value)]
     for flag, field, _ in SERVING_OPTIONS:

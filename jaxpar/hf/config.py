@@ -10,19 +10,52 @@ from jaxpar.hf.files import json_object
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
              "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
              "Qwen3MoeForCausalLM": "qwen3_moe"}
-# config.json fields that change nothing at inference, or that jaxpar handles below
-IGNORED = {"architectures", "model_type", "transformers_version", "use_cache", "initializer_range",
-           "attention_dropout", "pretraining_tp", "torch_dtype", "dtype", "rope_parameters", "layer_types",
-           "max_window_layers", "sliding_window", "use_sliding_window", "mlp_bias", "tie_word_embeddings",
-           "output_router_logits", "router_aux_loss_coef", "router_jitter_noise", "_name_or_path",
-           "bos_token_id", "eos_token_id", "pad_token_id", "rope_scaling", "rope_theta", "id2label",
-           "label2id", "return_dict", "output_attentions", "output_hidden_states", "use_qk_norm", "qkv_bias", "decoder_sparse_step", "mlp_only_layers"}
-
-
+# config.json fields read below (besides ModelConfig's own fields and aliases)
+READ = {"architectures", "torch_dtype", "dtype", "rope_parameters", "rope_scaling", "rope_theta", "layer_types",
+        "max_window_layers", "sliding_window", "use_sliding_window", "mlp_bias", "qkv_bias", "decoder_sparse_step",
+        "mlp_only_layers", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"}
+# fields deliberately ignored: they change nothing at inference. Any other field is refused by name, so a
+# checkpoint whose config asks for something jaxpar does not do never runs silently as something else.
+IGNORED = {
+    "_name_or_path": "metadata", "transformers_version": "metadata", "id2label": "metadata", "label2id": "metadata",
+    "model_type": "metadata (the architecture decides)", "problem_type": "classification heads only",
+    "return_dict": "a transformers runtime switch", "output_attentions": "a transformers runtime switch",
+    "output_hidden_states": "a transformers runtime switch", "use_cache": "a transformers runtime switch",
+    "is_encoder_decoder": "false for every causal LM", "chunk_size_feed_forward": "a memory option, same result",
+    "initializer_range": "training: initialisation", "attention_dropout": "training: dropout",
+    "router_jitter_noise": "training: router noise", "output_router_logits": "training: the auxiliary loss",
+    "router_aux_loss_coef": "training: the auxiliary loss",
+    "pretraining_tp": "training: a split of the same matrices, same result",
+    "use_qk_norm": "Qwen3's q/k norms are implied by the architecture"}
 # fields that change the computation in ways jaxpar does not implement
 REFUSED = {"quantization_config": "quantized checkpoints", "partial_rotary_factor": "partial rotary embeddings",
            "attn_logit_softcapping": "attention logit soft-capping",
            "final_logit_softcapping": "final logit soft-capping"}
+
+
+def _sliding_window(raw: dict, kind: str, path: str) -> int | None:
+    """The window every layer attends within, or None. Mistral and Mixtral slide on every layer when
+    sliding_window is set; Qwen2-family models only with use_sliding_window, on the layers that `layer_types`
+    (or max_window_layers: layers from that index on) marks as sliding."""
+    window = raw.get("sliding_window")
+    if not window:
+        return None
+    if kind in ("mistral", "mixtral"):
+        return window
+    if not raw.get("use_sliding_window"):
+        return None
+    n = raw.get("num_hidden_layers")
+    types = raw.get("layer_types") or ["sliding_attention" if i >= raw.get("max_window_layers", 0) else
+                                       "full_attention" for i in range(n if isinstance(n, int) else 0)]
+    kinds = set(types)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"}:
+        return window
+    sliding = sum(t == "sliding_attention" for t in types)
+    raise ConfigError(f"{path}: use_sliding_window makes {sliding} of {len(types)} layers sliding (layer_types, "
+                      f"max_window_layers={raw.get('max_window_layers')}): models mixing sliding and full attention "
+                      f"layers are not supported yet; every layer or none must slide")
 
 
 def read_hf_config(directory: str) -> ModelConfig:
@@ -50,7 +83,13 @@ def read_hf_config(directory: str) -> ModelConfig:
         if raw.get(k) not in (None, 1, 1.0):
             raise ConfigError(f"{path}: {k} is set: {what} are not supported")
     from jaxpar.config import FIELDS, ALIASES
-    kw = {k: v for k, v in raw.items() if k not in IGNORED and (k in FIELDS or k in ALIASES)}  # others: metadata
+    unknown = sorted(k for k in raw if k not in FIELDS and k not in ALIASES and k not in READ and k not in IGNORED
+                     and k not in REFUSED)
+    if unknown:
+        raise ConfigError(f"{path}: field(s) {', '.join(unknown)} unknown to jaxpar for {arch}: they may change the "
+                          f"computation, so the model is refused rather than run as something else (the README lists "
+                          f"the fields jaxpar reads and those it deliberately ignores)")
+    kw = {k: v for k, v in raw.items() if k not in READ and (k in FIELDS or k in ALIASES)}
     # rope: transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older files rope_theta + rope_scaling
     rp = dict(raw.get("rope_parameters") or {})
     theta = rp.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0
@@ -65,10 +104,9 @@ def read_hf_config(directory: str) -> ModelConfig:
         kw["qk_norm"] = True
     if kind in ("qwen2_moe", "qwen3_moe"):
         kw.setdefault("norm_topk_prob", False)  # the transformers default for these architectures
-    # sliding-window attention is not implemented: a window shorter than the context caps the context
-    window = raw.get("sliding_window")
-    if window and (kind in ("mistral", "mixtral") or raw.get("use_sliding_window")):
-        kw["max_position_embeddings"] = min(kw.get("max_position_embeddings", window), window)
+    window = _sliding_window(raw, kind, path)
+    if window:
+        kw["sliding_window"] = window
     eos = raw.get("eos_token_id")
     gen = os.path.join(directory, "generation_config.json")
     if os.path.isfile(gen):

@@ -160,8 +160,9 @@ def add_model_args(p: Parser, mesh_required: bool = True) -> None:
                                    "a config with no checkpoint runs with random weights")
     g.add_argument("--checkpoint", help="jaxpar (Orbax) checkpoint directory")
     g.add_argument("--hf", help="Hugging Face model directory (safetensors)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="parameter and activation dtype (default float32)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "auto"),
+                   help="parameter, activation and KV cache dtype; auto: the checkpoint's own "
+                        "(default: float32 on CPU, where bfloat16 runs several times slower; auto on GPU/TPU)")
 
 
 def setup_devices(n: int | None) -> None:
