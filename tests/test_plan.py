@@ -54,6 +54,22 @@ def test_predicted_collectives_match_the_compiled_program(mesh):
         r["kv_cache_bytes_per_device"]
 
 
+@pytest.mark.parametrize("mesh", ["tp4", "sp4"])
+def test_a_sliding_window_bounds_the_kv_cache_the_engine_and_the_planner_size(mesh):
+    """Every layer attends within 64 positions of a 256-token context: the engine's default pool holds each
+    slot's window and its next 16-token chunk (6 pages of 16, not 16), and the planner's KV bytes per device
+    equal the compiled program's."""
+    cfg = load_config("tiny-llama")
+    opts = dict(prefill_chunk=16, max_num_batched_tokens=32, decode_steps=4)
+    full, windowed = engine(mesh, model=cfg, **opts), engine(mesh, model=cfg.replace(sliding_window=64), **opts)
+    assert windowed.scheduler.pages_needed(256) == 6 and full.scheduler.pages_needed(256) == 16
+    n = full.layout.size("cache_seq")
+    assert windowed.kv_cache_bytes_per_device() * -(-16 // n) == full.kv_cache_bytes_per_device() * -(-6 // n)
+    r = inspect_engine(windowed, batch=3, prompt_len=200, max_new_tokens=56)
+    assert S.kv_bytes_per_device(windowed.config, windowed.model_layout.mesh_cfg, windowed.kv_repeat, r["batch"],
+                                 r["cache_len"], 4, ahead=16) == r["kv_cache_bytes_per_device"]
+
+
 @pytest.mark.parametrize("name", sorted(EXTRA))
 def test_predicted_collectives_on_other_layouts(name):
     inline, model = EXTRA[name]

@@ -46,13 +46,20 @@ def layer_params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: i
 
 
 def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, batch: int, cache: int,
-                        kv_bytes: float, page_size: int = 16) -> float:
+                        kv_bytes: float, page_size: int = 16, ahead: int | None = None) -> float:
     """The paged KV cache's pools when every one of `batch` padded rows can hold `cache` tokens: each row's
     pages spread over the seq devices (page j on device j % n), so a device holds ceil(pages / n) of each of
-    its batch shard's rows, in pools [layers, pages, page_size, kv_heads, head_dim] x 2 (engine/state.py)."""
+    its batch shard's rows, in pools [layers, pages, page_size, kv_heads, head_dim] x 2 (engine/state.py).
+    With a sliding window on every layer a row holds only the pages of its window and of the next `ahead`
+    tokens (engine/state.pages_held; `ahead` None: as many as the serving defaults compute in one iteration)."""
+    from jaxpar.engine.state import pages_held
+    from jaxpar.serving.scheduler import ServingConfig
+    if ahead is None:
+        ahead = max(ServingConfig.prefill_chunk, ServingConfig.decode_steps)
     ax = Axes(mesh_cfg)
     n = ax.size("cache_seq")
-    tokens = batch // ax.size("batch") * -(-(-(-cache // page_size)) // n) * page_size
+    held = pages_held(cache, page_size, cfg.sliding_window, ahead)
+    tokens = batch // ax.size("batch") * -(-held // n) * page_size
     heads = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
     return 2 * cfg.num_hidden_layers // ax.size("layers") * tokens * heads * cfg.head_size * kv_bytes
 

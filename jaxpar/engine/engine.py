@@ -66,7 +66,8 @@ class Engine:
             serving = dataclasses.replace(serving, max_model_len=ctx)
         self.serving = serving
         self.sizes = cache_sizes(self.layout, serving.max_num_seqs, serving.max_model_len, serving.page_size,
-                                 serving.num_pages)
+                                 serving.num_pages, self.config.sliding_window,
+                                 max(serving.prefill_chunk, serving.decode_steps))
         self.programs = Programs(self.config, self.layout, self.kv_repeat, self.unrolled, self.sizes)
         detok = self.tokenizer.decode if hasattr(self.tokenizer, "decode") else None
         self.scheduler = Scheduler(self.sizes, serving, self.layout, self.eos_ids, detok,
@@ -256,7 +257,8 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     s = seq_bucket(prompt_len, ctx, lay.seq_multiple)
     t = seq_bucket(prompt_len + max_new_tokens, ctx, lay.seq_multiple)
     page = engine.serving.page_size
-    sizes = cache_sizes(lay, b, t, page, None)
+    sizes = cache_sizes(lay, b, t, page, None, engine.config.sliding_window,
+                        max(engine.serving.prefill_chunk, engine.serving.decode_steps))
     progs = Programs(engine.config, lay, engine.kv_repeat, engine.unrolled, sizes)
     sched = Scheduler(sizes, dataclasses.replace(engine.serving, max_model_len=t), lay, engine.eos_ids)
     host = sched.padding_batch(b // sizes.batch_shards, s, sched.table_bucket(sizes.pages_for(s)))

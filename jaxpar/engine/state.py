@@ -99,14 +99,26 @@ class CacheSizes:
         return -(-tokens // self.page_size)
 
 
-def cache_sizes(layout, max_num_seqs: int, max_model_len: int, page_size: int, num_pages: int | None) -> CacheSizes:
-    """num_pages: pages per batch shard and seq device (None: enough for every slot at max_model_len)."""
+def pages_held(tokens: int, page_size: int, window: int | None = None, ahead: int = 0) -> int:
+    """Pages a request of `tokens` tokens holds at once: all of them, or, when every layer attends within a
+    sliding window, those from its window's start to the end of the next `ahead` tokens it computes (the
+    serving scheduler gives the pages behind the window back)."""
+    need = -(-tokens // page_size)
+    if window is None:
+        return need
+    return min(need, -(-(window - 1 + ahead) // page_size) + 1)
+
+
+def cache_sizes(layout, max_num_seqs: int, max_model_len: int, page_size: int, num_pages: int | None,
+                window: int | None = None, ahead: int = 0) -> CacheSizes:
+    """num_pages: pages per batch shard and seq device (None: enough for every slot at max_model_len, or with a
+    sliding window on every layer for the pages a slot holds at once, `pages_held`)."""
     bm, d, n = layout.batch_multiple, layout.size("batch"), layout.size("cache_seq")
     slots = -(-max_num_seqs // bm) * bm
     per_seq = -(-max_model_len // page_size)
     max_pages = -(-per_seq // n) * n
-    if num_pages is None:
-        num_pages = slots // d * (max_pages // n)
+    if num_pages is None:  # a request's held pages are consecutive logical pages: page j lives on seq device j % n
+        num_pages = slots // d * -(-pages_held(max_model_len, page_size, window, ahead) // n)
     return CacheSizes(slots, page_size, int(num_pages), max_pages, d, n)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxpar.engine.buckets import next_pow2, seq_bucket
 from jaxpar.engine.sampling import seed_key
-from jaxpar.engine.state import STOP_WIDTH, CacheSizes, PrefillBatch, host_rows
+from jaxpar.engine.state import STOP_WIDTH, CacheSizes, PrefillBatch, host_rows, pages_held
 from jaxpar.errors import GenerationError
 from jaxpar.parallel import zigzag
 from jaxpar.serving.pages import PagePool
@@ -143,14 +143,15 @@ class Scheduler:
             self._free_slot(req)
         req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, time.perf_counter()
 
+    @property
+    def ahead(self) -> int:
+        """Tokens a request computes past its cache in one iteration at most (a prompt chunk or decode steps)."""
+        return max(self.config.prefill_chunk, self.config.decode_steps)
+
     def pages_needed(self, tokens: int) -> int:
         """Pages a request of `tokens` tokens holds at most at once: all of them, or with a sliding window the
         pages from its window's start to the end of its next chunk or decode steps (see `_slide`)."""
-        need = self.sizes.pages_for(tokens)
-        if self.window is None:
-            return need
-        ahead = max(self.config.prefill_chunk, self.config.decode_steps)
-        return min(need, self.sizes.pages_for(self.window - 1 + ahead) + 1)
+        return pages_held(tokens, self.sizes.page_size, self.window, self.ahead)
 
     def _free_slot(self, req: Request) -> None:
         self.pool.release(req.shard, req.pages[req.released:], first=req.released)
