@@ -93,8 +93,9 @@ def plan(args, hw, cfg, preset) -> dict:
     n_params = S.param_count(cfg)
     weights = {d: n_params * b for d, b in S.DTYPE_BYTES.items()}
     kv_tok = S.kv_bytes_per_token(cfg, S.DTYPE_BYTES[args.kv_dtype])
+    held = S.tokens_held(cfg, args.context)
     sizing = {"params": n_params, "weights_bytes": weights, "kv_bytes_per_token": kv_tok,
-              "kv_bytes": kv_tok * args.batch * args.context, "kv_allowance": args.kv_allowance,
+              "kv_tokens_held": held, "kv_bytes": kv_tok * args.batch * held, "kv_allowance": args.kv_allowance,
               "min_devices_by_allowance": PL.min_devices(weights[args.dtype] * args.kv_allowance, preset)}
     return {"model": cfg_summary(cfg), "hardware": hw_summary(hw), "devices": args.devices,
             "request": {"batch": args.batch, "context": args.context, "new_tokens": args.new_tokens,
@@ -105,7 +106,8 @@ def plan(args, hw, cfg, preset) -> dict:
 def cfg_summary(cfg) -> dict:
     return {"layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_attention_heads,
             "kv_heads": cfg.kv_heads, "head_dim": cfg.head_size, "intermediate_size": cfg.intermediate_size,
-            "vocab_size": cfg.vocab_size, "experts": cfg.num_local_experts, "experts_per_token": cfg.num_experts_per_tok}
+            "vocab_size": cfg.vocab_size, "experts": cfg.num_local_experts, "experts_per_token": cfg.num_experts_per_tok,
+            "sliding_window": cfg.sliding_window}
 
 
 def hw_summary(hw) -> dict:
@@ -124,8 +126,10 @@ def print_human(r: dict, top: int) -> None:
           f"{m['heads']}/{m['kv_heads']} heads" + (f", {m['experts']} experts top-{m['experts_per_token']}"
                                                     if m["experts"] else "") + ")")
     print("weights: " + ", ".join(f"{d} {_gb(b)}" for d, b in s["weights_bytes"].items()))
+    held = "" if s["kv_tokens_held"] == q["context"] else (
+        f" (sliding window {m['sliding_window']}: {s['kv_tokens_held']} tokens held per sequence)")
     print(f"KV cache: {s['kv_bytes_per_token']:,.0f} bytes/token ({q['kv_dtype']}); batch {q['batch']} x context "
-          f"{q['context']}: {_gb(s['kv_bytes'])}")
+          f"{q['context']}{held}: {_gb(s['kv_bytes'])}")
     links = ", ".join(f"{ln['name']} {ln['bytes_per_s'] / 1e9:.0f} GB/s {ln['latency_s'] * 1e6:g} us (groups of "
                       f"{ln['group']})" for ln in hw["links"])
     print(f"hardware: {hw['name']}: {_gb(hw['memory_bytes'])}, {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "

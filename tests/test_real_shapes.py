@@ -13,9 +13,10 @@ from jaxpar.engine.state import bytes_per_token
 from jaxpar.layout.mesh_file import parse_mesh
 from jaxpar.layout.plan import plan_layout
 
-REAL = ["llama3-8b", "llama3-70b", "llama3.1-405b", "mistral-7b", "mixtral-8x7b", "qwen3-30b-a3b"]
+REAL = ["llama3-8b", "llama3-70b", "llama3.1-405b", "mistral-7b", "mistral-7b-v0.1", "mixtral-8x7b",
+        "qwen3-30b-a3b"]
 PARAMS_B = {"llama3-8b": 8.03, "llama3-70b": 70.55, "llama3.1-405b": 405.85, "mistral-7b": 7.25,
-            "mixtral-8x7b": 46.70, "qwen3-30b-a3b": 30.53}  # published parameter counts, billions
+            "mistral-7b-v0.1": 7.24, "mixtral-8x7b": 46.70, "qwen3-30b-a3b": 30.53}  # published, billions
 
 
 def cfg_of(name):
@@ -42,6 +43,18 @@ def test_llama3_70b_weights_per_gpu_by_tensor_parallel_degree():
         got, _ = per_device_gb(cfg, {"tensor": tp} if tp > 1 else {})
         assert abs(got - want) / want < 0.005, (tp, got)
         assert (got < 80) == (tp > 1)
+
+
+def test_a_sliding_window_bounds_the_planned_kv_cache():
+    """Mistral-7B-v0.1 attends within 4096 positions on every layer: at its 32k context a sequence holds 4368
+    tokens of KV cache (the window and the next 256-token chunk, in 16-token pages), v0.3 (no window) all 32768;
+    131,072 bytes a token in bf16 either way."""
+    from jaxpar.analysis import sizing as S
+    v1, v3 = cfg_of("mistral-7b-v0.1"), cfg_of("mistral-7b")
+    assert S.tokens_held(v1, 32768) == 4368 and S.tokens_held(v3, 32768) == 32768
+    single = parse_mesh({"axes": {}}, "single")
+    assert S.kv_bytes_per_device(v1, single, 1, 8, 32768, 2) == 8 * 4368 * 131072
+    assert S.kv_bytes_per_device(v3, single, 1, 8, 32768, 2) == 8 * 32768 * 131072
 
 
 @pytest.mark.parametrize("name", REAL)

@@ -64,6 +64,18 @@ def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, 
     return 2 * cfg.num_hidden_layers // ax.size("layers") * tokens * heads * cfg.head_size * kv_bytes
 
 
+def tokens_held(cfg: ModelConfig, context: int, page_size: int = 16, ahead: int | None = None) -> int:
+    """KV cache tokens one sequence of `context` tokens holds at once (its pages' slots): the context, or with
+    a sliding window on every layer its window and next chunk (engine/state.pages_held)."""
+    from jaxpar.engine.state import pages_held
+    from jaxpar.serving.scheduler import ServingConfig
+    if ahead is None:
+        ahead = max(ServingConfig.prefill_chunk, ServingConfig.decode_steps)
+    if cfg.sliding_window is None:
+        return context
+    return min(context, pages_held(context, page_size, cfg.sliding_window, ahead) * page_size)
+
+
 def kv_bytes_per_token(cfg: ModelConfig, kv_bytes: float) -> float:
     """2 (K and V) x layers x kv heads x head_dim x bytes: the whole model, one token."""
     return 2 * cfg.num_hidden_layers * cfg.kv_heads * cfg.head_size * kv_bytes
@@ -115,8 +127,8 @@ def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step
 
 def workspace_bytes(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, act_bytes: float) -> float:
     """Largest transient of a prefill step (an estimate, not the compiler's plan): one layer's activations
-    and its attention score block (float32; a ring step holds one (S/N)^2 block, Ulysses and dense attention
-    the whole sequence for their heads)."""
+    and its attention score block (float32; blockwise prefill one [block, block] tile, a ring step one
+    (S/N)^2 block, Ulysses and dense attention the whole sequence for their heads)."""
     ax = Axes(mesh_cfg, decode=step.decode)
     n_seq = ax.size("seq")
     _, _, rows = schedule(cfg, ax, step)
@@ -133,8 +145,10 @@ def workspace_bytes(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step
         keys, scores_heads, q = s_loc, heads, s_loc
     elif n_seq > 1 and mesh_cfg.attention == "ulysses":
         keys, scores_heads, q = step.tokens, heads // n_seq, step.tokens
-    else:
-        keys, scores_heads, q = step.tokens, heads, s_loc
+    else:  # without a seq axis a long prompt runs blockwise: one [block, block] score tile at a time
+        from jaxpar.parallel.attention import block_size
+        block = block_size(step.tokens) if n_seq == 1 else None
+        keys, scores_heads, q = (block, heads, block) if block else (step.tokens, heads, s_loc)
     scores = rows * scores_heads * q * keys * 4
     logits = step.batch // ax.size("batch") * cfg.vocab_size * 4
     return acts + scores + logits
