@@ -108,12 +108,14 @@ def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step
             ffn_flops += 2 * 3 * h * cfg.shared_expert_intermediate_size // ax.size("mlp") * tokens
     else:
         ffn_flops = 2 * 3 * h * (cfg.intermediate_size // ax.size("mlp")) * tokens
-    cache_loc = step.cache // Axes(mesh_cfg).size("cache_seq")
-    if step.decode:
-        ctx = cache_loc  # every cached slot is read
-        kv_io = rows * cache_loc * kv * hd * 2 * act_bytes
-    else:
-        ctx = step.tokens / 2  # causal: on average half the prompt (zigzag keeps devices balanced)
+    n_cache = Axes(mesh_cfg).size("cache_seq")
+    cache_loc = step.cache // n_cache
+    window = cfg.sliding_window
+    if step.decode:  # every cached slot is read, or those of the window (a device's share of them)
+        ctx = cache_loc if window is None else min(cache_loc, -(-window // n_cache))
+        kv_io = rows * ctx * kv * hd * 2 * act_bytes
+    else:  # causal: on average half the prompt (zigzag keeps devices balanced), at most the window
+        ctx = step.tokens / 2 if window is None else min(step.tokens / 2, window)
         kv_io = rows * (step.tokens // ax.size("seq")) * kv * hd * 2 * act_bytes
     attn_flops = 4 * tokens * ctx * heads * hd
     layer_flops = 2 * attn_w * tokens + attn_flops + ffn_flops
