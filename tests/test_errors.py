@@ -282,9 +282,9 @@ def test_the_reuse_check_reads_the_models_own_activations():
     expert_hidden = ("batch", "seq", None, "mlp")
     assert expert_hidden in moe and expert_hidden not in dense
     for names in (("batch", "residual_seq", "embed"), ("batch", "seq", "kv_heads", "head_dim"),
-                  ("batch", "seq", "vocab"), ("layers", "pages", None, "kv_heads", "head_dim")):
+                  ("batch", "seq", "vocab"), ("layers", "batch", "cache_seq", None, "kv_heads", "head_dim")):
         assert names in dense and names in moe
-    assert {n for names in dense + moe for n in names} <= set(LOGICAL_AXES) | {None, "pages"}
+    assert {n for names in dense + moe for n in names} <= set(LOGICAL_AXES) | {None}
 
 
 def test_unreadable_checkpoints(tmp_path, capsys):

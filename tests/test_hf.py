@@ -346,6 +346,38 @@ def test_every_field_transformers_writes_is_read_or_deliberately_ignored(arch, t
     assert read_hf_config(str(tmp_path)).num_hidden_layers == cfg["num_hidden_layers"]
 
 
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+WINDOW_RULES = [  # (architecture, config.json fields beyond the sizes, the window jaxpar runs, or the refusal)
+    ("MistralForCausalLM", {}, 4096),  # transformers' default when the field is left out
+    ("MistralForCausalLM", {"sliding_window": None}, None),
+    ("MixtralForCausalLM", {}, None),
+    ("Qwen2ForCausalLM", {"sliding_window": 5}, None),  # no use_sliding_window: full attention
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 5}, None),  # max_window_layers 28 > 4
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}, 5),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2}, "2 of 4 layers"),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": None}, "max_window_layers must be"),
+    ("Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}, 5),
+    ("Qwen3MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 4, **MOE}, 5),
+    ("Qwen2MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 5, **MOE}, "2 of 4 layers"),  # even
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 5,
+                          "layer_types": ["sliding_attention"] * 4}, 5),
+]
+
+
+@pytest.mark.parametrize("arch,fields,want", WINDOW_RULES)
+def test_sliding_window_rules_follow_transformers(arch, fields, want, tmp_path):
+    """Which layers slide is decided per architecture as transformers decides it (its defaults for fields left
+    out, Qwen2-MoE's even layers, Qwen3-MoE's every layer); a mix of sliding and full layers is refused."""
+    cfg = dict(architectures=[arch], vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, **fields)
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    if isinstance(want, str):
+        with pytest.raises(jaxpar.JaxparError, match=want):
+            read_hf_config(str(tmp_path))
+    else:
+        assert read_hf_config(str(tmp_path)).sliding_window == want
+
+
 def test_index_listing_a_missing_shard(tmp_path, capsys):
     d = str(tmp_path / "sharded")
     build("mistral", d, max_shard_size="40KB")

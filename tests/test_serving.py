@@ -137,6 +137,39 @@ def test_a_sliding_window_model_gives_back_the_pages_behind_its_window(mesh, poo
         engine(mesh, model=cfg.replace(sliding_window=None), **kw).generate_tokens(prompts, max_new_tokens=70)
 
 
+def test_a_pool_filled_by_prefills_alone_still_moves():
+    """Four slots all prefilling 8-token chunks of 4-token pages in a pool of 6 pages: one request is preempted
+    to make room for another, which grows in the same iteration (a victim preempted without that would be
+    admitted straight back, and nothing would move). Every request still gets its solo tokens."""
+    eng = engine("single", max_num_seqs=4, page_size=4, prefill_chunk=8, max_num_batched_tokens=16,
+                 decode_steps=4, num_pages=6)
+    rng = random.Random(9)  # prompts of 12-20 tokens: two or three chunks, at most 6 pages with their outputs
+    work = [([256] + list("".join(rng.choice("0123456789+=") for _ in range(rng.randrange(11, 20))).encode()),
+             SamplingParams(max_tokens=4, temperature=0.8 * (i % 2), top_k=20, seed=i, ignore_eos=True))
+            for i in range(6)]
+    want = [alone(eng, p, sp) for p, sp in work]
+    reqs = [eng.loop.add(p, sp) for p, sp in work]
+    for _ in range(500):
+        if not eng.scheduler.has_work:
+            break
+        eng.loop.step()
+    assert [r.output for r in reqs] == want and eng.scheduler.pool.in_use() == 0
+
+
+def test_a_new_admission_interval_resizes_a_window_sized_pool():
+    """With a sliding window the default pool holds each slot's window and its next chunk or decode steps:
+    decode steps past the chunk rebuild it (and its programs), so requests it took before are still taken."""
+    from jaxpar.config import load_config
+    import jaxpar
+    eng = jaxpar.load(mesh="single", model=load_config("tiny-llama").replace(sliding_window=24), max_num_seqs=2,
+                      page_size=4, prefill_chunk=16, max_num_batched_tokens=32, decode_steps=4)
+    before = eng.sizes.pages_per_shard
+    eng.set_decode_steps(64)
+    assert eng.sizes.pages_per_shard > before and eng.scheduler.pages_needed(200) == 23
+    assert len(eng.generate_tokens([list(range(3, 40))], max_new_tokens=100, stop_at_eos=False)[0]) == 100
+    assert eng.scheduler.pool.in_use() == 0
+
+
 def test_nothing_compiles_after_warmup():
     eng = serving_engine("single", max_num_seqs=8)  # its own buckets: warm-up compiles them all
     report = eng.warmup()

@@ -111,11 +111,16 @@ def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step
     n_cache = Axes(mesh_cfg).size("cache_seq")
     cache_loc = step.cache // n_cache
     window = cfg.sliding_window
-    if step.decode:  # every cached slot is read, or those of the window (a device's share of them)
+    if step.decode:  # every cached slot is read, or those of the window (a device's share of them; the planner's
+        # rows all have one length: a call reads from the window of its shortest row)
         ctx = cache_loc if window is None else min(cache_loc, -(-window // n_cache))
         kv_io = rows * ctx * kv * hd * 2 * act_bytes
-    else:  # causal: on average half the prompt (zigzag keeps devices balanced), at most the window
-        ctx = step.tokens / 2 if window is None else min(step.tokens / 2, window)
+    else:  # causal: on average half the prompt (zigzag keeps devices balanced); blockwise prefill (no seq axis)
+        # skips the key blocks before a window, ring and Ulysses compute them masked
+        from jaxpar.parallel.attention import block_size
+        ctx = step.tokens / 2
+        if window is not None and ax.size("seq") == 1 and block_size(step.tokens):
+            ctx = min(ctx, window)
         kv_io = rows * (step.tokens // ax.size("seq")) * kv * hd * 2 * act_bytes
     attn_flops = 4 * tokens * ctx * heads * hd
     layer_flops = 2 * attn_w * tokens + attn_flops + ffn_flops

@@ -65,15 +65,18 @@ class Engine:
         if serving.max_model_len is None:
             serving = dataclasses.replace(serving, max_model_len=ctx)
         self.serving = serving
-        self.sizes = cache_sizes(self.layout, serving.max_num_seqs, serving.max_model_len, serving.page_size,
-                                 serving.num_pages, self.config.sliding_window,
-                                 max(serving.prefill_chunk, serving.decode_steps))
+        self.sizes = self._sizes_for(serving)
         self.programs = Programs(self.config, self.layout, self.kv_repeat, self.unrolled, self.sizes)
         detok = self.tokenizer.decode if hasattr(self.tokenizer, "decode") else None
         self.scheduler = Scheduler(self.sizes, serving, self.layout, self.eos_ids, detok,
                                    window=self.config.sliding_window)
         self.runner = Runner(self.programs, lambda: self.run_params)
         self.loop = ServingLoop(self.scheduler, self.runner)
+
+    def _sizes_for(self, serving: ServingConfig):
+        return cache_sizes(self.layout, serving.max_num_seqs, serving.max_model_len, serving.page_size,
+                           serving.num_pages, self.config.sliding_window,
+                           max(serving.prefill_chunk, serving.decode_steps))
 
     def warmup(self) -> dict:
         """Compile every program shape serving can use (prefill rows x chunk buckets, decode table widths), so
@@ -92,8 +95,12 @@ class Engine:
         with self.loop.lock:
             if self.scheduler.has_work:
                 raise GenerationError("set_decode_steps: the engine has requests in flight")
-            self.serving = self.scheduler.config = serving
-            n = self.runner.warmup(self.scheduler, prefill=False)
+            if self._sizes_for(serving) != self.sizes:  # a window-sized pool depends on the steps ahead too
+                self.configure(serving)
+                n = self.runner.warmup(self.scheduler)
+            else:
+                self.serving = self.scheduler.config = serving
+                n = self.runner.warmup(self.scheduler, prefill=False)
         return {"programs": n, "seconds": time.perf_counter() - t0}
 
     @property

@@ -26,36 +26,67 @@ IGNORED = {
     "router_jitter_noise": "training: router noise", "output_router_logits": "training: the auxiliary loss",
     "router_aux_loss_coef": "training: the auxiliary loss",
     "pretraining_tp": "training: a split of the same matrices, same result",
-    "use_qk_norm": "Qwen3's q/k norms are implied by the architecture"}
+    "use_qk_norm": "Qwen3's q/k norms are implied by the architecture",
+    "_attn_implementation_autoset": "a transformers runtime switch",
+    "_attn_implementation": "a transformers runtime switch (which attention code runs, same result)",
+    "use_bfloat16": "metadata (dtype decides)"}
 # fields that change the computation in ways jaxpar does not implement
 REFUSED = {"quantization_config": "quantized checkpoints", "partial_rotary_factor": "partial rotary embeddings",
            "attn_logit_softcapping": "attention logit soft-capping",
            "final_logit_softcapping": "final logit soft-capping"}
 
 
+# transformers' defaults for the fields below when config.json leaves them out
+DEFAULT_WINDOW = {"mistral": 4096, "mixtral": None, "qwen2": 4096, "qwen3": 4096, "qwen2_moe": 4096, "qwen3_moe": 4096}
+DEFAULT_MAX_WINDOW_LAYERS = 28
+
+
+def _layer_types(raw: dict, kind: str, path: str) -> list[str]:
+    """Which layers slide, as transformers decides for a Qwen model with use_sliding_window: `layer_types` when
+    config.json gives it; otherwise Qwen2 and Qwen3 slide from layer max_window_layers on, Qwen2-MoE slides on
+    the even layers below it, Qwen3-MoE on every layer."""
+    n = raw.get("num_hidden_layers")
+    n = n if isinstance(n, int) else 0
+    if raw.get("layer_types") is not None:
+        types = raw["layer_types"]
+        if not isinstance(types, list) or len(types) != n:
+            raise ConfigError(f"{path}: layer_types must list one type per layer ({n}), got {types!r}")
+        return types
+    if kind == "qwen3_moe":
+        return ["sliding_attention"] * n
+    mwl = raw.get("max_window_layers", DEFAULT_MAX_WINDOW_LAYERS)
+    if isinstance(mwl, bool) or not isinstance(mwl, int):
+        raise ConfigError(f"{path}: max_window_layers must be an integer, got {mwl!r}")
+    if kind == "qwen2_moe":
+        return ["sliding_attention" if i % 2 == 0 and i < mwl else "full_attention" for i in range(n)]
+    return ["sliding_attention" if i >= mwl else "full_attention" for i in range(n)]
+
+
 def _sliding_window(raw: dict, kind: str, path: str) -> int | None:
-    """The window every layer attends within, or None. Mistral and Mixtral slide on every layer when
-    sliding_window is set; Qwen2-family models only with use_sliding_window, on the layers that `layer_types`
-    (or max_window_layers: layers from that index on) marks as sliding."""
-    window = raw.get("sliding_window")
+    """The window every layer attends within, or None, as transformers runs the architecture. Mistral and
+    Mixtral slide on every layer when sliding_window is set; Qwen models only with use_sliding_window, on the
+    layers `_layer_types` names. Models mixing sliding and full layers are refused."""
+    if kind not in DEFAULT_WINDOW:
+        return None
+    window = raw.get("sliding_window", DEFAULT_WINDOW[kind])
+    if kind not in ("mistral", "mixtral"):
+        if not raw.get("use_sliding_window"):
+            return None
+        kinds = set(_layer_types(raw, kind, path))
+        if kinds == {"full_attention"} or not kinds:
+            return None
+        if kinds != {"sliding_attention"}:
+            types = _layer_types(raw, kind, path)
+            sliding = sum(t == "sliding_attention" for t in types)
+            raise ConfigError(f"{path}: use_sliding_window makes {sliding} of {len(types)} layers sliding "
+                              f"(layer_types, max_window_layers={raw.get('max_window_layers')}): models mixing "
+                              f"sliding and full attention layers are not supported yet; every layer or none must "
+                              f"slide")
     if not window:
         return None
-    if kind in ("mistral", "mixtral"):
-        return window
-    if not raw.get("use_sliding_window"):
-        return None
-    n = raw.get("num_hidden_layers")
-    types = raw.get("layer_types") or ["sliding_attention" if i >= raw.get("max_window_layers", 0) else
-                                       "full_attention" for i in range(n if isinstance(n, int) else 0)]
-    kinds = set(types)
-    if kinds == {"full_attention"}:
-        return None
-    if kinds == {"sliding_attention"}:
-        return window
-    sliding = sum(t == "sliding_attention" for t in types)
-    raise ConfigError(f"{path}: use_sliding_window makes {sliding} of {len(types)} layers sliding (layer_types, "
-                      f"max_window_layers={raw.get('max_window_layers')}): models mixing sliding and full attention "
-                      f"layers are not supported yet; every layer or none must slide")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"{path}: sliding_window must be a positive integer, got {window!r}")
+    return window
 
 
 def read_hf_config(directory: str) -> ModelConfig:

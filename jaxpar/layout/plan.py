@@ -33,11 +33,11 @@ def _axes_desc(ax: Axes, logical: str) -> str:
 @functools.lru_cache(maxsize=64)
 def activation_names(cfg: ModelConfig) -> tuple:
     """The logical names of every activation the model pins (its `constrain` calls), recorded while a forward
-    pass is traced abstractly (nothing computed or allocated), plus the KV pools'."""
+    pass is traced abstractly (nothing computed or allocated), plus the KV pools' (their `pages` axis is split
+    over the batch axes and then `cache_seq`: named as the two, so a rule giving both one mesh axis is caught)."""
     import jax.numpy as jnp
 
     from jaxpar.engine import params as P
-    from jaxpar.engine.programs import POOL_NAMES
 
     def forward(params, tokens):
         model = P.bind(cfg, 1, params)
@@ -45,7 +45,8 @@ def activation_names(cfg: ModelConfig) -> tuple:
         return model.logits(h)
     with recording_names() as names:
         jax.eval_shape(forward, P.shapes(cfg), jax.ShapeDtypeStruct((1, 2), jnp.int32))
-    return tuple(sorted(names | {POOL_NAMES}, key=str))
+    pools = ("layers", "batch", "cache_seq", None, "kv_heads", "head_dim")
+    return tuple(sorted(names | {pools}, key=str))
 
 
 def _check_axis_reuse(cfg: ModelConfig, ax: Axes) -> None:

@@ -263,9 +263,12 @@ class Scheduler:
             if chunk > budget:
                 break
             self._slide(req, req.computed)
-            if not self._grow(req, req.computed + chunk):
-                if not self._has_decodes() and not first and not later:
-                    self._preempt_for(req)  # every slot is prefilling and the pool is full: make room
+            grown = self._grow(req, req.computed + chunk)
+            # every slot is prefilling and the pool is full: make room now, for this request (a victim preempted
+            # without it growing would be admitted straight back, and nothing would move)
+            while not grown and not self._has_decodes() and not first and not later and self._preempt_for(req):
+                grown = self._grow(req, req.computed + chunk)
+            if not grown:
                 continue
             budget -= chunk
             (later if req.computed else first).append((req, chunk, req.computed + chunk == len(req.prefix)))
