@@ -52,13 +52,9 @@ def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, 
     its batch shard's rows, in pools [layers, pages, page_size, kv_heads, head_dim] x 2 (engine/state.py).
     With a sliding window on every layer a row holds only the pages of its window and of the next `ahead`
     tokens (engine/state.pages_held; `ahead` None: as many as the serving defaults compute in one iteration)."""
-    from jaxpar.engine.state import pages_held
-    from jaxpar.serving.scheduler import ServingConfig
-    if ahead is None:
-        ahead = max(ServingConfig.prefill_chunk, ServingConfig.decode_steps)
     ax = Axes(mesh_cfg)
     n = ax.size("cache_seq")
-    held = pages_held(cache, page_size, cfg.sliding_window, ahead)
+    held = _pages_held(cfg, cache, page_size, ahead)
     tokens = batch // ax.size("batch") * -(-held // n) * page_size
     heads = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
     return 2 * cfg.num_hidden_layers // ax.size("layers") * tokens * heads * cfg.head_size * kv_bytes
@@ -67,13 +63,16 @@ def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, 
 def tokens_held(cfg: ModelConfig, context: int, page_size: int = 16, ahead: int | None = None) -> int:
     """KV cache tokens one sequence of `context` tokens holds at once (its pages' slots): the context, or with
     a sliding window on every layer its window and next chunk (engine/state.pages_held)."""
-    from jaxpar.engine.state import pages_held
-    from jaxpar.serving.scheduler import ServingConfig
-    if ahead is None:
-        ahead = max(ServingConfig.prefill_chunk, ServingConfig.decode_steps)
     if cfg.sliding_window is None:
         return context
-    return min(context, pages_held(context, page_size, cfg.sliding_window, ahead) * page_size)
+    return min(context, _pages_held(cfg, context, page_size, ahead) * page_size)
+
+
+def _pages_held(cfg: ModelConfig, tokens: int, page_size: int, ahead: int | None) -> int:
+    """engine/state.pages_held for this model; `ahead` None: what the serving defaults compute in one iteration."""
+    from jaxpar.engine.state import pages_held
+    from jaxpar.serving.scheduler import ServingConfig
+    return pages_held(tokens, page_size, cfg.sliding_window, ServingConfig().ahead if ahead is None else ahead)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_bytes: float) -> float:

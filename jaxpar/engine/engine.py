@@ -75,8 +75,7 @@ class Engine:
 
     def _sizes_for(self, serving: ServingConfig):
         return cache_sizes(self.layout, serving.max_num_seqs, serving.max_model_len, serving.page_size,
-                           serving.num_pages, self.config.sliding_window,
-                           max(serving.prefill_chunk, serving.decode_steps))
+                           serving.num_pages, self.config.sliding_window, serving.ahead)
 
     def warmup(self) -> dict:
         """Compile every program shape serving can use (prefill rows x chunk buckets, decode table widths), so
@@ -264,8 +263,7 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     s = seq_bucket(prompt_len, ctx, lay.seq_multiple)
     t = seq_bucket(prompt_len + max_new_tokens, ctx, lay.seq_multiple)
     page = engine.serving.page_size
-    sizes = cache_sizes(lay, b, t, page, None, engine.config.sliding_window,
-                        max(engine.serving.prefill_chunk, engine.serving.decode_steps))
+    sizes = cache_sizes(lay, b, t, page, None, engine.config.sliding_window, engine.serving.ahead)
     progs = Programs(engine.config, lay, engine.kv_repeat, engine.unrolled, sizes)
     sched = Scheduler(sizes, dataclasses.replace(engine.serving, max_model_len=t), lay, engine.eos_ids)
     host = sched.padding_batch(b // sizes.batch_shards, s, sched.table_bucket(sizes.pages_for(s)))

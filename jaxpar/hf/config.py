@@ -72,11 +72,11 @@ def _sliding_window(raw: dict, kind: str, path: str) -> int | None:
     if kind not in ("mistral", "mixtral"):
         if not raw.get("use_sliding_window"):
             return None
-        kinds = set(_layer_types(raw, kind, path))
+        types = _layer_types(raw, kind, path)
+        kinds = set(types)
         if kinds == {"full_attention"} or not kinds:
             return None
         if kinds != {"sliding_attention"}:
-            types = _layer_types(raw, kind, path)
             sliding = sum(t == "sliding_attention" for t in types)
             raise ConfigError(f"{path}: use_sliding_window makes {sliding} of {len(types)} layers sliding "
                               f"(layer_types, max_window_layers={raw.get('max_window_layers')}): models mixing "

@@ -103,7 +103,8 @@ def _attend_local(q, k, v, pk, pv, table, positions, valid, axis, n, spec: Atten
         pages = jnp.take(table, cols, axis=1, mode="fill", fill_value=0)  # [b, len(cols)]
         keys = pk[pages].reshape(b, -1, *pk.shape[2:]).astype(q.dtype)
         vals = pv[pages].reshape(b, -1, *pv.shape[2:]).astype(q.dtype)
-        mask = spec.visible(positions[:, :, None], key_pos[None, None, :]) & jnp.repeat(cols < nb, page)[None, None, :]
+        in_table = jnp.repeat(cols < nb, page)[None, None, :]
+        mask = spec.visible(positions[:, :, None], key_pos[None, None, :]) & in_table
         return keys, vals, mask  # as the spec says over the cached positions, none past the table
 
     if local <= per_block:

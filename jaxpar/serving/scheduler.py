@@ -69,6 +69,11 @@ class ServingConfig:
                                   f"{self.max_num_batched_tokens}")
         return self
 
+    @property
+    def ahead(self) -> int:
+        """Tokens a request computes past its cache in one iteration at most (a prompt chunk or decode steps)."""
+        return max(self.prefill_chunk, self.decode_steps)
+
 
 @dataclasses.dataclass
 class PrefillCall:
@@ -143,15 +148,10 @@ class Scheduler:
             self._free_slot(req)
         req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, time.perf_counter()
 
-    @property
-    def ahead(self) -> int:
-        """Tokens a request computes past its cache in one iteration at most (a prompt chunk or decode steps)."""
-        return max(self.config.prefill_chunk, self.config.decode_steps)
-
     def pages_needed(self, tokens: int) -> int:
         """Pages a request of `tokens` tokens holds at most at once: all of them, or with a sliding window the
         pages from its window's start to the end of its next chunk or decode steps (see `_slide`)."""
-        return pages_held(tokens, self.sizes.page_size, self.window, self.ahead)
+        return pages_held(tokens, self.sizes.page_size, self.window, self.config.ahead)
 
     def _free_slot(self, req: Request) -> None:
         self.pool.release(req.shard, req.pages[req.released:], first=req.released)
