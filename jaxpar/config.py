@@ -28,7 +28,10 @@ class ModelConfig:
     rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 2048
-    sliding_window: int | None = None  # every layer attends to its last sliding_window positions (Mistral)
+    sliding_window: int | None = None  # sliding layers attend to their last sliding_window positions
+    layer_types: list | None = None  # per layer "sliding_attention" or "full_attention"; None: every layer
+    # slides when sliding_window is set (Mistral), none otherwise
+    mlp_only_layers: list | None = None  # the dense layers of a mixture-of-experts model (model/groups.py)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     attention_out_bias: bool | None = None  # o_proj bias; None = same as attention_bias (Llama). Qwen2: False
@@ -158,6 +161,7 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
         if not isinstance(e, int) or not 0 <= e < cfg.vocab_size:
             raise ConfigError(f"{source}: field eos_token_id={e!r} is outside the vocabulary [0, {cfg.vocab_size})")
     _validate_rope_scaling(cfg, source)
+    _validate_layers(cfg, source)
     _int(cfg, "moe_intermediate_size", source, allow_none=True)
     _int(cfg, "shared_expert_intermediate_size", source, allow_none=True)
     if not isinstance(cfg.norm_topk_prob, bool):
@@ -172,6 +176,29 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
                                      ("norm_topk_prob", cfg.norm_topk_prob, True)):
             if value != default:
                 raise ConfigError(f"{source}: {name}={value} is set but num_local_experts is 0 (a dense model)")
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _validate_layers(cfg: ModelConfig, source: str) -> None:
+    n = cfg.num_hidden_layers
+    if cfg.layer_types is not None:
+        types = cfg.layer_types
+        if not isinstance(types, (list, tuple)) or len(types) != n or any(t not in LAYER_TYPES for t in types):
+            raise ConfigError(f"{source}: field layer_types must list one of {', '.join(LAYER_TYPES)} per layer "
+                              f"({n} layers), got {types!r}")
+        if "sliding_attention" in types and cfg.sliding_window is None:
+            raise ConfigError(f"{source}: field layer_types names sliding_attention layers but sliding_window is "
+                              f"not set")
+    dense = cfg.mlp_only_layers
+    if dense is not None:
+        if not isinstance(dense, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int)
+                                                       or not 0 <= i < n for i in dense):
+            raise ConfigError(f"{source}: field mlp_only_layers must list layer indices in [0, {n}), got {dense!r}")
+        if dense and not cfg.num_local_experts:
+            raise ConfigError(f"{source}: field mlp_only_layers={list(dense)} is set but num_local_experts is 0 "
+                              f"(every layer is already dense)")
 
 
 def _validate_rope_scaling(cfg: ModelConfig, source: str) -> None:

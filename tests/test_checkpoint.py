@@ -36,7 +36,7 @@ def test_restore_onto_any_mesh(saved, mesh):
 def test_checkpoint_stores_canonical_kv_heads(saved):
     import orbax.checkpoint as ocp
     d, _ = saved
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(d, "params", "layers.attn.wk"))
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(d, "params", "group0.block0.attn.wk"))
     tree = getattr(meta, "item_metadata", meta)
     assert tuple(tree["value"].shape) == (2, 32, 2, 8)
 
@@ -49,5 +49,5 @@ def test_shape_mismatch_is_refused(saved, tmp_path):
     cfg = yaml.safe_load(open(bad / "config.yaml"))
     cfg["intermediate_size"] = 128
     yaml.safe_dump(cfg, open(bad / "config.yaml", "w"))
-    with pytest.raises(jaxpar.JaxparError, match=r"layers\.mlp\.w_down.*\(2, 64, 32\).*\(2, 128, 32\)"):
+    with pytest.raises(jaxpar.JaxparError, match=r"group0\.block0\.mlp\.w_down.*\(2, 64, 32\).*\(2, 128, 32\)"):
         jaxpar.load(mesh=mesh_path("tp2"), checkpoint=str(bad))

@@ -70,7 +70,7 @@ def test_two_all_to_alls_per_layer_of_the_capacity_buffers(mesh, ep, dp, cf):
 @pytest.mark.parametrize("name,ep", [("ep8", 8), ("dp2_ep4", 4), ("tp2_ep4", 4)])
 def test_expert_weights_per_device_are_total_over_expert_axis(name, ep):
     eng = moe_engine(name)
-    experts = {k: v for k, v in eng.params["layers"]["mlp"].items() if k.startswith("w_")}
+    experts = {k: v for k, v in eng.params["group0"]["block0"]["mlp"].items() if k.startswith("w_")}
     total = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in experts.values())
     tp = eng.layout.size("mlp")
     assert P.bytes_per_device(experts) * ep * tp == total

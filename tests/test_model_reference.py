@@ -111,6 +111,7 @@ def ref_rotate_interleaved(x):
 def hf_weights(cfg, params):
     """jaxpar's stacked pure dict -> per-layer dicts of HF-shaped float64 weights ([out, in] for Linear)."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    p = {**p, "layers": p["group0"]["block0"]}  # these models are one group of identical layers
     d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
     layers = []
     for i in range(cfg.num_hidden_layers):
@@ -275,15 +276,16 @@ def test_parameter_layout_matches_config():
     cfg, _, params, _, _ = setup("everything")
     L, d, h, kv, hd, f, v = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads,
                              cfg.head_size, cfg.intermediate_size, cfg.vocab_size)
-    a = params["layers"]["attn"]
+    assert [k for k in params if k.startswith("group")] == ["group0"]  # one group of one layer, repeated
+    a = params["group0"]["block0"]["attn"]
     assert params["embed"].shape == (v, d)
     assert "lm_head" not in params  # tied
     assert a["wq"].shape == (L, d, h, hd) and a["wk"].shape == (L, d, kv, hd)
     assert a["wv"].shape == (L, d, kv, hd) and a["wo"].shape == (L, h, hd, d)
     assert a["bq"].shape == (L, h, hd) and a["bo"].shape == (L, d)
     assert a["q_norm"]["weight"].shape == (L, hd)
-    assert params["layers"]["mlp"]["w_gate"].shape == (L, d, f)
-    assert params["layers"]["mlp"]["w_down"].shape == (L, f, d)
+    assert params["group0"]["block0"]["mlp"]["w_gate"].shape == (L, d, f)
+    assert params["group0"]["block0"]["mlp"]["w_down"].shape == (L, f, d)
 
 
 def test_llama3_reference_covers_all_bands():

@@ -16,6 +16,7 @@ from jaxpar.engine.buckets import batch_bucket, seq_bucket
 from jaxpar.engine.programs import Programs, to_host
 from jaxpar.engine.state import cache_sizes
 from jaxpar.layout.plan import ModelLayout
+from jaxpar.model.groups import shared_window
 from jaxpar.parallel import zigzag
 from jaxpar.serving.loop import ServingLoop
 from jaxpar.serving.request import SamplingParams
@@ -32,10 +33,10 @@ def check_sampling(max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0) 
 
 
 def unroll_by_default(layout) -> bool:
-    """Layers unrolled (per-layer weights and cache) on CPU devices, where a scan copies each layer's weights
-    out of the stacked array (about three times the bytes a decode step would read). Scanned on GPU/TPU (one loop body
-    whatever the depth, so compile time does not grow with it) and under pipeline stages (stages hold
-    stacked layers)."""
+    """Layers unrolled (every layer its own group, model/groups.py) on CPU devices, where a scan copies each
+    layer's weights out of the stacked array (about three times the bytes a decode step would read). Scanned on
+    GPU/TPU (one loop body per group whatever the depth, so compile time does not grow with it) and under
+    pipeline stages (stages hold stacked layers)."""
     return layout.size("layers") == 1 and layout.mesh.devices.flat[0].platform == "cpu"
 
 
@@ -69,13 +70,13 @@ class Engine:
         self.programs = Programs(self.config, self.layout, self.kv_repeat, self.unrolled, self.sizes)
         detok = self.tokenizer.decode if hasattr(self.tokenizer, "decode") else None
         self.scheduler = Scheduler(self.sizes, serving, self.layout, self.eos_ids, detok,
-                                   window=self.config.sliding_window)
+                                   window=shared_window(self.config))
         self.runner = Runner(self.programs, lambda: self.run_params)
         self.loop = ServingLoop(self.scheduler, self.runner)
 
     def _sizes_for(self, serving: ServingConfig):
         return cache_sizes(self.layout, serving.max_num_seqs, serving.max_model_len, serving.page_size,
-                           serving.num_pages, self.config.sliding_window, serving.ahead)
+                           serving.num_pages, shared_window(self.config), serving.ahead)
 
     def warmup(self) -> dict:
         """Compile every program shape serving can use (prefill rows x chunk buckets, decode table widths), so
@@ -104,17 +105,13 @@ class Engine:
 
     @property
     def params(self) -> dict:
-        """The parameters in the stacked form checkpoints store (rebuilt from the per-layer arrays when the
-        layers run unrolled; `run_params` is the form the compiled programs take)."""
-        if self.unrolled:
-            return P.stack(self.run_params, self.config, self.layout, self.kv_repeat)
-        return self.run_params
+        """The parameters in the model's own layer groups, the form checkpoints store (regrouped when the layers
+        run unrolled: `run_params` is the form the compiled programs take)."""
+        return P.regroup(self.run_params, self.config, self.layout, self.kv_repeat, split=False)
 
     @params.setter
     def params(self, value: dict) -> None:
-        if self.unrolled and not P.is_unstacked(value):
-            value = P.unstack(value, self.config, self.layout, self.kv_repeat)
-        self.run_params = value
+        self.run_params = P.regroup(value, self.config, self.layout, self.kv_repeat, split=self.unrolled)
 
     # ---- sizes -------------------------------------------------------------------------------------------
     @property
@@ -263,7 +260,7 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     s = seq_bucket(prompt_len, ctx, lay.seq_multiple)
     t = seq_bucket(prompt_len + max_new_tokens, ctx, lay.seq_multiple)
     page = engine.serving.page_size
-    sizes = cache_sizes(lay, b, t, page, None, engine.config.sliding_window, engine.serving.ahead)
+    sizes = cache_sizes(lay, b, t, page, None, shared_window(engine.config), engine.serving.ahead)
     progs = Programs(engine.config, lay, engine.kv_repeat, engine.unrolled, sizes)
     sched = Scheduler(sizes, dataclasses.replace(engine.serving, max_model_len=t), lay, engine.eos_ids)
     host = sched.padding_batch(b // sizes.batch_shards, s, sched.table_bucket(sizes.pages_for(s)))

@@ -1,7 +1,8 @@
-"""Parameters: the abstract model, its shardings, and the canonical <-> kv-replicated forms.
+"""Parameters: the abstract model, its shardings, and the canonical <-> run forms.
 
-The canonical form (what checkpoints store) has the model's own number of kv heads; a layout with
-kv_repeat > 1 stores each kv head kv_repeat times along the `kv_heads` axis."""
+The canonical form (what checkpoints store) has the model's own number of kv heads and its layer groups
+(model/groups.py); a layout with kv_repeat > 1 stores each kv head kv_repeat times along the `kv_heads` axis,
+and the split form (split=True) holds every layer as its own group (`regroup`)."""
 from __future__ import annotations
 
 import functools
@@ -17,22 +18,22 @@ from jaxpar.model.decoder import Decoder
 
 
 @functools.lru_cache(maxsize=32)
-def abstract_model(cfg: ModelConfig, kv_repeat: int = 1):
+def abstract_model(cfg: ModelConfig, kv_repeat: int = 1, split: bool = False):
     """(graphdef, abstract State) of the model, without allocating anything."""
     with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0), kv_repeat))
+        model = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0), kv_repeat, split))
     return nnx.split(model)
 
 
-def logical_names(cfg: ModelConfig, kv_repeat: int = 1) -> dict:
+def logical_names(cfg: ModelConfig, kv_repeat: int = 1, split: bool = False) -> dict:
     """Pure dict: param path -> tuple of logical axis names."""
-    _, state = abstract_model(cfg, kv_repeat)
+    _, state = abstract_model(cfg, kv_repeat, split)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     return jax.tree.map(lambda p: tuple(p), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
-def shapes(cfg: ModelConfig, kv_repeat: int = 1) -> dict:
-    _, state = abstract_model(cfg, kv_repeat)
+def shapes(cfg: ModelConfig, kv_repeat: int = 1, split: bool = False) -> dict:
+    _, state = abstract_model(cfg, kv_repeat, split)
     return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
 
 
@@ -40,12 +41,13 @@ def _is_names(x):
     return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
 
 
-def shardings(cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, replicate_kv: bool = False) -> dict:
+def shardings(cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, replicate_kv: bool = False,
+              split: bool = False) -> dict:
     def one(names):
         if replicate_kv:
             names = tuple(None if n == "kv_heads" else n for n in names)
         return layout.sharding(names)
-    return jax.tree.map(one, logical_names(cfg, kv_repeat), is_leaf=_is_names)
+    return jax.tree.map(one, logical_names(cfg, kv_repeat, split), is_leaf=_is_names)
 
 
 def abstract_params(cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, replicate_kv: bool = False) -> dict:
@@ -96,16 +98,16 @@ def init_params(cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, seed: int 
     return expand_kv(canon, cfg, layout, kv_repeat)
 
 
-def bind(cfg: ModelConfig, kv_repeat: int, params: dict) -> Decoder:
+def bind(cfg: ModelConfig, kv_repeat: int, params: dict, split: bool = False) -> Decoder:
     """A Decoder whose parameters are `params` (call inside jit)."""
-    graph, state = abstract_model(cfg, kv_repeat)
+    graph, state = abstract_model(cfg, kv_repeat, split)
     state = jax.tree.map(lambda x: x, state)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graph, state)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
-    """Nested params dict -> {"layers.attn.wq": leaf, ...}."""
+    """Nested params dict -> {"group0.block0.attn.wq": leaf, ...}."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -138,33 +140,47 @@ def bytes_per_device(tree) -> int:
     return max(totals.values()) if totals else 0
 
 
-def layer_shardings(cfg: ModelConfig, layout: Layout, kv_repeat: int = 1) -> dict:
-    """Shardings of one layer's parameters (the layers subtree without its leading layers axis)."""
-    def one(names):
-        return layout.sharding(tuple(n for n in names[1:]))
-    return jax.tree.map(one, logical_names(cfg, kv_repeat)["layers"], is_leaf=_is_names)
+def _layer_slots(cfg: ModelConfig, split: bool) -> dict:
+    """Layer index -> (parameter path prefix of its block, index along the block's layers axis)."""
+    from jaxpar.model.groups import layer_groups
+    out = {}
+    for g, group in enumerate(layer_groups(cfg, split)):
+        for j in range(group.repeats):
+            for u in range(len(group.unit)):
+                out[group.layer_index(j, u)] = (f"group{g}.block{u}.", j)
+    return out
 
 
-def unstack(params: dict, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1) -> dict:
-    """Stacked parameters -> the unrolled form: `layers` becomes a list of per-layer dicts, each array laid
-    out as its slice was (split on device, one parameter at a time)."""
-    n = cfg.num_hidden_layers
-    flat, shard = flatten(params["layers"]), flatten(layer_shardings(cfg, layout, kv_repeat))
-    per = {k: jax.jit(lambda a: tuple(a[i] for i in range(n)), out_shardings=(shard[k],) * n)(v)
-           for k, v in flat.items()}
-    return {**{k: v for k, v in params.items() if k != "layers"},
-            "layers": [unflatten({k: per[k][i] for k in per}) for i in range(n)]}
+@functools.partial(jax.jit, static_argnums=(2,))
+def _take(a, j, sharding):
+    return jax.lax.with_sharding_constraint(jax.lax.dynamic_slice_in_dim(a, j, 1), sharding)
 
 
-def stack(params: dict, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1) -> dict:
-    """Inverse of unstack (the form checkpoints store)."""
-    if not is_unstacked(params):
+def is_split(params: dict, cfg: ModelConfig) -> bool:
+    """Whether `params` hold every layer as its own group (when that differs from the canonical grouping)."""
+    from jaxpar.model.groups import layer_groups
+    return len(layer_groups(cfg)) != len(layer_groups(cfg, True)) and f"group{cfg.num_hidden_layers - 1}" in params
+
+
+def regroup(params: dict, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, split: bool = False) -> dict:
+    """Parameters from one grouping to the other (split: every layer its own group; else the canonical groups
+    checkpoints store), on device, one block parameter at a time, each laid out as its new group's are."""
+    if is_split(params, cfg) == split:
         return params
-    sh = flatten(shardings(cfg, layout, kv_repeat)["layers"])
-    flat = [flatten(d) for d in params["layers"]]
-    out = {k: jax.jit(lambda *a: jnp.stack(a), out_shardings=sh[k])(*[f[k] for f in flat]) for k in flat[0]}
-    return {**{k: v for k, v in params.items() if k != "layers"}, "layers": unflatten(out)}
-
-
-def is_unstacked(params: dict) -> bool:
-    return isinstance(params.get("layers"), list)
+    src, dst = _layer_slots(cfg, not split), _layer_slots(cfg, split)
+    flat = flatten(params)
+    sh = flatten(shardings(cfg, layout, kv_repeat, split=split))
+    out = {k: v for k, v in flat.items() if not k.startswith("group")}
+    targets: dict = {}
+    for i in range(cfg.num_hidden_layers):
+        targets.setdefault(dst[i][0], []).append(i)
+    for prefix, layers in targets.items():
+        for name in (k[len(src[layers[0]][0]):] for k in flat if k.startswith(src[layers[0]][0])):
+            pieces = []
+            for i in layers:
+                a = flat[src[i][0] + name]
+                whole = a.shape[0] == 1
+                pieces.append(a if whole else _take(a, src[i][1], sh[prefix + name]))
+            out[prefix + name] = pieces[0] if len(pieces) == 1 else jax.jit(
+                lambda *xs: jnp.concatenate(xs), out_shardings=sh[prefix + name])(*pieces)
+    return unflatten(out)

@@ -22,6 +22,7 @@ from jaxpar.engine import params as P
 from jaxpar.engine.sampling import sample_rows
 from jaxpar.engine.state import DecodeState, PrefillBatch, batch_names, host_rows, pool_shape, state_names
 from jaxpar.layout.rules import activate, active, constrain
+from jaxpar.model.groups import layer_groups
 from jaxpar.parallel import zigzag
 
 POOL_NAMES = ("layers", "pages", None, "kv_heads", "head_dim")
@@ -76,18 +77,15 @@ def _names_to(layout, tree):
 
 
 class Programs:
-    """unrolled: parameters and KV pools in the per-layer form (P.unstack), the layers applied one after another;
-    otherwise stacked and scanned (or pipelined)."""
+    """split: parameters and KV pools with every layer its own group (model/groups.py), the layers applied one
+    after another; otherwise in the model's own groups, each scanned (or pipelined)."""
 
-    def __init__(self, cfg, layout, kv_repeat, unrolled: bool, sizes):
-        self.cfg, self.layout, self.kv_repeat, self.unrolled, self.sizes = cfg, layout, kv_repeat, unrolled, sizes
+    def __init__(self, cfg, layout, kv_repeat, split: bool, sizes):
+        self.cfg, self.layout, self.kv_repeat, self.split, self.sizes = cfg, layout, kv_repeat, split, sizes
+        self.groups = layer_groups(cfg, split)
         lay, dec = layout, layout.for_decode()
-        self.param_sh = P.shardings(cfg, lay, kv_repeat)
-        pool_names = (POOL_NAMES,) * 2
-        if unrolled:
-            self.param_sh = {**self.param_sh,
-                             "layers": [P.layer_shardings(cfg, lay, kv_repeat)] * cfg.num_hidden_layers}
-            pool_names = [(POOL_NAMES[1:],) * 2] * cfg.num_hidden_layers
+        self.param_sh = P.shardings(cfg, lay, kv_repeat, split=split)
+        pool_names = tuple(((POOL_NAMES,) * 2,) * len(g.unit) for g in self.groups)
         self.state_sh = _names_to(lay, state_names(pool_names))
         self.batch_sh = _names_to(lay, batch_names())
         self.paged_batch_sh = _names_to(dec, batch_names())  # later chunks: the sequence is not split
@@ -121,21 +119,15 @@ class Programs:
     def _new_state(self) -> DecodeState:
         cfg, n = self.cfg, self.sizes.slots
         shape, dt = pool_shape(cfg, self.kv_repeat, self.sizes), jnp.dtype(cfg.dtype)
-        if self.unrolled:
-            cache = [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_hidden_layers)]
-        else:
-            cache = tuple(jnp.zeros((cfg.num_hidden_layers,) + shape, dt) for _ in range(2))
+        cache = tuple(tuple(tuple(jnp.zeros((g.repeats,) + shape, dt) for _ in range(2)) for _ in g.unit)
+                      for g in self.groups)
         i32 = jnp.zeros(n, jnp.int32)
         return DecodeState(cache=cache, tokens=i32, lengths=i32, generated=i32, done=jnp.ones(n, bool),
                            request=jax.tree.map(jnp.asarray, host_rows(n)))
 
     # ---- the model -----------------------------------------------------------------------------------------
     def _model(self, params):
-        """The bound model, and the keyword that hands it the per-layer parameters in the unrolled form."""
-        if self.unrolled:
-            rest = {k: v for k, v in params.items() if k != "layers"}
-            return P.bind(self.cfg, self.kv_repeat, rest), {"layers": params["layers"]}
-        return P.bind(self.cfg, self.kv_repeat, params), {}
+        return P.bind(self.cfg, self.kv_repeat, params, self.split)
 
     def seq_order(self, s: int):
         """The position computed at each sequence index: zigzag when the sequence is split (identity
@@ -148,9 +140,9 @@ class Programs:
 
     def _logits(self, params, tokens, valid):
         """tokens [B, S] in `seq_order`; logits come back in the same order. valid [B, S]: real tokens."""
-        model, kw = self._model(params)
+        model = self._model(params)
         pos = jnp.broadcast_to(jnp.asarray(self.seq_order(tokens.shape[1]), jnp.int32), tokens.shape)
-        h, _, _ = model(tokens, pos, valid=valid, **kw)
+        h, _, _ = model(tokens, pos, valid=valid)
         return model.logits(h)
 
     def _sample(self, logits, request, steps, any_sampling):
@@ -177,7 +169,7 @@ class Programs:
         """A chunk of prompts into their pages; rows that end their prompt sample their first token and are
         inserted into their slots. paged=False: every row's chunk starts at position 0 (the prefill kernels:
         blockwise, ring, Ulysses); paged=True: later chunks, attending over the pages too."""
-        model, kw = self._model(params)
+        model = self._model(params)
         c = batch.tokens.shape[1]
         order = jnp.arange(c) if paged else jnp.asarray(self.seq_order(c), jnp.int32)
         offset = order[None, :]
@@ -187,7 +179,7 @@ class Programs:
         if not paged:  # the chunk's positions whole (in its sequence order), for the page writes
             pages["positions"] = constrain(pos, ("batch", None))
             pages["valid"] = constrain(valid, ("batch", None))
-        h, cache, stats = model(batch.tokens, pos, valid=valid, cache=state.cache, pages=pages, paged=paged, **kw)
+        h, cache, stats = model(batch.tokens, pos, valid=valid, cache=state.cache, pages=pages, paged=paged)
         # each row's last chunk token, picked by position (a masked sum: one small all-reduce when the sequence
         # is split, where indexing would gather the whole sequence)
         last = constrain(jnp.sum(jnp.where((offset == (batch.length - 1)[:, None])[..., None], h,
@@ -227,13 +219,13 @@ class Programs:
         """Up to `steps` decode steps of every running slot; slots in `release` stop first (aborted or
         preempted requests, whose pages the host is taking back). table [S, nb]: each slot's pages.
         -> (state, tokens [S, steps]: the emitted tokens, -1 for none; done [S]; summed expert statistics)."""
-        model, kw = self._model(params)
+        model = self._model(params)
         state = dataclasses.replace(state, done=state.done | release)
 
         def step(st, i, out):
             active = ~st.done
             h, cache, stats = model(st.tokens[:, None], st.lengths[:, None], valid=active[:, None], cache=st.cache,
-                                    pages={"table": table}, paged=True, **kw)
+                                    pages={"table": table}, paged=True)
             tok = self._sample(model.logits(h)[:, 0], st.request, st.generated, any_sampling)
             emitted, generated, ended = self._stop(tok, st.request, st.generated, active)
             out = out.at[:, i].set(jnp.where(emitted, tok, -1))

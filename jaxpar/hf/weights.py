@@ -15,6 +15,7 @@ from jaxpar.config import ModelConfig
 from jaxpar.errors import CheckpointError
 from jaxpar.engine import params as P
 from jaxpar.hf.safetensors import WeightFiles
+from jaxpar.model.groups import layer_groups, moe_layers
 
 L = "model.layers.{}."
 
@@ -23,47 +24,56 @@ def _heads(t, n, hd):  # [n*hd, ...] -> [n, hd, ...]
     return t.reshape((n, hd) + t.shape[1:])
 
 
-def plan(cfg: ModelConfig, experts: str = "mixtral") -> dict:
-    """jaxpar parameter path -> (HF name template, expected HF shape, view: HF array -> jaxpar layout,
-    axis of kv heads in the jaxpar layout or None). Templates with {} are per layer."""
-    d, f, v, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_attention_heads,
-                          cfg.kv_heads, cfg.head_size)
+def _block(cfg: ModelConfig, kind, experts: str) -> dict:
+    """One layer's parameters (paths inside its block) -> (HF name template with {} for the layer index,
+    expected HF shape, view: HF array -> jaxpar layout, axis of kv heads in the jaxpar layout or None)."""
+    d, f, h, kv, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
     attn = L + "self_attn."
     p = {
-        "embed": ("model.embed_tokens.weight", (v, d), lambda t: t, None),
-        "norm.weight": ("model.norm.weight", (d,), lambda t: t, None),
-        "layers.attn_norm.weight": (L + "input_layernorm.weight", (d,), lambda t: t, None),
-        "layers.mlp_norm.weight": (L + "post_attention_layernorm.weight", (d,), lambda t: t, None),
-        "layers.attn.wq": (attn + "q_proj.weight", (h * hd, d), lambda t: _heads(t, h, hd).transpose(2, 0, 1), None),
-        "layers.attn.wk": (attn + "k_proj.weight", (kv * hd, d), lambda t: _heads(t, kv, hd).transpose(2, 0, 1), 1),
-        "layers.attn.wv": (attn + "v_proj.weight", (kv * hd, d), lambda t: _heads(t, kv, hd).transpose(2, 0, 1), 1),
-        "layers.attn.wo": (attn + "o_proj.weight", (d, h * hd), lambda t: t.reshape(d, h, hd).transpose(1, 2, 0),
-                           None),
-        "layers.mlp.w_gate": (L + "mlp.gate_proj.weight", (f, d), lambda t: t.T, None),
-        "layers.mlp.w_up": (L + "mlp.up_proj.weight", (f, d), lambda t: t.T, None),
-        "layers.mlp.w_down": (L + "mlp.down_proj.weight", (d, f), lambda t: t.T, None),
+        "attn_norm.weight": (L + "input_layernorm.weight", (d,), lambda t: t, None),
+        "mlp_norm.weight": (L + "post_attention_layernorm.weight", (d,), lambda t: t, None),
+        "attn.wq": (attn + "q_proj.weight", (h * hd, d), lambda t: _heads(t, h, hd).transpose(2, 0, 1), None),
+        "attn.wk": (attn + "k_proj.weight", (kv * hd, d), lambda t: _heads(t, kv, hd).transpose(2, 0, 1), 1),
+        "attn.wv": (attn + "v_proj.weight", (kv * hd, d), lambda t: _heads(t, kv, hd).transpose(2, 0, 1), 1),
+        "attn.wo": (attn + "o_proj.weight", (d, h * hd), lambda t: t.reshape(d, h, hd).transpose(1, 2, 0), None),
     }
-    if not cfg.tie_word_embeddings:
-        p["lm_head"] = ("lm_head.weight", (v, d), lambda t: t.T, None)
     if cfg.attention_bias:
-        p["layers.attn.bq"] = (attn + "q_proj.bias", (h * hd,), lambda t: t.reshape(h, hd), None)
-        p["layers.attn.bk"] = (attn + "k_proj.bias", (kv * hd,), lambda t: t.reshape(kv, hd), 0)
-        p["layers.attn.bv"] = (attn + "v_proj.bias", (kv * hd,), lambda t: t.reshape(kv, hd), 0)
+        p["attn.bq"] = (attn + "q_proj.bias", (h * hd,), lambda t: t.reshape(h, hd), None)
+        p["attn.bk"] = (attn + "k_proj.bias", (kv * hd,), lambda t: t.reshape(kv, hd), 0)
+        p["attn.bv"] = (attn + "v_proj.bias", (kv * hd,), lambda t: t.reshape(kv, hd), 0)
     if cfg.out_bias:
-        p["layers.attn.bo"] = (attn + "o_proj.bias", (d,), lambda t: t, None)
+        p["attn.bo"] = (attn + "o_proj.bias", (d,), lambda t: t, None)
     if cfg.qk_norm:
-        p["layers.attn.q_norm.weight"] = (attn + "q_norm.weight", (hd,), lambda t: t, None)
-        p["layers.attn.k_norm.weight"] = (attn + "k_norm.weight", (hd,), lambda t: t, None)
-    if cfg.num_local_experts:
-        for k in ("layers.mlp.w_gate", "layers.mlp.w_up", "layers.mlp.w_down"):
-            del p[k]
-        p.update(_experts(cfg, experts))
+        p["attn.q_norm.weight"] = (attn + "q_norm.weight", (hd,), lambda t: t, None)
+        p["attn.k_norm.weight"] = (attn + "k_norm.weight", (hd,), lambda t: t, None)
+    if not kind.moe:
+        p.update({"mlp.w_gate": (L + "mlp.gate_proj.weight", (f, d), lambda t: t.T, None),
+                  "mlp.w_up": (L + "mlp.up_proj.weight", (f, d), lambda t: t.T, None),
+                  "mlp.w_down": (L + "mlp.down_proj.weight", (d, f), lambda t: t.T, None)})
+        return p
+    p.update(_experts(cfg, experts))
     if cfg.shared_expert_intermediate_size:
         fs, m = cfg.shared_expert_intermediate_size, L + "mlp.shared_expert."
-        p.update({"layers.mlp.shared.w_gate": (m + "gate_proj.weight", (fs, d), lambda t: t.T, None),
-                  "layers.mlp.shared.w_up": (m + "up_proj.weight", (fs, d), lambda t: t.T, None),
-                  "layers.mlp.shared.w_down": (m + "down_proj.weight", (d, fs), lambda t: t.T, None),
-                  "layers.mlp.shared_gate": (L + "mlp.shared_expert_gate.weight", (1, d), lambda t: t.T, None)})
+        p.update({"mlp.shared.w_gate": (m + "gate_proj.weight", (fs, d), lambda t: t.T, None),
+                  "mlp.shared.w_up": (m + "up_proj.weight", (fs, d), lambda t: t.T, None),
+                  "mlp.shared.w_down": (m + "down_proj.weight", (d, fs), lambda t: t.T, None),
+                  "mlp.shared_gate": (L + "mlp.shared_expert_gate.weight", (1, d), lambda t: t.T, None)})
+    return p
+
+
+def plan(cfg: ModelConfig, experts: str = "mixtral") -> dict:
+    """jaxpar parameter path -> (HF name template, expected HF shape, view, kv axis, layers): templates with {}
+    are per layer, read for `layers` (the layer indices stacked in the parameter, in order; None otherwise)."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    p = {"embed": ("model.embed_tokens.weight", (v, d), lambda t: t, None, None),
+         "norm.weight": ("model.norm.weight", (d,), lambda t: t, None, None)}
+    if not cfg.tie_word_embeddings:
+        p["lm_head"] = ("lm_head.weight", (v, d), lambda t: t.T, None, None)
+    for g, group in enumerate(layer_groups(cfg)):
+        for u, kind in enumerate(group.unit):
+            layers = tuple(group.layer_index(j, u) for j in range(group.repeats))
+            for name, entry in _block(cfg, kind, experts).items():
+                p[f"group{g}.block{u}.{name}"] = entry + (layers,)
     return p
 
 
@@ -75,23 +85,21 @@ def _experts(cfg: ModelConfig, style: str) -> dict:
     d, f, e = cfg.hidden_size, cfg.expert_ffn, cfg.num_local_experts
     if style == "qwen":
         m = L + "mlp."
-        return {"layers.mlp.router": (m + "gate.weight", (e, d), lambda t: t.T, None),
-                "layers.mlp.w_gate": (m + "experts.{e}.gate_proj.weight", (f, d), lambda t: t.T, None),
-                "layers.mlp.w_up": (m + "experts.{e}.up_proj.weight", (f, d), lambda t: t.T, None),
-                "layers.mlp.w_down": (m + "experts.{e}.down_proj.weight", (d, f), lambda t: t.T, None)}
+        return {"mlp.router": (m + "gate.weight", (e, d), lambda t: t.T, None),
+                "mlp.w_gate": (m + "experts.{e}.gate_proj.weight", (f, d), lambda t: t.T, None),
+                "mlp.w_up": (m + "experts.{e}.up_proj.weight", (f, d), lambda t: t.T, None),
+                "mlp.w_down": (m + "experts.{e}.down_proj.weight", (d, f), lambda t: t.T, None)}
     if style == "fused":
         m = L + "mlp."
-        return {"layers.mlp.router": (m + "gate.weight", (e, d), lambda t: t.T, None),
-                "layers.mlp.w_gate": (m + "experts.gate_up_proj", (e, 2 * f, d),
-                                      lambda t: t[:, :f].transpose(0, 2, 1), None),
-                "layers.mlp.w_up": (m + "experts.gate_up_proj", (e, 2 * f, d),
-                                    lambda t: t[:, f:].transpose(0, 2, 1), None),
-                "layers.mlp.w_down": (m + "experts.down_proj", (e, d, f), lambda t: t.transpose(0, 2, 1), None)}
+        return {"mlp.router": (m + "gate.weight", (e, d), lambda t: t.T, None),
+                "mlp.w_gate": (m + "experts.gate_up_proj", (e, 2 * f, d), lambda t: t[:, :f].transpose(0, 2, 1), None),
+                "mlp.w_up": (m + "experts.gate_up_proj", (e, 2 * f, d), lambda t: t[:, f:].transpose(0, 2, 1), None),
+                "mlp.w_down": (m + "experts.down_proj", (e, d, f), lambda t: t.transpose(0, 2, 1), None)}
     m = L + "block_sparse_moe."
-    return {"layers.mlp.router": (m + "gate.weight", (e, d), lambda t: t.T, None),
-            "layers.mlp.w_gate": (m + "experts.{e}.w1.weight", (f, d), lambda t: t.T, None),
-            "layers.mlp.w_up": (m + "experts.{e}.w3.weight", (f, d), lambda t: t.T, None),
-            "layers.mlp.w_down": (m + "experts.{e}.w2.weight", (d, f), lambda t: t.T, None)}
+    return {"mlp.router": (m + "gate.weight", (e, d), lambda t: t.T, None),
+            "mlp.w_gate": (m + "experts.{e}.w1.weight", (f, d), lambda t: t.T, None),
+            "mlp.w_up": (m + "experts.{e}.w3.weight", (f, d), lambda t: t.T, None),
+            "mlp.w_down": (m + "experts.{e}.w2.weight", (d, f), lambda t: t.T, None)}
 
 
 class Experts:
@@ -105,27 +113,29 @@ class Experts:
         return np.stack([np.asarray(self.views[i][idx[1:]]) for i in range(*idx[0].indices(len(self.views)))])
 
 
-def _names(template: str, layers: int, experts: int = 0) -> list:
-    """Tensor names: one, one per layer, or (for per-expert tensors) a list of expert names per layer."""
+def _names(template: str, layers, experts: int = 0) -> list:
+    """Tensor names: one, one per layer of `layers`, or (for per-expert tensors) a list of expert names per
+    layer."""
     if "{e}" in template:
-        return [[template.format(i, e=e) for e in range(experts)] for i in range(layers)]
-    return [template.format(i) for i in range(layers)] if "{}" in template else [template]
+        return [[template.format(i, e=e) for e in range(experts)] for i in layers]
+    return [template.format(i) for i in layers] if "{}" in template else [template]
 
 
 def _flat(names) -> list[str]:
     return [n for x in names for n in (x if isinstance(x, list) else [x])]
 
 
-def expert_style(files: WeightFiles) -> str:
-    if "model.layers.0.mlp.experts.gate_up_proj" in files:
+def expert_style(files: WeightFiles, cfg: ModelConfig) -> str:
+    first = next((f"model.layers.{i}.mlp." for i in moe_layers(cfg)), "model.layers.0.mlp.")
+    if first + "experts.gate_up_proj" in files:
         return "fused"
-    return "qwen" if "model.layers.0.mlp.experts.0.gate_proj.weight" in files else "mixtral"
+    return "qwen" if first + "experts.0.gate_proj.weight" in files else "mixtral"
 
 
 def check(files: WeightFiles, cfg: ModelConfig, source: str) -> None:
     """Every tensor the config implies is present with the implied shape; else one clear line."""
-    for template, shape, _, _ in plan(cfg, expert_style(files)).values():
-        for name in _flat(_names(template, cfg.num_hidden_layers, cfg.num_local_experts)):
+    for template, shape, _, _, layers in plan(cfg, expert_style(files, cfg)).values():
+        for name in _flat(_names(template, layers, cfg.num_local_experts)):
             if name not in files:
                 raise CheckpointError(f"{source}: weight {name} is missing from the safetensors files")
             if tuple(files.shape(name)) != shape:
@@ -177,12 +187,12 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
     shardings = P.flatten(P.shardings(cfg, layout, kv_repeat))
     shapes = P.flatten(P.shapes(cfg, kv_repeat))
     dtype = np.dtype(cfg.dtype) if cfg.dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
-    todo = plan(cfg, expert_style(files))
+    todo = plan(cfg, expert_style(files, cfg))
     progress = Progress(len(todo))
     out: dict = {}
-    for path, (template, _, view, kv_axis) in todo.items():
+    for path, (template, _, view, kv_axis, layers) in todo.items():
         views = [Experts([view(files.array(x)) for x in n]) if isinstance(n, list) else view(files.array(n))
-                 for n in _names(template, cfg.num_hidden_layers, cfg.num_local_experts)]
+                 for n in _names(template, layers, cfg.num_local_experts)]
         read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, dtype)
         out[path] = jax.make_array_from_callback(shapes[path].shape, shardings[path], read)
         progress.step()

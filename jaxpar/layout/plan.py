@@ -12,6 +12,7 @@ from jaxpar.config import ModelConfig
 from jaxpar.errors import LayoutError
 from jaxpar.layout.mesh_file import MeshConfig
 from jaxpar.layout.rules import Axes, Layout, make_rules, recording_names
+from jaxpar.model.groups import layer_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,11 @@ def check_layout(mesh_cfg: MeshConfig, cfg: ModelConfig) -> int:
         if n % s:
             raise LayoutError(f"{src}: axes {_axes_desc(ax, logical)}: model {field}={n} "
                               f"(logical axis {logical}) is not divisible by {s}")
+    for group in layer_groups(cfg):  # each group's repeats are split over the stages
+        if group.repeats % size("layers"):
+            raise LayoutError(f"{src}: axes {_axes_desc(ax, 'layers')}: the model's layer group {group.describe()} "
+                              f"has {group.repeats} repeats, not divisible by {size('layers')} pipeline stages "
+                              f"(each group's repeats are split over the stages)")
     _check_residual(ax, cfg)
     n_seq = mesh_cfg.size("seq")
     if n_seq > 1:

@@ -1,71 +1,105 @@
-"""A Llama-family decoder, written once. Layers are stacked on a leading `layers` axis and scanned (or
-pipelined over `stage`, parallel/pipeline.py), so the compiled program (and compile time) does not grow with
+"""The decoder, written once: an embedding, a sequence of layer groups (model/groups.py), a final norm and the
+LM head. Each group's layers are stacked on a leading `layers` axis and scanned (or pipelined over `stage`,
+parallel/pipeline.py), so the compiled program (and compile time) grows with the number of groups, not with
 depth."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
-from jaxpar.model.layers import Block, RMSNorm, param
+from jaxpar.model.groups import Group, layer_groups
+from jaxpar.model.layers import Block, RMSNorm, Rows, param
 from jaxpar.model.rope import inv_frequencies, rope_tables
 from jaxpar.parallel.embedding import embed_lookup
 from jaxpar.parallel.pipeline import run_layers
 
 
+class GroupLayers(nnx.Module):
+    """One group's parameters: `block{u}` holds the unit's u-th layer of every repeat, stacked on `layers`."""
+
+    def __init__(self, cfg: ModelConfig, group: Group, kv_heads: int, rngs: nnx.Rngs):
+        self.size = len(group.unit)
+        for u, kind in enumerate(group.unit):
+            setattr(self, f"block{u}", _stacked(cfg, kv_heads, kind, group.repeats, rngs))
+
+    def unit(self, x, rows: Rows, cache):
+        """One repeat of the unit (called on one repeat's parameters): -> (x, cache, stats per position)."""
+        new_cache, stats = [], []
+        for u in range(self.size):
+            x, c, st = getattr(self, f"block{u}")(x, rows, None if cache is None else cache[u])
+            new_cache.append(c)
+            stats.append(st)
+        return x, (None if cache is None else tuple(new_cache)), tuple(stats)
+
+
+def _stacked(cfg: ModelConfig, kv_heads: int, kind, repeats: int, rngs: nnx.Rngs) -> Block:
+    """`repeats` Blocks of one kind, their parameters stacked on a leading `layers` axis."""
+    @nnx.split_rngs(splits=repeats)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return Block(cfg, kv_heads, kind, r)
+    return make(rngs)
+
+
 class Decoder(nnx.Module):
     """`kv_repeat` > 1 stores each kv head that many times, so kv heads can be split over more devices than
-    the model has kv heads (GQA/MQA under wide tensor parallelism)."""
+    the model has kv heads (GQA/MQA under wide tensor parallelism). split: every layer its own group (the
+    form CPU runs use, model/groups.py)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kv_repeat: int = 1):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kv_repeat: int = 1, split: bool = False):
         self.cfg = cfg
         self.kv_repeat = kv_repeat
+        self.layer_groups = layer_groups(cfg, split)
         dt = cfg.dtype
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
-
-        @nnx.split_rngs(splits=cfg.num_hidden_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_layers(r):
-            return Block(cfg, cfg.kv_heads * kv_repeat, r)
-
-        self.layers = make_layers(rngs)
+        for g, group in enumerate(self.layer_groups):
+            setattr(self, f"group{g}", GroupLayers(cfg, group, cfg.kv_heads * kv_repeat, rngs))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), dt, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
-    def __call__(self, tokens, positions, valid=None, cache=None, pages=None, paged=False, router_aux=False,
-                 layers=None):
-        """tokens, positions [B, S] -> hidden [B, S, embed] (before the final norm), the cache, statistics.
+    def __call__(self, tokens, positions, valid=None, cache=None, pages=None, paged=False, router_aux=False):
+        """tokens, positions [B, S] -> (hidden [B, S, embed] before the final norm, the cache, statistics).
 
-        cache None: plain causal forward. cache: the KV pools (k, v) [layers, pages, page_size, kv_heads,
-        head_dim] (parallel/paged.py); pages: {"table": [B, nb] each row's pages, and for paged=False
-        "positions", "valid" [B, S]: the chunk's, whole (not split over seq)}; paged=False: the first chunk of
-        prompts (positions start at 0), paged=True: tokens attending over what the pages hold (decode, later
-        prompt chunks). Under a `seq` axis a prompt's sequence is in the zigzag order (parallel/zigzag.py)
-        and positions say which position each index holds. valid [B,S] marks real tokens (default all):
-        only they are written to the cache and routed by mixture-of-experts layers. stats: per-layer expert
-        statistics stacked on a leading layers axis ({} for a dense model).
-
-        layers: per-layer parameter dicts (the unrolled form, engine/params.unstack), used in place of the
-        stacked `self.layers`; the cache is then a list of per-layer (k, v)."""
+        cache None: a plain causal forward. cache: per group, per unit position, the (k, v) pools
+        [repeats, pages, page_size, kv_heads, head_dim] (parallel/paged.py); pages and paged: see `Rows`. Under
+        a `seq` axis a prompt's sequence is in the zigzag order (parallel/zigzag.py) and positions say which
+        position each index holds. valid [B, S] marks real tokens (default all). stats: the mixture-of-experts
+        layers' statistics, one row per MoE layer in layer order ({} for a dense model)."""
         cfg = self.cfg
         x = constrain(embed_lookup(self.embed[...], tokens), ("batch", "residual_seq", "embed"))
-        cos, sin = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
-        graph, state = nnx.split(self.layers)
-        rows = {"cos": cos, "sin": sin, "positions": positions,
-                "valid": jnp.ones(tokens.shape, bool) if valid is None else valid}
-        if pages is not None:
-            rows["pages"] = pages
+        tables = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
+        rows = Rows(positions, jnp.ones(tokens.shape, bool) if valid is None else valid,
+                    {"full": tables, "sliding": tables}, pages, paged, router_aux)
+        caches, stats = [], []
+        for g, group in enumerate(self.layer_groups):
+            graph, state = nnx.split(getattr(self, f"group{g}"))
 
-        def layer(h, layer_state, layer_cache, rows, extra):
-            return nnx.merge(graph, layer_state)(h, rows["cos"], rows["sin"], rows["positions"], rows["valid"],
-                                                 layer_cache, rows.get("pages"), paged, router_aux)
+            def unit(h, unit_state, unit_cache, rows, graph=graph):
+                return nnx.merge(graph, unit_state).unit(h, rows, unit_cache)
+            x, c, st = run_layers(unit, state, x, rows, None if cache is None else cache[g])
+            x = _after(x, st)
+            caches.append(c)
+            stats.append(st)
+        return x, (None if cache is None else tuple(caches)), self._layer_order(stats)
 
-        if layers is not None:
-            state = [_state_of(state, d) for d in layers]
-        return run_layers(layer, state, x, rows, cache, {})
+    def _layer_order(self, stats: list) -> dict:
+        """Per group and unit position statistics [repeats, ...] -> one row per MoE layer, in layer order."""
+        rows, index = [], []
+        for group, per_position in zip(self.layer_groups, stats):
+            for u, st in enumerate(per_position):
+                if st:
+                    rows.append(st)
+                    index += [group.layer_index(j, u) for j in range(group.repeats)]
+        if not rows:
+            return {}
+        order = np.argsort(index)
+        cat = {k: jnp.concatenate([r[k] for r in rows]) for k in rows[0]}
+        return cat if (order == np.arange(len(order))).all() else {k: v[order] for k, v in cat.items()}
 
     def logits(self, h):
         """Final norm and LM head; logits are vocab-sharded, float32."""
@@ -77,8 +111,12 @@ class Decoder(nnx.Module):
         return constrain(out, ("batch", "seq", "vocab"))
 
 
-def _state_of(template, values: dict):
-    """An nnx State shaped like `template` (the stacked layers' state) holding one layer's arrays."""
-    st = jax.tree.map(lambda x: x, template)
-    nnx.replace_by_pure_dict(st, values)
-    return st
+def _after(x, stats):
+    """x, made to depend on a group's statistics without changing its value (x + 0 * sum: XLA folds 0 * a only
+    for integers, since 0 * inf is NaN). Without it the statistics all-reduces of groups applied one after
+    another (the split form) are independent of one another, and XLA combines them into one; an optimisation
+    barrier does not stop that on XLA:CPU. It keeps one set of collectives per layer, as the planner counts."""
+    leaves = jax.tree.leaves(stats)
+    if not leaves:
+        return x
+    return x + (0.0 * sum(jnp.sum(a) for a in leaves)).astype(x.dtype)

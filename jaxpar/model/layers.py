@@ -1,6 +1,9 @@
 """The decoder block's parts, in Flax NNX. Parameters carry logical axis names only."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -8,6 +11,7 @@ from flax import nnx
 from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
 from jaxpar.model.attend import AttentionSpec
+from jaxpar.model.groups import LayerKind
 from jaxpar.model.rope import apply_rope
 from jaxpar.parallel.attention import prefill_attention
 from jaxpar.parallel.paged import paged_attention, write_pages
@@ -15,6 +19,26 @@ from jaxpar.parallel.experts import expert_ffn, top_k_per_token
 from jaxpar.parallel.seq_parallel import row_parallel
 
 INIT = nnx.initializers.normal(0.02)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rows:
+    """What every layer reads besides its input, one row per sequence (leading batch axis on every array, so a
+    pipeline cuts it into microbatches).
+
+    positions, valid [B, S]: each token's position and whether it is real (only real tokens are written to the
+    cache and routed by mixture-of-experts layers). rope: (cos, sin) tables per attention kind ("full",
+    "sliding"). pages: None (no cache), or the page tables {"table": [B, nb]} and, for a first chunk, the whole
+    chunk's "positions" and "valid" [B, S] (not split over seq) for the page writes. paged: tokens attend over
+    what the pages hold (decode, later chunks of a prompt) rather than through the prefill kernels.
+    router_aux: mixture-of-experts layers also report their load-balancing loss."""
+    positions: Any
+    valid: Any
+    rope: dict
+    pages: Any = None
+    paged: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    router_aux: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def param(rngs, shape, names, dtype, init=INIT):
@@ -35,7 +59,7 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Column-parallel Q/K/V (heads sharded), row-parallel O: one all-reduce after O under tensor parallelism."""
 
-    def __init__(self, cfg: ModelConfig, kv_heads: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, kv_heads: int, sliding: bool, rngs: nnx.Rngs):
         d, h, hd, dt = cfg.hidden_size, cfg.num_attention_heads, cfg.head_size, cfg.dtype
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt)
         self.wk = param(rngs, (d, kv_heads, hd), ("embed", "kv_heads", "head_dim"), dt)
@@ -50,17 +74,18 @@ class Attention(nnx.Module):
         self.out_bias = cfg.out_bias
         if self.out_bias:
             self.bo = param(rngs, (d,), ("embed",), dt, zeros)
-        self.spec = AttentionSpec(window=cfg.sliding_window)
+        self.rope = "sliding" if sliding else "full"
+        self.spec = AttentionSpec(window=cfg.sliding_window if sliding else None)
         self.qk_norm = cfg.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
 
-    def __call__(self, x, cos, sin, positions, valid, cache=None, pages=None, paged=False):
-        """Attention over positions [B,S]. cache None: a plain causal forward. cache (k, v) pools and pages (the
-        rows' page tables [B, nb], and the whole chunk's positions and valid flags [B, S], not split over seq):
-        paged=False, the first chunk of prompts (the prefill kernels, then their K/V written to pages);
-        paged=True, tokens that attend over what the pages already hold (decode, later chunks of a prompt)."""
+    def __call__(self, x, rows: Rows, cache=None):
+        """cache None: a plain causal forward. cache: this layer's (k, v) pools; rows.paged False: the first
+        chunk of prompts (the prefill kernels, then their K/V written to pages); True: tokens that attend over
+        what the pages already hold (decode, later chunks of a prompt)."""
+        cos, sin = rows.rope[self.rope]
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...])
         k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...])
         v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...])
@@ -71,10 +96,11 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        if paged:
-            out, cache = paged_attention(q, k, v, cache, pages["table"], positions, valid, self.spec)
+        pages = rows.pages
+        if rows.paged:
+            out, cache = paged_attention(q, k, v, cache, pages["table"], rows.positions, rows.valid, self.spec)
         else:
-            out = prefill_attention(q, k, v, positions, self.spec)
+            out = prefill_attention(q, k, v, rows.positions, self.spec)
             if cache is not None:
                 cache = write_pages(cache, k, v, pages["table"], pages["positions"], pages["valid"])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
@@ -146,18 +172,21 @@ class MoE(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, kv_heads: int, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
-        self.attn = Attention(cfg, kv_heads, rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
-        self.mlp = MoE(cfg, rngs) if cfg.num_local_experts else MLP(cfg, rngs)
+    """One decoder layer of a given kind (model/groups.py): its attention slides or not, its feed-forward is
+    dense or a mixture of experts."""
 
-    def __call__(self, x, cos, sin, positions, valid, cache=None, pages=None, paged=False, router_aux=False):
+    def __init__(self, cfg: ModelConfig, kv_heads: int, kind: LayerKind, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
+        self.attn = Attention(cfg, kv_heads, kind.sliding, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
+        self.mlp = MoE(cfg, rngs) if kind.moe else MLP(cfg, rngs)
+
+    def __call__(self, x, rows: Rows, cache=None):
         """-> (x, cache, stats); stats: the MoE layer's load statistics ({} for a dense MLP)."""
-        a, cache = self.attn(self.attn_norm(x), cos, sin, positions, valid, cache, pages, paged)
+        a, cache = self.attn(self.attn_norm(x), rows, cache)
         x = x + a
         if isinstance(self.mlp, MoE):
-            m, stats = self.mlp(self.mlp_norm(x), valid, router_aux)
+            m, stats = self.mlp(self.mlp_norm(x), rows.valid, rows.router_aux)
         else:
             m, stats = self.mlp(self.mlp_norm(x)), {}
         x = x + m

@@ -1,13 +1,16 @@
-"""The stack of layers, run either as one scan or pipelined over the `stage` axis in the same SPMD program.
+"""A group of layers (model/groups.py), run as one scan or pipelined over the `stage` axis in the same SPMD
+program.
 
-Pipeline (GPipe schedule, for prefill and decode alike): the stacked layers are split over `stage` (each
-device holds L/P consecutive layers and their KV cache), the batch is cut into M microbatches (microbatch m
-holds rows m, m+M, m+2M, ...), and the program runs M+P-1 ticks. At tick t stage s works on microbatch
+Pipeline (GPipe schedule, for prefill and decode alike): a group's stacked repeats are split over `stage` (each
+device holds R/P consecutive repeats and their KV cache; the groups go through the stages in turn), the batch
+is cut into M microbatches (microbatch m holds rows m, m+M, m+2M, ...), and the program runs M+P-1 ticks. At tick t stage s works on microbatch
 t-s when 0 <= t-s < M (otherwise it idles: the P-1 fill and drain ticks of the bubble, (P-1)/(M+P-1) of
 the time); then every stage hands its activations to the next with one `ppermute`. Stage 0 takes
 microbatch t from the input; the last stage's results are gathered once at the end. Only activations move
 between stages, never weights."""
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,48 +19,31 @@ from jax.sharding import PartitionSpec as P
 from jaxpar.layout.rules import active
 
 
-def run_layers(layer, state, x, rows, cache, extra):
-    """Apply every layer to x [B, S, D].
+def run_layers(layer, state, x, rows, cache):
+    """Apply a group's repeats to x [B, S, D].
 
-    layer(h, layer_state, layer_cache, rows, extra) -> (h, layer_cache, stats) applies one layer;
-    state: the stacked layer parameters (leading layers axis); rows: a pytree of per-row inputs (leading
-    batch axis); cache: the KV pools (leading layers axis) or None; extra: inputs every
-    row shares. Returns (x, cache, stats) with stats stacked over layers.
+    layer(h, unit_state, unit_cache, rows) -> (h, unit_cache, stats) applies one repeat of the group's unit;
+    state: the group's parameters (leading layers axis, one entry per repeat); rows: per-row inputs (leading
+    batch axis, model/layers.Rows); cache: the group's KV pools (leading layers axis) or None. Returns
+    (x, cache, stats) with stats stacked over repeats.
 
-    state as a list of per-layer states (and cache as a list of per-layer caches): the layers are applied
-    one after another in the program (unrolled), so each layer's weights are read where they lie. XLA:CPU
-    copies the slice of stacked weights a scan step takes, tripling the bytes a decode step moves. Each layer's
-    statistics feed the next layer's input (_after), so the program keeps the scan's collectives, one set per
-    layer."""
-    if isinstance(state, list):
-        stats = []
-        new_cache = []
-        for i, layer_state in enumerate(state):
-            x, layer_cache, st = layer(x, layer_state, None if cache is None else cache[i], rows, extra)
-            x = _after(x, st)
-            new_cache.append(layer_cache)
-            stats.append(st)
-        return x, (None if cache is None else new_cache), jax.tree.map(lambda *a: jnp.stack(a), *stats)
+    One repeat (the split form, model/groups.py) is applied directly to its parameters, so its weights are
+    read where they lie; several are scanned, or pipelined under a `layers` axis."""
     lay = active()
-    if lay is None or lay.size("layers") == 1:
-        def body(h, xs):
-            layer_state, layer_cache = xs
-            h, layer_cache, stats = layer(h, layer_state, layer_cache, rows, extra)
-            return h, (layer_cache, stats)
-        x, (cache, stats) = jax.lax.scan(body, x, (state, cache))
-        return x, cache, stats
-    return _pipeline(layer, state, x, rows, cache, extra, lay)
+    if lay is not None and lay.size("layers") > 1:
+        return _pipeline(layer, state, x, rows, cache, lay)
+    if jax.tree.leaves(state)[0].shape[0] == 1:
+        first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
+        x, cache, stats = layer(x, first(state), None if cache is None else first(cache), rows)
+        again = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
+        return x, (None if cache is None else again(cache)), again(stats)
 
-
-def _after(x, stats):
-    """x, made to depend on this layer's statistics without changing its value (x + 0 * sum: XLA folds
-    0 * a only for integers, since 0 * inf is NaN). Without it, the unrolled layers' statistics all-reduces
-    are independent of one another and XLA combines them into one; an optimisation barrier does not stop
-    that on XLA:CPU."""
-    leaves = jax.tree.leaves(stats)
-    if not leaves:
-        return x
-    return x + (0.0 * sum(jnp.sum(a) for a in leaves)).astype(x.dtype)
+    def body(h, xs):
+        unit_state, unit_cache = xs
+        h, unit_cache, stats = layer(h, unit_state, unit_cache, rows)
+        return h, (unit_cache, stats)
+    x, (cache, stats) = jax.lax.scan(body, x, (state, cache))
+    return x, cache, stats
 
 
 def _microbatches(tree, m):
@@ -65,20 +51,20 @@ def _microbatches(tree, m):
     return jax.tree.map(lambda a: a.reshape((a.shape[0] // m, m) + a.shape[1:]), tree)
 
 
-def _pipeline(layer, state, x, rows, cache, extra, lay):
+def _pipeline(layer, state, x, rows, cache, lay):
     axis = lay.axes("layers")
     p = lay.size("layers")
     m = lay.microbatches
 
-    def local(state, x, rows, cache, extra):
+    def local(state, x, rows, cache):
         s = jax.lax.axis_index(axis)
         xs, rs = _microbatches(x, m), _microbatches(rows, m)
 
         def stack(h, mb, cache_mb, valid):
             def body(h, xs):
                 layer_state, layer_cache = xs
-                h, layer_cache, stats = layer(h, layer_state, layer_cache, {**mb, "valid": mb["valid"] & valid},
-                                              extra)
+                h, layer_cache, stats = layer(h, layer_state, layer_cache,
+                                              dataclasses.replace(mb, valid=mb.valid & valid))
                 return h, (layer_cache, stats)
             return jax.lax.scan(body, h, (state, cache_mb))
 
@@ -105,6 +91,6 @@ def _pipeline(layer, state, x, rows, cache, extra, lay):
         return out.reshape(x.shape), cs, acc
 
     staged = P(axis if len(axis) > 1 else axis[0])
-    return jax.shard_map(local, mesh=lay.mesh, in_specs=(staged, P(), P(), staged, P()),
+    return jax.shard_map(local, mesh=lay.mesh, in_specs=(staged, P(), P(), staged),
                          out_specs=(P(), staged, staged), axis_names=frozenset(axis),
-                         check_vma=False)(state, x, rows, cache, extra)
+                         check_vma=False)(state, x, rows, cache)

@@ -57,16 +57,16 @@ def upcycle(dense: dict, moe: dict, noise: float, seed: int) -> dict:
     sum to 1 and noise 0 the upcycled model computes exactly the dense one."""
     import numpy as np
     rng = np.random.RandomState(seed)
-    out = {k: v for k, v in dense.items() if k != "layers"}
-    layers = {k: v for k, v in dense["layers"].items() if k != "mlp"}
-    mlp = {"router": moe["layers"]["mlp"]["router"]}
+    out = {k: v for k, v in dense.items() if k != "group0"}  # both models: one group of identical layers
+    block = {k: v for k, v in dense["group0"]["block0"].items() if k != "mlp"}
+    mlp = {"router": moe["group0"]["block0"]["mlp"]["router"]}
     for name in ("w_gate", "w_up", "w_down"):
-        w = np.asarray(dense["layers"]["mlp"][name])  # [layers, ...]
-        e = moe["layers"]["mlp"][name].shape[1]
+        w = np.asarray(dense["group0"]["block0"]["mlp"][name])  # [layers, ...]
+        e = moe["group0"]["block0"]["mlp"][name].shape[1]
         stacked = np.repeat(w[:, None], e, axis=1)
         mlp[name] = (stacked + noise * w.std() * rng.standard_normal(stacked.shape)).astype(w.dtype)
-    layers["mlp"] = mlp
-    out["layers"] = layers
+    block["mlp"] = mlp
+    out["group0"] = {"block0": block}
     return out
 
 

@@ -1,0 +1,94 @@
+"""Layer groups: the decoder as a sequence of groups, each a unit of layers repeated some number of times.
+
+Every layer has a kind (does its attention slide, is its feed-forward a mixture of experts). Consecutive layers
+that repeat one unit of kinds form a group: its parameters are stacked per unit position on a leading `layers`
+axis of length `repeats`, and the group is scanned over its repeats (or pipelined over `stage`). Today's
+homogeneous models are one group with a one-layer unit; DeepSeek-style models (dense first layers) are a dense
+group then an MoE group; alternating sliding/full attention (gpt-oss, Gemma) is one group whose unit is the
+pattern.
+
+The same mechanism gives the split form CPU runs use: every layer its own group of one repeat, applied one
+after another, so each layer's weights are read where they lie (XLA:CPU copies the slice of stacked weights a
+scan step takes). `regroup` (engine/params.py) moves parameters between the two groupings."""
+from __future__ import annotations
+
+import dataclasses
+
+from jaxpar.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    sliding: bool  # attends within cfg.sliding_window (else to every earlier position)
+    moe: bool  # a mixture-of-experts feed-forward (else dense)
+
+    def describe(self) -> str:
+        return f"{'sliding' if self.sliding else 'full'}/{'moe' if self.moe else 'dense'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    unit: tuple  # LayerKind per position of the repeating unit
+    repeats: int
+    first: int  # index of the group's first layer
+
+    @property
+    def layers(self) -> int:
+        return len(self.unit) * self.repeats
+
+    def layer_index(self, repeat: int, position: int) -> int:
+        return self.first + repeat * len(self.unit) + position
+
+    def describe(self) -> str:
+        unit = " + ".join(k.describe() for k in self.unit)
+        return f"layers {self.first}-{self.first + self.layers - 1}: ({unit}) x {self.repeats}"
+
+
+def layer_kinds(cfg: ModelConfig) -> tuple:
+    """Each layer's kind, from `layer_types` (which layers slide; without it every layer slides when
+    sliding_window is set) and `mlp_only_layers` (the dense layers of a mixture-of-experts model)."""
+    n = cfg.num_hidden_layers
+    if cfg.layer_types is not None:
+        sliding = [t == "sliding_attention" for t in cfg.layer_types]
+    else:
+        sliding = [cfg.sliding_window is not None] * n
+    dense = set(cfg.mlp_only_layers or ())
+    return tuple(LayerKind(sliding[i], bool(cfg.num_local_experts) and i not in dense) for i in range(n))
+
+
+def _repeats(kinds: tuple, start: int, p: int) -> int:
+    """How many times the unit kinds[start:start+p] repeats from `start` on."""
+    unit, r = kinds[start:start + p], 1
+    while kinds[start + r * p:start + (r + 1) * p] == unit:
+        r += 1
+    return r
+
+
+def layer_groups(cfg: ModelConfig, split: bool = False) -> tuple:
+    """The decoder's groups: the grouping with the fewest distinct blocks (the sum of the unit lengths, which is
+    what the compiled program's size follows), then the fewest groups. split: every layer its own group."""
+    kinds = layer_kinds(cfg)
+    n = len(kinds)
+    if split:
+        return tuple(Group((k,), 1, i) for i, k in enumerate(kinds))
+    best: list = [None] * n + [((0, 0), ())]  # from layer i on: ((blocks, groups), groups)
+    for i in range(n - 1, -1, -1):
+        for p in range(1, n - i + 1):
+            for r in range(1, _repeats(kinds, i, p) + 1):
+                (blocks, count), rest = best[i + p * r]
+                cand = ((blocks + p, count + 1), (Group(kinds[i:i + p], r, i),) + rest)
+                if best[i] is None or cand[0] < best[i][0]:
+                    best[i] = cand
+    return best[0][1]
+
+
+def moe_layers(cfg: ModelConfig) -> tuple:
+    """Indices of the mixture-of-experts layers, in order (the rows of the expert statistics)."""
+    return tuple(i for i, k in enumerate(layer_kinds(cfg)) if k.moe)
+
+
+def shared_window(cfg: ModelConfig) -> int | None:
+    """The window when every layer slides (then a request's pages behind it can be given back: serving keeps one
+    page table for all layers), else None."""
+    kinds = layer_kinds(cfg)
+    return cfg.sliding_window if kinds and all(k.sliding for k in kinds) else None
