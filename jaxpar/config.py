@@ -12,6 +12,7 @@ import yaml
 from jaxpar.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -41,7 +42,18 @@ class ModelConfig:
     moe_intermediate_size: int | None = None
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1 (Mixtral: always)
     shared_expert_intermediate_size: int | None = None  # Qwen2-MoE: an always-on expert, sigmoid-gated
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"  # the gated FFN's activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
+    query_pre_attn_scalar: float | None = None  # scores scale by query_pre_attn_scalar ** -0.5 (Gemma); None:
+    # head_dim ** -0.5
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    rope_local_base_freq: float | None = None  # sliding layers' rope base, without scaling (Gemma 3)
+    # Gemma's normalisation, not Hugging Face fields (implied by the architecture): RMSNorm weights are offsets
+    # from 1 (scale by 1 + w), attention and FFN outputs are normalised again before the residual add
+    # (sandwich norms), and embeddings are scaled by sqrt(hidden_size)
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    scale_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -143,8 +155,20 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
             raise ConfigError(f"{source}: field {name} must be a positive number, got {v!r}")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"{source}: field dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.hidden_act not in ("silu", "swish"):
-        raise ConfigError(f"{source}: field hidden_act {cfg.hidden_act!r} is not supported (silu only)")
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ConfigError(f"{source}: field hidden_act {cfg.hidden_act!r} is not supported "
+                          f"({', '.join(ACTIVATIONS)})")
+    for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                 "rope_local_base_freq"):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or v <= 0):
+            raise ConfigError(f"{source}: field {name} must be a positive number, got {v!r}")
+    if cfg.norm_offset not in (0, 1, 0.0, 1.0):
+        raise ConfigError(f"{source}: field norm_offset must be 0 or 1, got {cfg.norm_offset!r}")
+    for name in ("sandwich_norms", "scale_embeddings"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{source}: field {name} must be true or false, got {getattr(cfg, name)!r}")
     h, kv = cfg.num_attention_heads, cfg.kv_heads
     if h % kv:
         raise ConfigError(f"{source}: num_attention_heads={h} is not a multiple of num_key_value_heads={kv}")

@@ -36,8 +36,34 @@ VARIANTS = {  # name: (config class, model class, overrides)
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
                                                                  moe_intermediate_size=32, head_dim=16,
                                                                  norm_topk_prob=True)),
+    # layer groups: full then sliding layers; dense and MoE layers alternating; a dense first layer
+    "qwen2_mixed_window": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_hidden_layers=4, use_sliding_window=True,
+                                                                   sliding_window=5, max_window_layers=2)),
+    "qwen2_moe_sparse_step": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                              dict(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=48, decoder_sparse_step=2)),
+    "qwen3_moe_dense_first": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                              dict(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   head_dim=16, mlp_only_layers=[0])),
+    # Gemma: sliding/full patterns with a window (7) shorter than TOKENS, a query scale other than head_dim's,
+    # soft-capping small enough to bite (Gemma 2), and two rope bases with linear scaling on full layers (Gemma 3)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(num_hidden_layers=4, head_dim=8, sliding_window=7, query_pre_attn_scalar=16,
+                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(num_hidden_layers=6, head_dim=8, sliding_window=7, query_pre_attn_scalar=16,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
-MOE_VARIANTS = ["mixtral_experts", "qwen2_moe_shared", "qwen3_moe"]
+MOE_VARIANTS = ["mixtral_experts", "qwen2_moe_shared", "qwen3_moe", "qwen2_moe_sparse_step", "qwen3_moe_dense_first"]
+GROUPED = {  # variants with several layer kinds: their groups, as model/groups.py forms them
+    "qwen2_mixed_window": ["layers 0-1: (full/dense) x 2", "layers 2-3: (sliding/dense) x 2"],
+    "qwen2_moe_sparse_step": ["layers 0-3: (full/dense + full/moe) x 2"],
+    "qwen3_moe_dense_first": ["layers 0-0: (full/dense) x 1", "layers 1-3: (full/moe) x 3"],
+    "gemma2": ["layers 0-3: (sliding/dense + full/dense) x 2"],
+    "gemma3": ["layers 0-5: (sliding/dense + sliding/dense + full/dense) x 2"],
+}
 MESHES = ["single", "tp2", "dp2_tp4", "tp8"]  # tp8: kv heads replicated 4x (8x for MQA); tp4 as tp2 and tp8
 TOKENS = np.random.RandomState(0).randint(3, 128, (3, 24))
 
@@ -93,7 +119,7 @@ def test_logits_match_transformers_on_every_mesh(hf_models, name):
 
 
 @pytest.mark.parametrize("name", ["llama_gqa_llama3", "llama_mqa_tied", "qwen2_qkv_bias", "qwen3_qk_norm",
-                                  "mixtral_experts", "mistral_window"])
+                                  "mixtral_experts", "mistral_window", "gemma2", "gemma3", "qwen2_moe_sparse_step"])
 def test_greedy_continuations_equal_transformers_generate(hf_models, name):
     d, model = hf_models[name]
     model.generation_config.eos_token_id = None
@@ -123,6 +149,44 @@ def test_sliding_window_matches_transformers_on_sequence_and_pipeline_meshes(hf_
         eng = load(mesh, hf=d)
         assert np.abs(eng.logits(TOKENS) - ref).max() <= 1e-4, mesh
         assert eng.generate_tokens([list(TOKENS[0])], max_new_tokens=10, stop_at_eos=False) == [want], mesh
+
+
+@pytest.mark.parametrize("name", GROUPED)
+def test_layer_groups_match_transformers_on_sequence_and_pipeline_meshes(hf_models, name):
+    """Models mixing layer kinds form the groups model/groups.py promises, and give transformers' logits under
+    ring and Ulysses prefill, and pipeline stages (each group's repeats split over the stages) or a refusal
+    that names the group."""
+    d, model = hf_models[name]
+    from jaxpar.model.groups import layer_groups
+    assert [g.describe() for g in layer_groups(read_hf_config(d))] == GROUPED[name]
+    ref = reference_logits(model, TOKENS)
+    for mesh in ("sp4", "sp4_ulysses", "pp2"):
+        if name == "qwen3_moe_dense_first" and mesh == "pp2":
+            with pytest.raises(jaxpar.JaxparError, match=r"layers 0-0: \(full/dense\) x 1 has 1 repeats, not "
+                                                         r"divisible by 2 pipeline stages"):
+                load(mesh, hf=d)
+            continue
+        assert np.abs(load(mesh, hf=d).logits(TOKENS) - ref).max() <= 1e-4, (name, mesh)
+
+
+def test_gemma_features_change_the_answer(hf_models, tmp_path):
+    """Each Gemma feature the parity tests rely on really changes the logits, so those tests can fail: the
+    soft-caps, the query scale, the (1 + w) norms' offset and the local rope base."""
+    d, model = hf_models["gemma2"]
+    ref = reference_logits(model, TOKENS)
+    for field, value in (("attn_logit_softcapping", None), ("final_logit_softcapping", None),
+                         ("query_pre_attn_scalar", 8)):
+        alt = tmp_path / f"gemma2_{field}"
+        shutil.copytree(d, alt)
+        _edit_config(str(alt), **{field: value})
+        assert np.abs(load("single", hf=str(alt)).logits(TOKENS) - ref).max() > 1e-2, field
+    d3, model3 = hf_models["gemma3"]
+    alt = tmp_path / "gemma3_one_base"
+    shutil.copytree(d3, alt)
+    rp = json.load(open(alt / "config.json"))["rope_parameters"]
+    rp["sliding_attention"]["rope_theta"] = rp["full_attention"]["rope_theta"]
+    _edit_config(str(alt), rope_parameters=rp)
+    assert np.abs(load("single", hf=str(alt)).logits(TOKENS) - reference_logits(model3, TOKENS)).max() > 1e-2
 
 
 def test_window_changes_the_answer(hf_models, tmp_path):
@@ -318,17 +382,19 @@ BAD = {
     "shape_vs_config": (_config_disagrees, ["model.layers.0.mlp.gate_proj.weight", "[96, 64]", "[128, 64]"]),
     "missing_config": (lambda d: os.remove(os.path.join(d, "config.json")), ["no config.json"]),
     "unknown_arch": (_arch("GPT2LMHeadModel"), ["GPT2LMHeadModel", "not supported"]),
-    "moe_partly_dense": (lambda d: _edit_config(d, architectures=["Qwen2MoeForCausalLM"], decoder_sparse_step=2),
-                         ["decoder_sparse_step=2", "not supported"]),
+    "bad_sparse_step": (lambda d: _edit_config(d, architectures=["Qwen2MoeForCausalLM"], decoder_sparse_step=0,
+                                               num_experts=4, num_experts_per_tok=2),
+                        ["decoder_sparse_step must be a positive integer"]),
+    "softcap_on_mistral": (lambda d: _edit_config(d, attn_logit_softcapping=50.0),
+                           ["attn_logit_softcapping is set", "Gemma only"]),
     "missing_dir": (lambda d: shutil.rmtree(d), ["not found"]),
     "config_is_a_list": (_json_list("config.json"), ["config.json", "expected a JSON object"]),
     "generation_config_is_a_list": (_json_list("generation_config.json"), ["generation_config.json", "JSON object"]),
     "tokenizer_config_broken": (lambda d: open(os.path.join(d, "tokenizer_config.json"), "w").write("{"),
                                 ["tokenizer_config.json", "not valid JSON"]),
-    "mixed_sliding_layers": (lambda d: _edit_config(d, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
-                                                    sliding_window=5, layer_types=["full_attention",
-                                                                                   "sliding_attention"]),
-                             ["use_sliding_window makes 1 of 2 layers sliding", "not supported"]),
+    "layer_types_too_short": (lambda d: _edit_config(d, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
+                                                     sliding_window=5, layer_types=["full_attention"]),
+                              ["layer_types must list one type per layer (2)"]),
     "unknown_field": (lambda d: _edit_config(d, attention_temperature=0.5),
                       ["attention_temperature", "unknown to jaxpar for MistralForCausalLM"]),
     "quantized": (lambda d: _edit_config(d, quantization_config={"quant_method": "gptq"}),
@@ -340,25 +406,32 @@ BAD = {
 def test_every_field_transformers_writes_is_read_or_deliberately_ignored(arch, tmp_path):
     """The whole config transformers holds for each supported architecture (every default written, not only
     what differs) is accepted: no field a real checkpoint carries is refused as unknown."""
-    cfg = getattr(transformers, arch.replace("ForCausalLM", "Config"))().to_dict()
+    cls = {"Gemma3ForCausalLM": "Gemma3TextConfig"}.get(arch, arch.replace("ForCausalLM", "Config"))
+    cfg = getattr(transformers, cls)().to_dict()
     cfg["architectures"] = [arch]
     json.dump(cfg, open(tmp_path / "config.json", "w"))
     assert read_hf_config(str(tmp_path)).num_hidden_layers == cfg["num_hidden_layers"]
 
 
 MOE = {"num_experts": 4, "num_experts_per_tok": 2}
-WINDOW_RULES = [  # (architecture, config.json fields beyond the sizes, the window jaxpar runs, or the refusal)
+S, F = "sliding_attention", "full_attention"
+WINDOW_RULES = [  # (architecture, config.json fields beyond the sizes, the window jaxpar runs (with the layer types
+    # when only some layers slide), or the refusal)
     ("MistralForCausalLM", {}, 4096),  # transformers' default when the field is left out
     ("MistralForCausalLM", {"sliding_window": None}, None),
     ("MixtralForCausalLM", {}, None),
     ("Qwen2ForCausalLM", {"sliding_window": 5}, None),  # no use_sliding_window: full attention
     ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 5}, None),  # max_window_layers 28 > 4
     ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}, 5),
-    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2}, "2 of 4 layers"),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2}, (5, [F, F, S, S])),
     ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": None}, "max_window_layers must be"),
     ("Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}, 5),
     ("Qwen3MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 4, **MOE}, 5),
-    ("Qwen2MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 5, **MOE}, "2 of 4 layers"),  # even
+    ("Qwen2MoeForCausalLM", {"use_sliding_window": True, "sliding_window": 5, **MOE}, (5, [S, F, S, F])),  # even
+    ("Gemma2ForCausalLM", {}, (4096, [S, F, S, F])),
+    ("Gemma3ForCausalLM", {"num_hidden_layers": 7}, (4096, [S, S, S, S, S, F, S])),  # every 6th layer is full
+    ("Gemma3ForCausalLM", {"sliding_window_pattern": 2}, (4096, [S, F, S, F])),
+    ("Gemma3ForCausalLM", {"use_bidirectional_attention": True}, "bidirectional attention is not supported"),
     ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 5,
                           "layer_types": ["sliding_attention"] * 4}, 5),
 ]
@@ -367,15 +440,36 @@ WINDOW_RULES = [  # (architecture, config.json fields beyond the sizes, the wind
 @pytest.mark.parametrize("arch,fields,want", WINDOW_RULES)
 def test_sliding_window_rules_follow_transformers(arch, fields, want, tmp_path):
     """Which layers slide is decided per architecture as transformers decides it (its defaults for fields left
-    out, Qwen2-MoE's even layers, Qwen3-MoE's every layer); a mix of sliding and full layers is refused."""
+    out, Qwen2-MoE's even layers, Qwen3-MoE's every layer, Gemma's patterns)."""
     cfg = dict(architectures=[arch], vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-               num_attention_heads=4, num_key_value_heads=2, **fields)
-    json.dump(cfg, open(tmp_path / "config.json", "w"))
+               num_attention_heads=4, num_key_value_heads=2)
+    json.dump({**cfg, **fields}, open(tmp_path / "config.json", "w"))
     if isinstance(want, str):
         with pytest.raises(jaxpar.JaxparError, match=want):
             read_hf_config(str(tmp_path))
+    elif isinstance(want, tuple):
+        got = read_hf_config(str(tmp_path))
+        assert (got.sliding_window, list(got.layer_types)) == want
     else:
-        assert read_hf_config(str(tmp_path)).sliding_window == want
+        got = read_hf_config(str(tmp_path))
+        assert got.sliding_window == want and got.layer_types is None
+
+
+@pytest.mark.parametrize("arch,fields,dense", [
+    ("Qwen2MoeForCausalLM", {"decoder_sparse_step": 2}, [0, 2]),
+    ("Qwen2MoeForCausalLM", {"mlp_only_layers": [1]}, [1]),
+    ("Qwen3MoeForCausalLM", {"decoder_sparse_step": 2, "mlp_only_layers": [3]}, [0, 2, 3]),
+    ("Qwen3MoeForCausalLM", {}, None)])
+def test_dense_layers_of_moe_models_follow_transformers(arch, fields, dense, tmp_path):
+    """Layer i has experts unless it is in mlp_only_layers or (i + 1) is not a multiple of decoder_sparse_step;
+    checked against the modules transformers builds from the same config."""
+    cfg = dict(architectures=[arch], vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=16, **MOE, **fields)
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    assert read_hf_config(str(tmp_path)).mlp_only_layers == dense
+    model = getattr(transformers, arch)(getattr(transformers, arch.replace("ForCausalLM", "Config"))(**cfg))
+    theirs = [i for i, layer in enumerate(model.model.layers) if not hasattr(layer.mlp, "experts")]
+    assert theirs == (dense or [])
 
 
 def test_index_listing_a_missing_shard(tmp_path, capsys):

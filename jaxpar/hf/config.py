@@ -9,11 +9,12 @@ from jaxpar.hf.files import json_object
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
              "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-             "Qwen3MoeForCausalLM": "qwen3_moe"}
+             "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
 # config.json fields read below (besides ModelConfig's own fields and aliases)
 READ = {"architectures", "torch_dtype", "dtype", "rope_parameters", "rope_scaling", "rope_theta", "layer_types",
         "max_window_layers", "sliding_window", "use_sliding_window", "mlp_bias", "qkv_bias", "decoder_sparse_step",
-        "mlp_only_layers", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"}
+        "mlp_only_layers", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_activation",
+        "hidden_act", "sliding_window_pattern", "_sliding_window_pattern", "rope_local_base_freq", "use_bidirectional_attention"}
 # fields deliberately ignored: they change nothing at inference. Any other field is refused by name, so a
 # checkpoint whose config asks for something jaxpar does not do never runs silently as something else.
 IGNORED = {
@@ -29,22 +30,28 @@ IGNORED = {
     "use_qk_norm": "Qwen3's q/k norms are implied by the architecture",
     "_attn_implementation_autoset": "a transformers runtime switch",
     "_attn_implementation": "a transformers runtime switch (which attention code runs, same result)",
-    "use_bfloat16": "metadata (dtype decides)"}
+    "use_bfloat16": "metadata (dtype decides)", "cache_implementation": "a transformers runtime switch", "final_logit_softcapping": "read for Gemma 2 and 3 only",
+    "attn_logit_softcapping": "read for Gemma 2 and 3 only", "query_pre_attn_scalar": "read for Gemma only"}
 # fields that change the computation in ways jaxpar does not implement
-REFUSED = {"quantization_config": "quantized checkpoints", "partial_rotary_factor": "partial rotary embeddings",
-           "attn_logit_softcapping": "attention logit soft-capping",
-           "final_logit_softcapping": "final logit soft-capping"}
+REFUSED = {"quantization_config": "quantized checkpoints", "partial_rotary_factor": "partial rotary embeddings"}
+GEMMA = ("gemma2", "gemma3")
 
 
 # transformers' defaults for the fields below when config.json leaves them out
-DEFAULT_WINDOW = {"mistral": 4096, "mixtral": None, "qwen2": 4096, "qwen3": 4096, "qwen2_moe": 4096, "qwen3_moe": 4096}
+DEFAULT_WINDOW = {"mistral": 4096, "mixtral": None, "qwen2": 4096, "qwen3": 4096, "qwen2_moe": 4096, "qwen3_moe": 4096,
+                  "gemma2": 4096, "gemma3": 4096}
 DEFAULT_MAX_WINDOW_LAYERS = 28
+GEMMA_DEFAULTS = {"gemma2": dict(query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                 hidden_act="gelu_pytorch_tanh", rope_theta=10000.0),
+                  "gemma3": dict(query_pre_attn_scalar=256, attn_logit_softcapping=None, final_logit_softcapping=None,
+                                 hidden_act="gelu_pytorch_tanh", rope_theta=1_000_000.0, rope_local_base_freq=10000.0)}
 
 
 def _layer_types(raw: dict, kind: str, path: str) -> list[str]:
-    """Which layers slide, as transformers decides for a Qwen model with use_sliding_window: `layer_types` when
-    config.json gives it; otherwise Qwen2 and Qwen3 slide from layer max_window_layers on, Qwen2-MoE slides on
-    the even layers below it, Qwen3-MoE on every layer."""
+    """Which layers slide, as transformers decides: `layer_types` when config.json gives it; otherwise Gemma 2
+    slides on even layers, Gemma 3 on all but every sliding_window_pattern-th (default 6), Mistral and Mixtral
+    on every layer, and Qwen models only with use_sliding_window: Qwen2 and Qwen3 from layer max_window_layers
+    on, Qwen2-MoE on the even layers below it, Qwen3-MoE on every layer."""
     n = raw.get("num_hidden_layers")
     n = n if isinstance(n, int) else 0
     if raw.get("layer_types") is not None:
@@ -52,6 +59,17 @@ def _layer_types(raw: dict, kind: str, path: str) -> list[str]:
         if not isinstance(types, list) or len(types) != n:
             raise ConfigError(f"{path}: layer_types must list one type per layer ({n}), got {types!r}")
         return types
+    if kind == "gemma2":
+        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    if kind == "gemma3":
+        pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", 6))
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+            raise ConfigError(f"{path}: sliding_window_pattern must be a positive integer, got {pattern!r}")
+        return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if kind in ("mistral", "mixtral"):
+        return ["sliding_attention"] * n
+    if kind not in DEFAULT_WINDOW or not raw.get("use_sliding_window"):
+        return ["full_attention"] * n
     if kind == "qwen3_moe":
         return ["sliding_attention"] * n
     mwl = raw.get("max_window_layers", DEFAULT_MAX_WINDOW_LAYERS)
@@ -62,31 +80,55 @@ def _layer_types(raw: dict, kind: str, path: str) -> list[str]:
     return ["sliding_attention" if i >= mwl else "full_attention" for i in range(n)]
 
 
-def _sliding_window(raw: dict, kind: str, path: str) -> int | None:
-    """The window every layer attends within, or None, as transformers runs the architecture. Mistral and
-    Mixtral slide on every layer when sliding_window is set; Qwen models only with use_sliding_window, on the
-    layers `_layer_types` names. Models mixing sliding and full layers are refused."""
-    if kind not in DEFAULT_WINDOW:
-        return None
-    window = raw.get("sliding_window", DEFAULT_WINDOW[kind])
-    if kind not in ("mistral", "mixtral"):
-        if not raw.get("use_sliding_window"):
-            return None
-        types = _layer_types(raw, kind, path)
-        kinds = set(types)
-        if kinds == {"full_attention"} or not kinds:
-            return None
-        if kinds != {"sliding_attention"}:
-            sliding = sum(t == "sliding_attention" for t in types)
-            raise ConfigError(f"{path}: use_sliding_window makes {sliding} of {len(types)} layers sliding "
-                              f"(layer_types, max_window_layers={raw.get('max_window_layers')}): models mixing "
-                              f"sliding and full attention layers are not supported yet; every layer or none must "
-                              f"slide")
-    if not window:
-        return None
+def _windows(raw: dict, kind: str, path: str) -> dict:
+    """sliding_window and layer_types as jaxpar takes them: no window when no layer slides, and layer_types
+    only when some layers slide and others do not (without it, a window means every layer slides)."""
+    types = _layer_types(raw, kind, path)
+    window = raw.get("sliding_window", DEFAULT_WINDOW.get(kind))
+    if "sliding_attention" not in types or not window:
+        return {}
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ConfigError(f"{path}: sliding_window must be a positive integer, got {window!r}")
-    return window
+    if raw.get("use_bidirectional_attention"):
+        raise ConfigError(f"{path}: use_bidirectional_attention is set: bidirectional attention is not supported")
+    return {"sliding_window": window, **({} if set(types) == {"sliding_attention"} else {"layer_types": types})}
+
+
+def _dense_layers(raw: dict, kind: str, path: str) -> list[int]:
+    """The dense layers of a Qwen mixture-of-experts model, as transformers builds it: layer i has experts when
+    it is not in mlp_only_layers and (i + 1) is a multiple of decoder_sparse_step."""
+    n = raw.get("num_hidden_layers") if isinstance(raw.get("num_hidden_layers"), int) else 0
+    step = raw.get("decoder_sparse_step", 1)
+    only = raw.get("mlp_only_layers") or []
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ConfigError(f"{path}: decoder_sparse_step must be a positive integer, got {step!r}")
+    if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+        raise ConfigError(f"{path}: mlp_only_layers must list layer indices, got {only!r}")
+    return [i for i in range(n) if i in only or (i + 1) % step]
+
+
+def _rope(raw: dict, kind: str, path: str) -> dict:
+    """rope_theta, rope_scaling (and Gemma 3's rope_local_base_freq). transformers 5 writes rope_parameters
+    {rope_type, rope_theta, ...} (Gemma 3: one such dict per layer type); older files rope_theta +
+    rope_scaling (+ rope_local_base_freq)."""
+    rp = dict(raw.get("rope_parameters") or {})
+    out = {}
+    if kind == "gemma3" and ("full_attention" in rp or "sliding_attention" in rp):
+        local = dict(rp.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise ConfigError(f"{path}: rope_parameters.sliding_attention.rope_type {local['rope_type']!r} is not "
+                              f"supported (sliding layers take plain rope)")
+        if local.get("rope_theta") is not None:
+            out["rope_local_base_freq"] = local["rope_theta"]
+        rp = dict(rp.get("full_attention") or {})
+    elif kind == "gemma3" and raw.get("rope_local_base_freq") is not None:
+        out["rope_local_base_freq"] = raw["rope_local_base_freq"]
+    theta = rp.pop("rope_theta", None) or raw.get("rope_theta") or GEMMA_DEFAULTS.get(kind, {}).get(
+        "rope_theta", 10000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ConfigError(f"{path}: rope_theta must be a number, got {theta!r}")
+    scaling = raw.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+    return {**out, "rope_theta": float(theta), "rope_scaling": scaling}
 
 
 def read_hf_config(directory: str) -> ModelConfig:
@@ -106,10 +148,6 @@ def read_hf_config(directory: str) -> ModelConfig:
     if raw.get("mlp_bias"):
         raise ConfigError(f"{path}: mlp_bias=true is not supported")
     kind = SUPPORTED[arch]
-    if kind.endswith("_moe") and (raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers")):
-        raise ConfigError(f"{path}: decoder_sparse_step={raw.get('decoder_sparse_step', 1)}, mlp_only_layers="
-                          f"{raw.get('mlp_only_layers')}: models mixing dense and sparse layers are not supported "
-                          f"(every layer must be a mixture of experts)")
     for k, what in REFUSED.items():
         if raw.get(k) not in (None, 1, 1.0):
             raise ConfigError(f"{path}: {k} is set: {what} are not supported")
@@ -120,24 +158,34 @@ def read_hf_config(directory: str) -> ModelConfig:
         raise ConfigError(f"{path}: field(s) {', '.join(unknown)} unknown to jaxpar for {arch}: they may change the "
                           f"computation, so the model is refused rather than run as something else (the README lists "
                           f"the fields jaxpar reads and those it deliberately ignores)")
-    kw = {k: v for k, v in raw.items() if k not in READ and (k in FIELDS or k in ALIASES)}
-    # rope: transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older files rope_theta + rope_scaling
-    rp = dict(raw.get("rope_parameters") or {})
-    theta = rp.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-        raise ConfigError(f"{path}: rope_theta must be a number, got {theta!r}")
-    scaling = raw.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
-    kw.update(rope_theta=float(theta), rope_scaling=scaling,
-              tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)))
+    gemma = kind in GEMMA
+    skip = READ | ({"final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"} if not gemma
+                   else set())
+    kw = {k: v for k, v in raw.items() if k not in skip and (k in FIELDS or k in ALIASES)}
+    if not gemma:
+        kw["hidden_act"] = raw.get("hidden_act", "silu")
+        for k in ("final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"):
+            if raw.get(k) is not None:
+                raise ConfigError(f"{path}: {k} is set, but {arch} does not use it (jaxpar reads it for Gemma only)")
+    else:  # transformers' Gemma defaults, then the file's own values
+        kw = {**{k: v for k, v in GEMMA_DEFAULTS[kind].items() if k != "rope_theta"}, **kw}
+        act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+        kw.update(hidden_act=act, norm_offset=1.0, sandwich_norms=True, scale_embeddings=True,
+                  qk_norm=kind == "gemma3")
+        if kw.get("head_dim") is None:
+            kw["head_dim"] = 256  # transformers' Gemma default
+    kw.update(_rope(raw, kind, path), tie_word_embeddings=bool(raw.get("tie_word_embeddings", gemma)))
     if kind == "qwen2" or (kind == "qwen2_moe" and raw.get("qkv_bias", True)):
         kw.update(attention_bias=True, attention_out_bias=False)  # q/k/v projections have biases, o_proj none
     if kind in ("qwen3", "qwen3_moe"):
         kw["qk_norm"] = True
     if kind in ("qwen2_moe", "qwen3_moe"):
         kw.setdefault("norm_topk_prob", False)  # the transformers default for these architectures
-    window = _sliding_window(raw, kind, path)
-    if window:
-        kw["sliding_window"] = window
+    kw.update(_windows(raw, kind, path))
+    if kind.endswith("_moe"):
+        dense = _dense_layers(raw, kind, path)
+        if dense:
+            kw["mlp_only_layers"] = dense
     eos = raw.get("eos_token_id")
     gen = os.path.join(directory, "generation_config.json")
     if os.path.isfile(gen):

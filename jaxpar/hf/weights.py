@@ -37,6 +37,10 @@ def _block(cfg: ModelConfig, kind, experts: str) -> dict:
         "attn.wv": (attn + "v_proj.weight", (kv * hd, d), lambda t: _heads(t, kv, hd).transpose(2, 0, 1), 1),
         "attn.wo": (attn + "o_proj.weight", (d, h * hd), lambda t: t.reshape(d, h, hd).transpose(1, 2, 0), None),
     }
+    if cfg.sandwich_norms:  # Gemma: post_attention_layernorm normalises the attention output, and the FFN has its own
+        p["attn_post_norm.weight"] = (L + "post_attention_layernorm.weight", (d,), lambda t: t, None)
+        p["mlp_norm.weight"] = (L + "pre_feedforward_layernorm.weight", (d,), lambda t: t, None)
+        p["mlp_post_norm.weight"] = (L + "post_feedforward_layernorm.weight", (d,), lambda t: t, None)
     if cfg.attention_bias:
         p["attn.bq"] = (attn + "q_proj.bias", (h * hd,), lambda t: t.reshape(h, hd), None)
         p["attn.bk"] = (attn + "k_proj.bias", (kv * hd,), lambda t: t.reshape(kv, hd), 0)

@@ -12,7 +12,7 @@ from flax import nnx
 from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
 from jaxpar.model.groups import Group, layer_groups
-from jaxpar.model.layers import Block, RMSNorm, Rows, param
+from jaxpar.model.layers import Block, Rows, norm, param
 from jaxpar.model.rope import inv_frequencies, rope_tables
 from jaxpar.parallel.embedding import embed_lookup
 from jaxpar.parallel.pipeline import run_layers
@@ -58,7 +58,7 @@ class Decoder(nnx.Module):
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         for g, group in enumerate(self.layer_groups):
             setattr(self, f"group{g}", GroupLayers(cfg, group, cfg.kv_heads * kv_repeat, rngs))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), dt, rngs)
+        self.norm = norm(cfg, cfg.hidden_size, ("embed",), rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
@@ -71,10 +71,15 @@ class Decoder(nnx.Module):
         position each index holds. valid [B, S] marks real tokens (default all). stats: the mixture-of-experts
         layers' statistics, one row per MoE layer in layer order ({} for a dense model)."""
         cfg = self.cfg
-        x = constrain(embed_lookup(self.embed[...], tokens), ("batch", "residual_seq", "embed"))
-        tables = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
+        x = embed_lookup(self.embed[...], tokens)
+        if cfg.scale_embeddings:  # Gemma: by sqrt(hidden_size), rounded to the parameters' dtype
+            x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+        x = constrain(x, ("batch", "residual_seq", "embed"))
+        full = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
+        sliding = full if cfg.rope_local_base_freq is None else rope_tables(
+            positions, inv_frequencies(cfg.head_size, cfg.rope_local_base_freq, None))
         rows = Rows(positions, jnp.ones(tokens.shape, bool) if valid is None else valid,
-                    {"full": tables, "sliding": tables}, pages, paged, router_aux)
+                    {"full": full, "sliding": sliding}, pages, paged, router_aux)
         caches, stats = [], []
         for g, group in enumerate(self.layer_groups):
             graph, state = nnx.split(getattr(self, f"group{g}"))
@@ -82,7 +87,8 @@ class Decoder(nnx.Module):
             def unit(h, unit_state, unit_cache, rows, graph=graph):
                 return nnx.merge(graph, unit_state).unit(h, rows, unit_cache)
             x, c, st = run_layers(unit, state, x, rows, None if cache is None else cache[g])
-            x = _after(x, st)
+            if group.repeats == 1:  # applied directly, not in a loop of its own (the split form)
+                x = _after(x, st)
             caches.append(c)
             stats.append(st)
         return x, (None if cache is None else tuple(caches)), self._layer_order(stats)
@@ -108,6 +114,9 @@ class Decoder(nnx.Module):
             out = jnp.einsum("bsd,vd->bsv", h, self.embed[...], preferred_element_type=jnp.float32)
         else:
             out = jnp.einsum("bsd,dv->bsv", h, self.lm_head[...], preferred_element_type=jnp.float32)
+        cap = self.cfg.final_logit_softcapping
+        if cap is not None:
+            out = cap * jnp.tanh(out / cap)
         return constrain(out, ("batch", "seq", "vocab"))
 
 
@@ -115,7 +124,9 @@ def _after(x, stats):
     """x, made to depend on a group's statistics without changing its value (x + 0 * sum: XLA folds 0 * a only
     for integers, since 0 * inf is NaN). Without it the statistics all-reduces of groups applied one after
     another (the split form) are independent of one another, and XLA combines them into one; an optimisation
-    barrier does not stop that on XLA:CPU. It keeps one set of collectives per layer, as the planner counts."""
+    barrier does not stop that on XLA:CPU. It keeps one set of collectives per layer, as the planner counts
+    (a scanned group's statistics come out of its own loop, and a pipelined group's are split over the stages:
+    they need nothing)."""
     leaves = jax.tree.leaves(stats)
     if not leaves:
         return x

@@ -46,14 +46,26 @@ def param(rngs, shape, names, dtype, init=INIT):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, names: tuple, dtype, rngs: nnx.Rngs):
-        self.eps = eps
-        self.weight = param(rngs, (dim,), names, dtype, nnx.initializers.ones)
+    """offset 1 (Gemma): the weight is stored as an offset from 1 and applied in float32 before the cast back."""
+
+    def __init__(self, dim: int, eps: float, names: tuple, dtype, rngs: nnx.Rngs, offset: float = 0.0):
+        self.eps, self.offset = eps, float(offset)
+        init = nnx.initializers.zeros if self.offset else nnx.initializers.ones
+        self.weight = param(rngs, (dim,), names, dtype, init)
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (y * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * y.astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, dim: int, names: tuple, rngs: nnx.Rngs) -> RMSNorm:
+    return RMSNorm(dim, cfg.rms_norm_eps, names, cfg.dtype, rngs, cfg.norm_offset)
+
+
+ACT = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 class Attention(nnx.Module):
@@ -75,11 +87,13 @@ class Attention(nnx.Module):
         if self.out_bias:
             self.bo = param(rngs, (d,), ("embed",), dt, zeros)
         self.rope = "sliding" if sliding else "full"
-        self.spec = AttentionSpec(window=cfg.sliding_window if sliding else None)
+        scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        self.spec = AttentionSpec(window=cfg.sliding_window if sliding else None,
+                                  softcap=cfg.attn_logit_softcapping, scale=scale)
         self.qk_norm = cfg.qk_norm
         if self.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, ("head_dim",), dt, rngs)
+            self.q_norm = norm(cfg, hd, ("head_dim",), rngs)
+            self.k_norm = norm(cfg, hd, ("head_dim",), rngs)
 
     def __call__(self, x, rows: Rows, cache=None):
         """cache None: a plain causal forward. cache: this layer's (k, v) pools; rows.paged False: the first
@@ -112,10 +126,12 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: column-parallel gate/up, row-parallel down: one all-reduce under tensor parallelism."""
+    """A gated FFN (SwiGLU, or GeGLU for Gemma): column-parallel gate/up, row-parallel down: one all-reduce
+    under tensor parallelism."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, ffn: int | None = None):
         d, f, dt = cfg.hidden_size, ffn or cfg.intermediate_size, cfg.dtype
+        self.act = cfg.hidden_act
         self.w_gate = param(rngs, (d, f), ("embed", "mlp"), dt)
         self.w_up = param(rngs, (d, f), ("embed", "mlp"), dt)
         self.w_down = param(rngs, (f, d), ("mlp", "embed"), dt)
@@ -123,7 +139,7 @@ class MLP(nnx.Module):
     def __call__(self, x):
         g = jnp.einsum("bsd,df->bsf", x, self.w_gate[...])
         u = jnp.einsum("bsd,df->bsf", x, self.w_up[...])
-        hmid = constrain(jax.nn.silu(g) * u, ("batch", "seq", "mlp"))
+        hmid = constrain(ACT[self.act](g) * u, ("batch", "seq", "mlp"))
         return row_parallel("bsf,fd->bsd", hmid, self.w_down[...], ("batch", "seq", "mlp"), ("mlp", "embed"))
 
 
@@ -176,18 +192,23 @@ class Block(nnx.Module):
     dense or a mixture of experts."""
 
     def __init__(self, cfg: ModelConfig, kv_heads: int, kind: LayerKind, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
+        d = cfg.hidden_size
+        self.attn_norm = norm(cfg, d, ("embed",), rngs)
         self.attn = Attention(cfg, kv_heads, kind.sliding, rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ("embed",), cfg.dtype, rngs)
+        self.mlp_norm = norm(cfg, d, ("embed",), rngs)
         self.mlp = MoE(cfg, rngs) if kind.moe else MLP(cfg, rngs)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:  # Gemma: each sublayer's output is normalised before the residual add
+            self.attn_post_norm = norm(cfg, d, ("embed",), rngs)
+            self.mlp_post_norm = norm(cfg, d, ("embed",), rngs)
 
     def __call__(self, x, rows: Rows, cache=None):
         """-> (x, cache, stats); stats: the MoE layer's load statistics ({} for a dense MLP)."""
         a, cache = self.attn(self.attn_norm(x), rows, cache)
-        x = x + a
+        x = x + (self.attn_post_norm(a) if self.sandwich else a)
         if isinstance(self.mlp, MoE):
             m, stats = self.mlp(self.mlp_norm(x), rows.valid, rows.router_aux)
         else:
             m, stats = self.mlp(self.mlp_norm(x)), {}
-        x = x + m
+        x = x + (self.mlp_post_norm(m) if self.sandwich else m)
         return constrain(x, ("batch", "residual_seq", "embed")), cache, stats
