@@ -13,7 +13,7 @@ from jaxpar.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,13 @@ class ModelConfig:
     norm_offset: float = 0.0
     sandwich_norms: bool = False
     scale_embeddings: bool = False
+    # gpt-oss, implied by the architecture: a learned attention sink per head, biases on the router and the
+    # experts, and experts whose SwiGLU is clamped at swiglu_limit (a HF field, with swiglu_alpha)
+    attention_sinks: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -159,14 +166,14 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
         raise ConfigError(f"{source}: field hidden_act {cfg.hidden_act!r} is not supported "
                           f"({', '.join(ACTIVATIONS)})")
     for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-                 "rope_local_base_freq"):
+                 "rope_local_base_freq", "swiglu_limit", "swiglu_alpha"):
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                               or v <= 0):
             raise ConfigError(f"{source}: field {name} must be a positive number, got {v!r}")
     if cfg.norm_offset not in (0, 1, 0.0, 1.0):
         raise ConfigError(f"{source}: field norm_offset must be 0 or 1, got {cfg.norm_offset!r}")
-    for name in ("sandwich_norms", "scale_embeddings"):
+    for name in ("sandwich_norms", "scale_embeddings", "attention_sinks", "router_bias", "expert_bias"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{source}: field {name} must be true or false, got {getattr(cfg, name)!r}")
     h, kv = cfg.num_attention_heads, cfg.kv_heads
@@ -235,7 +242,8 @@ def _validate_rope_scaling(cfg: ModelConfig, source: str) -> None:
     if kind not in ROPE_TYPES:
         raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     need = {"linear": ("factor",),
-            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}.get(kind, ())
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            "yarn": ("factor", "original_max_position_embeddings")}.get(kind, ())
     for k in need:
         v = rs.get(k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

@@ -104,10 +104,11 @@ def plan(args, hw, cfg, preset) -> dict:
 
 
 def cfg_summary(cfg) -> dict:
+    from jaxpar.model.groups import layer_groups
     return {"layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_attention_heads,
             "kv_heads": cfg.kv_heads, "head_dim": cfg.head_size, "intermediate_size": cfg.intermediate_size,
             "vocab_size": cfg.vocab_size, "experts": cfg.num_local_experts, "experts_per_token": cfg.num_experts_per_tok,
-            "sliding_window": cfg.sliding_window}
+            "sliding_window": cfg.sliding_window, "layer_groups": [g.describe() for g in layer_groups(cfg)]}
 
 
 def hw_summary(hw) -> dict:
@@ -125,6 +126,8 @@ def print_human(r: dict, top: int) -> None:
     print(f"model: {s['params'] / 1e9:.2f} B parameters ({m['layers']} layers, hidden {m['hidden_size']}, "
           f"{m['heads']}/{m['kv_heads']} heads" + (f", {m['experts']} experts top-{m['experts_per_token']}"
                                                     if m["experts"] else "") + ")")
+    if len(m["layer_groups"]) > 1 or "+" in m["layer_groups"][0]:
+        print("layer groups: " + "; ".join(m["layer_groups"]))
     print("weights: " + ", ".join(f"{d} {_gb(b)}" for d, b in s["weights_bytes"].items()))
     held = "" if s["kv_tokens_held"] == q["context"] else (
         f" (sliding window {m['sliding_window']}: {s['kv_tokens_held']} tokens held per sequence)")

@@ -50,19 +50,28 @@ VARIANTS = {  # name: (config class, model class, overrides)
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                dict(num_hidden_layers=4, head_dim=8, sliding_window=7, query_pre_attn_scalar=16,
                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # gpt-oss: sinks, biases, experts with a clamped SwiGLU (a limit low enough to clamp), YaRN, sliding/full layers
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_hidden_layers=4, head_dim=8, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                     sliding_window=7, swiglu_limit=0.5,
+                     rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                      "truncate": False, "original_max_position_embeddings": 16,
+                                      "rope_theta": 150000.0})),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(num_hidden_layers=6, head_dim=8, sliding_window=7, query_pre_attn_scalar=16,
                     layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
                     rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
-MOE_VARIANTS = ["mixtral_experts", "qwen2_moe_shared", "qwen3_moe", "qwen2_moe_sparse_step", "qwen3_moe_dense_first"]
+MOE_VARIANTS = ["mixtral_experts", "qwen2_moe_shared", "qwen3_moe", "qwen2_moe_sparse_step", "qwen3_moe_dense_first",
+                "gpt_oss"]
 GROUPED = {  # variants with several layer kinds: their groups, as model/groups.py forms them
     "qwen2_mixed_window": ["layers 0-1: (full/dense) x 2", "layers 2-3: (sliding/dense) x 2"],
     "qwen2_moe_sparse_step": ["layers 0-3: (full/dense + full/moe) x 2"],
     "qwen3_moe_dense_first": ["layers 0-0: (full/dense) x 1", "layers 1-3: (full/moe) x 3"],
     "gemma2": ["layers 0-3: (sliding/dense + full/dense) x 2"],
     "gemma3": ["layers 0-5: (sliding/dense + sliding/dense + full/dense) x 2"],
+    "gpt_oss": ["layers 0-3: (sliding/moe + full/moe) x 2"],
 }
 MESHES = ["single", "tp2", "dp2_tp4", "tp8"]  # tp8: kv heads replicated 4x (8x for MQA); tp4 as tp2 and tp8
 TOKENS = np.random.RandomState(0).randint(3, 128, (3, 24))
@@ -88,6 +97,10 @@ def build(name, directory, **save_kw):
     torch.manual_seed(0)
     cfg = getattr(transformers, cfg_cls)(**dict(BASE, **over))
     model = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():  # transformers starts some biases at zero: random ones, so their mapping is tested
+        for pname, p in model.named_parameters():
+            if pname.endswith(("_bias", ".bias", "sinks")):
+                p.normal_(0.0, 0.3)
     model.save_pretrained(directory, **save_kw)
     make_tokenizer(directory)
     return model
@@ -119,7 +132,8 @@ def test_logits_match_transformers_on_every_mesh(hf_models, name):
 
 
 @pytest.mark.parametrize("name", ["llama_gqa_llama3", "llama_mqa_tied", "qwen2_qkv_bias", "qwen3_qk_norm",
-                                  "mixtral_experts", "mistral_window", "gemma2", "gemma3", "qwen2_moe_sparse_step"])
+                                  "mixtral_experts", "mistral_window", "gemma2", "gemma3", "qwen2_moe_sparse_step",
+                                  "gpt_oss"])
 def test_greedy_continuations_equal_transformers_generate(hf_models, name):
     d, model = hf_models[name]
     model.generation_config.eos_token_id = None
@@ -187,6 +201,46 @@ def test_gemma_features_change_the_answer(hf_models, tmp_path):
     rp["sliding_attention"]["rope_theta"] = rp["full_attention"]["rope_theta"]
     _edit_config(str(alt), rope_parameters=rp)
     assert np.abs(load("single", hf=str(alt)).logits(TOKENS) - reference_logits(model3, TOKENS)).max() > 1e-2
+
+
+def mxfp4_quantize(w):
+    """[E, rows, n] float -> MXFP4 blocks [E, rows, n/32, 16] and scales [E, rows, n/32] (uint8): each group of
+    32 values scaled by a power of two so its largest fits FP4's 6, then rounded to the nearest FP4 value."""
+    from jaxpar.hf.mxfp4 import FP4
+    g = w.reshape(w.shape[:-1] + (-1, 32)).astype(np.float64)
+    amax = np.abs(g).max(axis=-1)
+    exp = np.where(amax > 0, np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)), 0).astype(np.int32)
+    scaled = g / np.exp2(exp)[..., None]
+    idx = np.abs(scaled[..., None] - FP4.astype(np.float64)).argmin(axis=-1).astype(np.uint8)
+    return (np.ascontiguousarray(idx[..., 0::2] | (idx[..., 1::2] << 4)),  # safetensors writes C order
+            np.ascontiguousarray((exp + 127).astype(np.uint8)))
+
+
+def test_gpt_oss_mxfp4_experts_dequantize_as_transformers_does(hf_models, tmp_path):
+    """gpt-oss as released: expert weights in MXFP4 (blocks + scales, quantization_config mxfp4). Dequantized
+    while loading, shard by shard, they give the logits of transformers' model holding transformers' own
+    dequantization of the same blocks, on one device and under expert and tensor parallelism."""
+    from safetensors.numpy import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    d, model = hf_models["gpt_oss"]
+    q = tmp_path / "gpt_oss_mxfp4"
+    shutil.copytree(d, q)
+    tensors = load_file(str(q / "model.safetensors"))
+    ref = transformers.GptOssForCausalLM(model.config).eval()
+    ref.load_state_dict(model.state_dict())
+    for i in range(model.config.num_hidden_layers):
+        for proj in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{i}.mlp.experts.{proj}"
+            blocks, scales = mxfp4_quantize(np.swapaxes(tensors.pop(name), 1, 2))  # stored [E, out, in]
+            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+            deq = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+            getattr(ref.model.layers[i].mlp.experts, proj).data.copy_(deq)
+    save_file(tensors, str(q / "model.safetensors"), metadata={"format": "pt"})
+    _edit_config(str(q), quantization_config={"quant_method": "mxfp4"})
+    want = reference_logits(ref, TOKENS)
+    assert np.abs(want - reference_logits(model, TOKENS)).max() > 1e-3  # quantization changed the model
+    for mesh in ("single", "tp2", "dp2_ep4"):
+        assert np.abs(load(mesh, hf=str(q)).logits(TOKENS) - want).max() <= 1e-4, mesh
 
 
 def test_window_changes_the_answer(hf_models, tmp_path):

@@ -310,3 +310,23 @@ def test_human_output_says_what_minimum_and_recommended_mean(capsys):
     assert "(fewer than the rule-of-thumb minimum of 32: that rule sets aside 1.8 x the weights" in out
     plan_cli.main(["--params", "671B", "--dtype", "fp8", "--hardware", "b200-nvlink"])
     assert "rule of thumb: weights x --kv-allowance" in capsys.readouterr().out
+
+
+def mixed_model():
+    """Dense and MoE layers alternating, sliding and full attention alternating: one group of a two-layer unit
+    repeated twice (model/groups.py)."""
+    s, f = "sliding_attention", "full_attention"
+    return load_config("tiny-add-moe").replace(num_hidden_layers=4, mlp_only_layers=[0, 2], sliding_window=8,
+                                               layer_types=[s, f, s, f])
+
+
+@pytest.mark.parametrize("mesh,unroll", [("tp2", True), ("dp2_ep4", False), ("tp2_ep4", True), ("pp2", False),
+                                         ("sp4", True)])
+def test_predicted_collectives_with_mixed_layer_kinds(mesh, unroll):
+    """The communication model counts each layer kind's collectives (dense FFN all-reduces, expert dispatch and
+    statistics on MoE layers only, statistics gathered per group under a pipeline): equal to the compiled
+    program's, in the split form (every layer its own group) and the stacked one."""
+    eng = engine(mesh, model=mixed_model(), unroll=unroll)
+    assert eng.unrolled == unroll
+    r = inspect_engine(eng, batch=4, prompt_len=16, max_new_tokens=16)
+    assert_close(predicted(eng, r), r, (mesh, unroll))

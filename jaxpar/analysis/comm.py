@@ -15,6 +15,7 @@ from jaxpar.analysis.hlo import COLLECTIVES
 from jaxpar.config import ModelConfig
 from jaxpar.layout.mesh_file import MeshConfig
 from jaxpar.layout.rules import Axes
+from jaxpar.model.groups import layer_groups, moe_layers
 
 F32 = 4
 
@@ -41,13 +42,15 @@ class Step:
     decode: bool
 
 
-def schedule(cfg: ModelConfig, ax: Axes, step: Step) -> tuple:
+def schedule(cfg: ModelConfig, ax: Axes, step: Step, layers: int | None = None) -> tuple:
     """(pipeline ticks, layer executions per device, rows one layer execution works on) of one step: L/P
-    layers per tick for M+P-1 ticks under a pipeline, each on one microbatch's rows."""
+    layers per tick for M+P-1 ticks under a pipeline (each group goes through the stages in turn), each on one
+    microbatch's rows. layers: count only that many of the model's layers (those of one kind)."""
     stages = ax.size("layers")
     micro = ax.microbatches if stages > 1 else 1
     ticks = micro + stages - 1 if stages > 1 else 1
-    return ticks, cfg.num_hidden_layers // stages * ticks, step.batch // ax.size("batch") // micro
+    n = cfg.num_hidden_layers if layers is None else layers
+    return ticks, n // stages * ticks, step.batch // ax.size("batch") // micro
 
 
 def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, dtype_bytes: int) -> list:
@@ -68,17 +71,22 @@ def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, ste
     add("all-reduce", ax.axes("vocab"), 1, b_loc * s_loc * h * e, "vocab-parallel embedding")
     out += _attention(cfg, ax, kv_repeat, step, rows, s_loc, runs, e)
     res_extra = ax.axes("residual_seq")[len(ax.axes("seq")):]  # NVIDIA-style SP: the row-parallel sums
-    for name, split in (("attention output", ax.axes("heads")), ("MLP down", _ffn_tensor_axes(cfg, ax))):
-        if not split:
+    n_moe = len(moe_layers(cfg))
+    _, moe_runs, _ = schedule(cfg, ax, step, n_moe)
+    ffn_split = ax.axes("mlp")  # dense FFNs; MoE FFNs under an expert axis sum inside the expert kernel instead
+    moe_split = () if ax.size("experts") > 1 else ffn_split
+    for name, split, count in (("attention output", ax.axes("heads"), runs),
+                               ("MLP down", ffn_split, runs - moe_runs), ("MoE down", moe_split, moe_runs)):
+        if not split or not count:
             continue
         if res_extra:
-            add("reduce-scatter", split, runs, act // math.prod(mesh_cfg.size(a) for a in split),
+            add("reduce-scatter", split, count, act // math.prod(mesh_cfg.size(a) for a in split),
                 f"{name} (sequence-parallel)")
-            add("all-gather", split, runs, act, f"{name}: sequence gathered for the next matmul")
+            add("all-gather", split, count, act, f"{name}: sequence gathered for the next matmul")
         else:
-            add("all-reduce", split, runs, act, f"{name} (tensor parallel)")
-    if cfg.num_local_experts:
-        out += _experts(cfg, ax, mesh_cfg, rows, s_loc, runs, e)
+            add("all-reduce", split, count, act, f"{name} (tensor parallel)")
+    if n_moe:
+        out += _experts(cfg, ax, mesh_cfg, rows, s_loc, moe_runs, e)
     if stages > 1:
         add("collective-permute", ax.axes("layers"), ticks, act, "pipeline: activations to the next stage")
         add("all-reduce", ax.axes("layers"), 1, b_loc * s_loc * h * F32, "pipeline: last stage's output")
@@ -89,14 +97,6 @@ def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, ste
         add("all-reduce", ax.axes("batch"), 1, 1, "decode loop: any slot still running")
     add("all-gather", ax.axes("vocab"), 1, b_loc * cfg.vocab_size * F32, "logits gathered for sampling")
     return out
-
-
-def _ffn_tensor_axes(cfg: ModelConfig, ax: Axes) -> tuple:
-    """The axes the FFN's row-parallel output is summed over by an all-reduce in the model (with an expert
-    axis the sum happens inside the expert kernel instead, on its buffers)."""
-    if cfg.num_local_experts and ax.size("experts") > 1:
-        return ()
-    return ax.axes("mlp")
 
 
 def _attention(cfg, ax: Axes, kv_repeat, step: Step, rows, s_loc, runs, e) -> list:
@@ -138,10 +138,14 @@ def _experts(cfg, ax: Axes, mesh_cfg: MeshConfig, rows, s_loc, runs, e) -> list:
     stats = (n_exp + 1) * F32  # tokens per expert + dropped, summed over the devices holding tokens
     token_axes = ax.axes("batch") + ax.axes("seq")
     stages = ax.axes("layers")
-    # under a pipeline each stage's statistics [L/P layers] are gathered over the stages: load, then dropped
-    gather = [Comm("all-gather", stages, 1, cfg.num_hidden_layers * n_exp * F32, "expert load per layer"),
-              Comm("all-gather", stages, 1, cfg.num_hidden_layers * F32, "dropped assignments per layer")] \
-        if stages else []
+    # under a pipeline each stage's statistics [R/P repeats] of each MoE block of a group are gathered over the
+    # stages: load, then dropped
+    gather = []
+    for group in (layer_groups(cfg) if stages else ()):
+        for kind in group.unit:
+            if kind.moe:
+                gather += [Comm("all-gather", stages, 1, group.repeats * n_exp * F32, "expert load per layer"),
+                           Comm("all-gather", stages, 1, group.repeats * F32, "dropped assignments per layer")]
     if ax.size("experts") == 1:  # every expert on every token: nothing is dropped, only the load is summed
         return ([Comm("all-reduce", token_axes, runs, n_exp * F32, "expert load statistics")] if token_axes
                 else []) + gather

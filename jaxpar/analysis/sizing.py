@@ -8,6 +8,7 @@ import math
 from jaxpar.analysis.comm import Axes, Step, schedule
 from jaxpar.config import ModelConfig
 from jaxpar.layout.mesh_file import MeshConfig
+from jaxpar.model.groups import layer_kinds, shared_window
 
 DTYPE_BYTES = {"float32": 4, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 ALIASES = {"bfloat16": "bf16", "fp32": "float32", "f32": "float32"}
@@ -33,16 +34,12 @@ def params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int) ->
     return sum(math.prod(s) // math.prod(ax.size(n) for n in names if n) for s, names in leaves)
 
 
-def layer_params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int) -> int:
-    """One layer's parameters on one device (what each layer execution reads)."""
+def layer_params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int) -> float:
+    """A layer's parameters on one device, averaged over the model's layers (what a layer execution reads)."""
     ax = Axes(mesh_cfg)
-    leaves = _leaves(cfg, kv_repeat)
-    total = 0
-    for s, names in leaves:
-        if "layers" in names:
-            total += math.prod(s) // cfg.num_hidden_layers // math.prod(
-                ax.size(n) for n in names if n and n != "layers")
-    return total
+    total = sum(math.prod(s) // math.prod(ax.size(n) for n in names if n and n != "layers")
+                for s, names in _leaves(cfg, kv_repeat) if "layers" in names)
+    return total / cfg.num_hidden_layers
 
 
 def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, batch: int, cache: int,
@@ -63,7 +60,7 @@ def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, 
 def tokens_held(cfg: ModelConfig, context: int, page_size: int = 16, ahead: int | None = None) -> int:
     """KV cache tokens one sequence of `context` tokens holds at once (its pages' slots): the context, or with
     a sliding window on every layer its window and next chunk (engine/state.pages_held)."""
-    if cfg.sliding_window is None:
+    if shared_window(cfg) is None:
         return context
     return min(context, _pages_held(cfg, context, page_size, ahead) * page_size)
 
@@ -72,7 +69,7 @@ def _pages_held(cfg: ModelConfig, tokens: int, page_size: int, ahead: int | None
     """engine/state.pages_held for this model; `ahead` None: what the serving defaults compute in one iteration."""
     from jaxpar.engine.state import pages_held
     from jaxpar.serving.scheduler import ServingConfig
-    return pages_held(tokens, page_size, cfg.sliding_window, ServingConfig().ahead if ahead is None else ahead)
+    return pages_held(tokens, page_size, shared_window(cfg), ServingConfig().ahead if ahead is None else ahead)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_bytes: float) -> float:
@@ -82,34 +79,56 @@ def kv_bytes_per_token(cfg: ModelConfig, kv_bytes: float) -> float:
 
 def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, weight_bytes: float,
               act_bytes: float) -> dict:
-    """What one device does in one step, as jaxpar runs it: `layer_runs` executions of one layer (L/P per
+    """What one device does in one step, as jaxpar runs it: `layer_runs` executions of a layer (L/P per
     pipeline tick, M+P-1 ticks), each with `layer_flops` and `layer_bytes` of HBM traffic (its weights, and
-    the KV cache it reads or writes), plus the LM head once. MoE layers compute what the program computes:
-    every expert on every token without an expert axis, full capacity buffers with one."""
+    the KV cache it reads or writes) averaged over the model's layer kinds, plus the LM head once. MoE layers
+    compute what the program computes: every expert on every token without an expert axis, full capacity
+    buffers with one."""
     ax = Axes(mesh_cfg, decode=step.decode)
     _, runs, rows = schedule(cfg, ax, step)
     tokens = rows * step.tokens // ax.size("seq")
     hd, h = cfg.head_size, cfg.hidden_size
     heads = cfg.num_attention_heads // ax.size("heads")
     kv = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
-    layer_w = layer_params_per_device(cfg, mesh_cfg, kv_repeat)
     attn_w = h * (2 * heads + 2 * kv) * hd
-    if cfg.num_local_experts:
-        from jaxpar.parallel.experts import capacity
-        f_loc = cfg.expert_ffn // ax.size("mlp")
-        if ax.size("experts") > 1:
-            slots = cfg.num_local_experts * capacity(tokens, cfg.num_experts_per_tok, cfg.num_local_experts,
-                                                     mesh_cfg.capacity_factor)
-        else:
-            slots = tokens * cfg.num_local_experts
-        ffn_flops = 2 * 3 * h * f_loc * slots + 2 * h * cfg.num_local_experts * tokens
-        if cfg.shared_expert_intermediate_size:
-            ffn_flops += 2 * 3 * h * cfg.shared_expert_intermediate_size // ax.size("mlp") * tokens
+    flops = io = 0.0
+    kinds = layer_kinds(cfg)
+    for kind in kinds:
+        attn_flops, kv_io = _attention_work(cfg, mesh_cfg, ax, step, rows, tokens, heads, kv, act_bytes,
+                                            cfg.sliding_window if kind.sliding else None)
+        flops += 2 * attn_w * tokens + attn_flops + _ffn_flops(cfg, mesh_cfg, ax, tokens, kind.moe)
+        io += kv_io
+    layer_w = layer_params_per_device(cfg, mesh_cfg, kv_repeat)
+    b_loc = step.batch // ax.size("batch")
+    head_flops = 2 * h * cfg.vocab_size // ax.size("vocab") * b_loc  # logits for each row's last position
+    head_bytes = h * cfg.vocab_size // ax.size("vocab") * weight_bytes
+    return {"layer_runs": runs, "layer_flops": flops / len(kinds),
+            "layer_bytes": layer_w * weight_bytes + io / len(kinds), "head_flops": head_flops,
+            "head_bytes": head_bytes, "tokens_per_layer_run": tokens}
+
+
+def _ffn_flops(cfg: ModelConfig, mesh_cfg: MeshConfig, ax: Axes, tokens: int, moe: bool) -> float:
+    h = cfg.hidden_size
+    if not moe:
+        return 2 * 3 * h * (cfg.intermediate_size // ax.size("mlp")) * tokens
+    from jaxpar.parallel.experts import capacity
+    f_loc = cfg.expert_ffn // ax.size("mlp")
+    if ax.size("experts") > 1:
+        slots = cfg.num_local_experts * capacity(tokens, cfg.num_experts_per_tok, cfg.num_local_experts,
+                                                 mesh_cfg.capacity_factor)
     else:
-        ffn_flops = 2 * 3 * h * (cfg.intermediate_size // ax.size("mlp")) * tokens
+        slots = tokens * cfg.num_local_experts
+    out = 2 * 3 * h * f_loc * slots + 2 * h * cfg.num_local_experts * tokens
+    if cfg.shared_expert_intermediate_size:
+        out += 2 * 3 * h * cfg.shared_expert_intermediate_size // ax.size("mlp") * tokens
+    return out
+
+
+def _attention_work(cfg, mesh_cfg, ax, step: Step, rows, tokens, heads, kv, act_bytes, window) -> tuple:
+    """(attention FLOPs, KV cache bytes read or written) of one layer execution."""
+    hd = cfg.head_size
     n_cache = Axes(mesh_cfg).size("cache_seq")
     cache_loc = step.cache // n_cache
-    window = cfg.sliding_window
     if step.decode:  # every cached slot is read, or those of the window (a device's share of them; the planner's
         # rows all have one length: a call reads from the window of its shortest row)
         ctx = cache_loc if window is None else min(cache_loc, -(-window // n_cache))
@@ -121,14 +140,7 @@ def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step
         if window is not None and ax.size("seq") == 1 and block_size(step.tokens):
             ctx = min(ctx, window)
         kv_io = rows * (step.tokens // ax.size("seq")) * kv * hd * 2 * act_bytes
-    attn_flops = 4 * tokens * ctx * heads * hd
-    layer_flops = 2 * attn_w * tokens + attn_flops + ffn_flops
-    b_loc = step.batch // ax.size("batch")
-    head_flops = 2 * h * cfg.vocab_size // ax.size("vocab") * b_loc  # logits for each row's last position
-    head_bytes = h * cfg.vocab_size // ax.size("vocab") * weight_bytes
-    return {"layer_runs": runs, "layer_flops": layer_flops,
-            "layer_bytes": layer_w * weight_bytes + kv_io, "head_flops": head_flops, "head_bytes": head_bytes,
-            "tokens_per_layer_run": tokens}
+    return 4 * tokens * ctx * heads * hd, kv_io
 
 
 def workspace_bytes(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, act_bytes: float) -> float:
@@ -141,8 +153,8 @@ def workspace_bytes(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step
     s_loc = step.tokens // n_seq
     heads = cfg.num_attention_heads // ax.size("heads")
     kv = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
-    f_loc = (cfg.expert_ffn * max(cfg.num_experts_per_tok, 1) if cfg.num_local_experts else cfg.intermediate_size)
-    f_loc //= ax.size("mlp")
+    f_loc = max(cfg.expert_ffn * cfg.num_experts_per_tok if k.moe else cfg.intermediate_size
+                for k in layer_kinds(cfg)) // ax.size("mlp")
     acts = rows * s_loc * (4 * cfg.hidden_size + 3 * f_loc + (heads + 2 * kv) * cfg.head_size) * act_bytes
     if step.decode:
         keys = step.cache // Axes(mesh_cfg).size("cache_seq")

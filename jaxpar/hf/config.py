@@ -9,12 +9,14 @@ from jaxpar.hf.files import json_object
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
              "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-             "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+             "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
+             "GptOssForCausalLM": "gpt_oss"}
 # config.json fields read below (besides ModelConfig's own fields and aliases)
 READ = {"architectures", "torch_dtype", "dtype", "rope_parameters", "rope_scaling", "rope_theta", "layer_types",
         "max_window_layers", "sliding_window", "use_sliding_window", "mlp_bias", "qkv_bias", "decoder_sparse_step",
         "mlp_only_layers", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_activation",
-        "hidden_act", "sliding_window_pattern", "_sliding_window_pattern", "rope_local_base_freq", "use_bidirectional_attention"}
+        "hidden_act", "sliding_window_pattern", "_sliding_window_pattern", "rope_local_base_freq",
+        "swiglu_limit", "swiglu_alpha", "quantization_config", "use_bidirectional_attention"}
 # fields deliberately ignored: they change nothing at inference. Any other field is refused by name, so a
 # checkpoint whose config asks for something jaxpar does not do never runs silently as something else.
 IGNORED = {
@@ -33,13 +35,13 @@ IGNORED = {
     "use_bfloat16": "metadata (dtype decides)", "cache_implementation": "a transformers runtime switch", "final_logit_softcapping": "read for Gemma 2 and 3 only",
     "attn_logit_softcapping": "read for Gemma 2 and 3 only", "query_pre_attn_scalar": "read for Gemma only"}
 # fields that change the computation in ways jaxpar does not implement
-REFUSED = {"quantization_config": "quantized checkpoints", "partial_rotary_factor": "partial rotary embeddings"}
+REFUSED = {"partial_rotary_factor": "partial rotary embeddings"}
 GEMMA = ("gemma2", "gemma3")
 
 
 # transformers' defaults for the fields below when config.json leaves them out
 DEFAULT_WINDOW = {"mistral": 4096, "mixtral": None, "qwen2": 4096, "qwen3": 4096, "qwen2_moe": 4096, "qwen3_moe": 4096,
-                  "gemma2": 4096, "gemma3": 4096}
+                  "gemma2": 4096, "gemma3": 4096, "gpt_oss": 128}
 DEFAULT_MAX_WINDOW_LAYERS = 28
 GEMMA_DEFAULTS = {"gemma2": dict(query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                                  hidden_act="gelu_pytorch_tanh", rope_theta=10000.0),
@@ -59,7 +61,7 @@ def _layer_types(raw: dict, kind: str, path: str) -> list[str]:
         if not isinstance(types, list) or len(types) != n:
             raise ConfigError(f"{path}: layer_types must list one type per layer ({n}), got {types!r}")
         return types
-    if kind == "gemma2":
+    if kind in ("gemma2", "gpt_oss"):
         return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
     if kind == "gemma3":
         pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", 6))
@@ -151,6 +153,11 @@ def read_hf_config(directory: str) -> ModelConfig:
     for k, what in REFUSED.items():
         if raw.get(k) not in (None, 1, 1.0):
             raise ConfigError(f"{path}: {k} is set: {what} are not supported")
+    quant = raw.get("quantization_config")
+    if quant is not None and not (kind == "gpt_oss" and isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"):
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ConfigError(f"{path}: quantization_config {method!r}: quantized checkpoints are not supported (only "
+                          f"gpt-oss's MXFP4 experts, dequantized while loading)")
     from jaxpar.config import FIELDS, ALIASES
     unknown = sorted(k for k in raw if k not in FIELDS and k not in ALIASES and k not in READ and k not in IGNORED
                      and k not in REFUSED)
@@ -182,6 +189,9 @@ def read_hf_config(directory: str) -> ModelConfig:
     if kind in ("qwen2_moe", "qwen3_moe"):
         kw.setdefault("norm_topk_prob", False)  # the transformers default for these architectures
     kw.update(_windows(raw, kind, path))
+    if kind == "gpt_oss":  # sinks, biases everywhere, clamped SwiGLU experts routed by a softmax over the top k
+        kw.update(attention_bias=True, attention_sinks=True, router_bias=True, expert_bias=True, norm_topk_prob=True,
+                  hidden_act="silu", swiglu_limit=raw.get("swiglu_limit", 7.0), swiglu_alpha=raw.get("swiglu_alpha", 1.702))
     if kind.endswith("_moe"):
         dense = _dense_layers(raw, kind, path)
         if dense:

@@ -14,6 +14,7 @@ import numpy as np
 from jaxpar.config import ModelConfig
 from jaxpar.errors import CheckpointError
 from jaxpar.engine import params as P
+from jaxpar.hf.mxfp4 import MXFP4, Strided
 from jaxpar.hf.safetensors import WeightFiles
 from jaxpar.model.groups import layer_groups, moe_layers
 
@@ -47,6 +48,8 @@ def _block(cfg: ModelConfig, kind, experts: str) -> dict:
         p["attn.bv"] = (attn + "v_proj.bias", (kv * hd,), lambda t: t.reshape(kv, hd), 0)
     if cfg.out_bias:
         p["attn.bo"] = (attn + "o_proj.bias", (d,), lambda t: t, None)
+    if cfg.attention_sinks:
+        p["attn.sinks"] = (attn + "sinks", (h,), lambda t: t, None)
     if cfg.qk_norm:
         p["attn.q_norm.weight"] = (attn + "q_norm.weight", (hd,), lambda t: t, None)
         p["attn.k_norm.weight"] = (attn + "k_norm.weight", (hd,), lambda t: t, None)
@@ -87,6 +90,18 @@ def _experts(cfg: ModelConfig, style: str) -> dict:
     (mlp.experts.{e}.gate_proj/up_proj/down_proj), or fused per layer (mlp.experts.gate_up_proj [E, 2F, D]
     with gate first, mlp.experts.down_proj [E, D, F])."""
     d, f, e = cfg.hidden_size, cfg.expert_ffn, cfg.num_local_experts
+    if style in ("gpt_oss", "gpt_oss_mxfp4"):  # fused, [E, in, out], gate and up interleaved; biases
+        m, q = L + "mlp.", "_blocks" if style == "gpt_oss_mxfp4" else ""
+        gu = (m + "experts.gate_up_proj" + q, (e, 2 * f, d // 32, 16) if q else (e, d, 2 * f))
+        down = (m + "experts.down_proj" + q, (e, d, f // 32, 16) if q else (e, f, d))
+        return {"mlp.router": (m + "router.weight", (e, d), lambda t: t.T, None),
+                "mlp.router_bias": (m + "router.bias", (e,), lambda t: t, None),
+                "mlp.w_gate": gu + (lambda t: Strided(t, 2, 0, 2), None),
+                "mlp.w_up": gu + (lambda t: Strided(t, 2, 1, 2), None),
+                "mlp.w_down": down + (lambda t: t, None),
+                "mlp.b_gate": (m + "experts.gate_up_proj_bias", (e, 2 * f), lambda t: t[:, 0::2], None),
+                "mlp.b_up": (m + "experts.gate_up_proj_bias", (e, 2 * f), lambda t: t[:, 1::2], None),
+                "mlp.b_down": (m + "experts.down_proj_bias", (e, d), lambda t: t, None)}
     if style == "qwen":
         m = L + "mlp."
         return {"mlp.router": (m + "gate.weight", (e, d), lambda t: t.T, None),
@@ -131,6 +146,8 @@ def _flat(names) -> list[str]:
 
 def expert_style(files: WeightFiles, cfg: ModelConfig) -> str:
     first = next((f"model.layers.{i}.mlp." for i in moe_layers(cfg)), "model.layers.0.mlp.")
+    if cfg.expert_bias:  # gpt-oss, its experts in MXFP4 as released or dequantized
+        return "gpt_oss_mxfp4" if first + "experts.gate_up_proj_blocks" in files else "gpt_oss"
     if first + "experts.gate_up_proj" in files:
         return "fused"
     return "qwen" if first + "experts.0.gate_proj.weight" in files else "mixtral"
@@ -140,8 +157,9 @@ def check(files: WeightFiles, cfg: ModelConfig, source: str) -> None:
     """Every tensor the config implies is present with the implied shape; else one clear line."""
     for template, shape, _, _, layers in plan(cfg, expert_style(files, cfg)).values():
         for name in _flat(_names(template, layers, cfg.num_local_experts)):
-            if name not in files:
-                raise CheckpointError(f"{source}: weight {name} is missing from the safetensors files")
+            for need in (name, name[:-len("_blocks")] + "_scales") if name.endswith("_blocks") else (name,):
+                if need not in files:
+                    raise CheckpointError(f"{source}: weight {need} is missing from the safetensors files")
             if tuple(files.shape(name)) != shape:
                 raise CheckpointError(f"{source}: weight {name} has shape {list(files.shape(name))} but config.json "
                                       f"implies {list(shape)}")
@@ -184,6 +202,13 @@ def _shard_reader(views, stacked: bool, kv_axis, kv_repeat: int, dtype):
     return read
 
 
+def _array(files: WeightFiles, name: str):
+    """A tensor of the checkpoint, lazily: MXFP4 blocks come with their scales, dequantized as they are read."""
+    if name.endswith("_blocks"):
+        return MXFP4(files.array(name), files.array(name[:-len("_blocks")] + "_scales"))
+    return files.array(name)
+
+
 def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
     """Stream a Hugging Face checkpoint into sharded parameters (pure dict, the Engine's layout)."""
     files = WeightFiles(directory)
@@ -195,7 +220,7 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
     progress = Progress(len(todo))
     out: dict = {}
     for path, (template, _, view, kv_axis, layers) in todo.items():
-        views = [Experts([view(files.array(x)) for x in n]) if isinstance(n, list) else view(files.array(n))
+        views = [Experts([view(_array(files, x)) for x in n]) if isinstance(n, list) else view(_array(files, n))
                  for n in _names(template, layers, cfg.num_local_experts)]
         read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, dtype)
         out[path] = jax.make_array_from_callback(shapes[path].shape, shardings[path], read)

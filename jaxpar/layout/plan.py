@@ -12,7 +12,7 @@ from jaxpar.config import ModelConfig
 from jaxpar.errors import LayoutError
 from jaxpar.layout.mesh_file import MeshConfig
 from jaxpar.layout.rules import Axes, Layout, make_rules, recording_names
-from jaxpar.model.groups import layer_groups
+from jaxpar.model.groups import layer_groups, layer_kinds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +74,14 @@ def check_layout(mesh_cfg: MeshConfig, cfg: ModelConfig) -> int:
     if size("experts") > 1 and not cfg.num_local_experts:
         raise LayoutError(f"{src}: axes {_axes_desc(ax, 'experts')}: expert parallelism needs a "
                           f"mixture-of-experts model, and this model is dense (num_local_experts=0)")
-    checks = [("heads", cfg.num_attention_heads, "num_attention_heads"),
-              ("mlp", cfg.expert_ffn if cfg.num_local_experts else cfg.intermediate_size,
-               "moe_intermediate_size" if cfg.num_local_experts and cfg.moe_intermediate_size
-               else "intermediate_size"),
+    kinds = layer_kinds(cfg)
+    ffn = []  # the FFN widths the model's layers use
+    if any(k.moe for k in kinds):
+        ffn.append(("mlp", cfg.expert_ffn, "moe_intermediate_size" if cfg.moe_intermediate_size
+                    else "intermediate_size"))
+    if not all(k.moe for k in kinds):
+        ffn.append(("mlp", cfg.intermediate_size, "intermediate_size"))
+    checks = [("heads", cfg.num_attention_heads, "num_attention_heads"), *ffn,
               ("experts", max(cfg.num_local_experts, 1), "num_local_experts"),
               ("vocab", cfg.vocab_size, "vocab_size"),
               ("embed", cfg.hidden_size, "hidden_size"),

@@ -48,12 +48,24 @@ def _group(q, kv_heads):
     return q.reshape(b, s, kv_heads, h // kv_heads, d)
 
 
-def attend(q, k, v, mask, spec: AttentionSpec = CAUSAL):
+def _sink_logits(sinks, kv_heads):
+    """Per-head sink logits [H] -> [KV, G, 1] (broadcast against [B, KV, G, S])."""
+    return sinks.astype(jnp.float32).reshape(kv_heads, -1)[:, :, None]
+
+
+def attend(q, k, v, mask, spec: AttentionSpec = CAUSAL, sinks=None):
     """Grouped-query attention. q [B,S,H,D]; k, v [B,T,KV,D]; mask [B,S,T] (True = may attend; callers build it
-    with `spec.visible`)."""
+    with `spec.visible`). sinks [H] or None: attention sinks (gpt-oss), one learned logit per head that joins
+    every query's softmax as a key with no value, so a query may give part of its attention to nothing."""
     b, s, h, d = q.shape
     scores = jnp.where(mask[:, None, None], spec.scores(_group(q, k.shape[2]), k), NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    else:
+        sink = _sink_logits(sinks, k.shape[2])[..., None]  # [KV, G, 1, 1]
+        m = jnp.maximum(scores.max(axis=-1, keepdims=True), sink)
+        p = jnp.exp(scores - m)
+        probs = (p / (p.sum(axis=-1, keepdims=True) + jnp.exp(sink - m))).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, h, d)
 
@@ -84,15 +96,27 @@ def accumulate(acc, q, k, v, mask=None, spec: AttentionSpec = CAUSAL):
     return o, m_new, l
 
 
-def finish(acc, dtype):
-    """Normalise an accumulator: -> [B,S,H,D]. A query that saw no key gets zeros (not 0/0)."""
+def with_sinks(acc, sinks):
+    """Fold attention sinks [H] into an accumulator, once, before it is normalised (see `attend`)."""
+    o, m, l = acc
+    sink = _sink_logits(sinks, o.shape[2])
+    m_new = jnp.maximum(m, sink)
+    scale = jnp.exp(m - m_new)
+    return o * jnp.moveaxis(scale, -1, 1)[..., None], m_new, l * scale + jnp.exp(sink - m_new)
+
+
+def finish(acc, dtype, sinks=None):
+    """Normalise an accumulator (with attention sinks [H] when given): -> [B,S,H,D]. A query that saw no key
+    gets zeros (not 0/0)."""
+    if sinks is not None:
+        acc = with_sinks(acc, sinks)
     o, _, l = acc
     b, s, kv, g, d = o.shape
     l = jnp.maximum(jnp.moveaxis(l, -1, 1)[..., None], jnp.finfo(jnp.float32).tiny)
     return (o / l).astype(dtype).reshape(b, s, kv * g, d)
 
 
-def causal_blockwise(q, k, v, block: int, spec: AttentionSpec = CAUSAL):
+def causal_blockwise(q, k, v, block: int, spec: AttentionSpec = CAUSAL, sinks=None):
     """Causal attention over a prompt in position order, one query block against one key block at a time
     (online softmax, `accumulate`): the largest score array is [B, H, block, block], never [B, H, S, S], and
     key blocks after a query block's diagonal are skipped (about half the work of `attend`); with a sliding
@@ -120,7 +144,7 @@ def causal_blockwise(q, k, v, block: int, spec: AttentionSpec = CAUSAL):
             first = jnp.maximum(i * block - spec.window + 1, 0) // block
             inner = (lambda j, acc: accumulate(acc, qi, kb[:, j], vb[:, j], mask(i, j), spec))
         acc = jax.lax.fori_loop(first, i, inner, empty_partial(qi, kvh))
-        return finish(accumulate(acc, qi, kb[:, i], vb[:, i], mask(i, i), spec), q.dtype)
+        return finish(accumulate(acc, qi, kb[:, i], vb[:, i], mask(i, i), spec), q.dtype, sinks)
 
     out = jax.lax.map(query_block, jnp.arange(n))  # [n, B, block, H, D]
     return jnp.moveaxis(out, 0, 1).reshape(b, s + pad, h, d)[:, :s]

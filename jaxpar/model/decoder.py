@@ -13,7 +13,7 @@ from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
 from jaxpar.model.groups import Group, layer_groups
 from jaxpar.model.layers import Block, Rows, norm, param
-from jaxpar.model.rope import inv_frequencies, rope_tables
+from jaxpar.model.rope import attention_factor, inv_frequencies, rope_tables
 from jaxpar.parallel.embedding import embed_lookup
 from jaxpar.parallel.pipeline import run_layers
 
@@ -75,7 +75,8 @@ class Decoder(nnx.Module):
         if cfg.scale_embeddings:  # Gemma: by sqrt(hidden_size), rounded to the parameters' dtype
             x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
         x = constrain(x, ("batch", "residual_seq", "embed"))
-        full = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
+        full = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling),
+                           attention_factor(cfg.rope_scaling))
         sliding = full if cfg.rope_local_base_freq is None else rope_tables(
             positions, inv_frequencies(cfg.head_size, cfg.rope_local_base_freq, None))
         rows = Rows(positions, jnp.ones(tokens.shape, bool) if valid is None else valid,

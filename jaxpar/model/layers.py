@@ -15,7 +15,7 @@ from jaxpar.model.groups import LayerKind
 from jaxpar.model.rope import apply_rope
 from jaxpar.parallel.attention import prefill_attention
 from jaxpar.parallel.paged import paged_attention, write_pages
-from jaxpar.parallel.experts import expert_ffn, top_k_per_token
+from jaxpar.parallel.experts import NAMES, Gate, expert_ffn, top_k_per_token
 from jaxpar.parallel.seq_parallel import row_parallel
 
 INIT = nnx.initializers.normal(0.02)
@@ -90,6 +90,9 @@ class Attention(nnx.Module):
         scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
         self.spec = AttentionSpec(window=cfg.sliding_window if sliding else None,
                                   softcap=cfg.attn_logit_softcapping, scale=scale)
+        self.has_sinks = cfg.attention_sinks
+        if self.has_sinks:  # gpt-oss: one learned logit per head joins every softmax (model/attend.py)
+            self.sinks = param(rngs, (h,), ("heads",), dt)
         self.qk_norm = cfg.qk_norm
         if self.qk_norm:
             self.q_norm = norm(cfg, hd, ("head_dim",), rngs)
@@ -111,10 +114,12 @@ class Attention(nnx.Module):
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         pages = rows.pages
+        sinks = self.sinks[...] if self.has_sinks else None
         if rows.paged:
-            out, cache = paged_attention(q, k, v, cache, pages["table"], rows.positions, rows.valid, self.spec)
+            out, cache = paged_attention(q, k, v, cache, pages["table"], rows.positions, rows.valid, self.spec,
+                                         sinks)
         else:
-            out = prefill_attention(q, k, v, rows.positions, self.spec)
+            out = prefill_attention(q, k, v, rows.positions, self.spec, sinks)
             if cache is not None:
                 cache = write_pages(cache, k, v, pages["table"], pages["positions"], pages["valid"])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
@@ -153,9 +158,17 @@ class MoE(nnx.Module):
         d, f, e, dt = cfg.hidden_size, cfg.expert_ffn, cfg.num_local_experts, cfg.dtype
         self.k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.router = param(rngs, (d, e), ("embed", None), dt)
-        self.w_gate = param(rngs, (e, d, f), ("experts", "embed", "mlp"), dt)
-        self.w_up = param(rngs, (e, d, f), ("experts", "embed", "mlp"), dt)
-        self.w_down = param(rngs, (e, f, d), ("experts", "mlp", "embed"), dt)
+        self.has_router_bias, self.has_bias = cfg.router_bias, cfg.expert_bias
+        if self.has_router_bias:
+            self.router_bias = param(rngs, (e,), (None,), dt)
+        self.w_gate = param(rngs, (e, d, f), NAMES["w_gate"], dt)
+        self.w_up = param(rngs, (e, d, f), NAMES["w_up"], dt)
+        self.w_down = param(rngs, (e, f, d), NAMES["w_down"], dt)
+        if self.has_bias:  # gpt-oss
+            self.b_gate = param(rngs, (e, f), NAMES["b_gate"], dt)
+            self.b_up = param(rngs, (e, f), NAMES["b_up"], dt)
+            self.b_down = param(rngs, (e, d), NAMES["b_down"], dt)
+        self.gate = Gate(cfg.swiglu_limit, cfg.swiglu_alpha)
         self.has_shared = bool(cfg.shared_expert_intermediate_size)
         if self.has_shared:  # Qwen2-MoE: one more expert every token uses, scaled by a sigmoid gate
             self.shared = MLP(cfg, rngs, cfg.shared_expert_intermediate_size)
@@ -165,6 +178,8 @@ class MoE(nnx.Module):
         """x [B,S,D] -> chosen experts [B,S,k], their weights [B,S,k] and all router probabilities [B,S,E]
         (float32)."""
         logits = jnp.einsum("bsd,de->bse", x, self.router[...], preferred_element_type=jnp.float32)
+        if self.has_router_bias:
+            logits = logits + self.router_bias[...].astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
         top, idx = top_k_per_token(probs, self.k)
         if self.norm_topk:
@@ -176,7 +191,8 @@ class MoE(nnx.Module):
         (assignments per expert) and `dropped` (assignments past capacity); with router_aux also `aux`, the
         Switch-Transformer load-balancing loss E * sum_e(fraction routed to e * mean probability of e)."""
         idx, top, probs = self.route(x)
-        out, load, dropped = expert_ffn(x, idx, top, valid, self.w_gate[...], self.w_up[...], self.w_down[...])
+        names = ("w_gate", "w_up", "w_down") + (("b_gate", "b_up", "b_down") if self.has_bias else ())
+        out, load, dropped = expert_ffn(x, idx, top, valid, {k: getattr(self, k)[...] for k in names}, self.gate)
         if self.has_shared:
             out = out + jax.nn.sigmoid(jnp.einsum("bsd,do->bso", x, self.shared_gate[...])) * self.shared(x)
         stats = {"load": load, "dropped": dropped}

@@ -39,15 +39,18 @@ def _seq(logical):
     return lay.axes(logical), lay.size(logical), lay
 
 
-def prefill_attention(q, k, v, positions, spec: AttentionSpec):
-    """Causal attention over the prompt, as `spec` says (sliding window, soft-capping, scale). q [B,S,H,D];
-    k, v [B,S,KV,D]; positions [B,S]."""
+def prefill_attention(q, k, v, positions, spec: AttentionSpec, sinks=None):
+    """Causal attention over the prompt, as `spec` says (sliding window, soft-capping, scale), with attention
+    sinks [H] when given. q [B,S,H,D]; k, v [B,S,KV,D]; positions [B,S]."""
     axes, n, lay = _seq("seq")
     block = block_size(q.shape[1]) if axes is None else None
     if block:  # no seq axis: index i holds position i
-        return causal_blockwise(q, k, v, block, spec)
+        return causal_blockwise(q, k, v, block, spec, sinks)
     if axes is None or lay.attention == "dense":
-        return attend(q, k, v, spec.visible(positions[:, :, None], positions[:, None, :]), spec)
-    body = ring_attention_local if lay.attention == "ring" else ulysses_attention_local
-    return lay.shard_map(functools.partial(body, axis=axes, n=n, spec=spec),
-                         in_specs=(lay.spec(Q), lay.spec(KV), lay.spec(KV)), out_specs=lay.spec(Q))(q, k, v)
+        return attend(q, k, v, spec.visible(positions[:, :, None], positions[:, None, :]), spec, sinks)
+    body = functools.partial(ring_attention_local if lay.attention == "ring" else ulysses_attention_local,
+                             axis=axes, n=n, spec=spec)
+    specs = (lay.spec(Q), lay.spec(KV), lay.spec(KV))
+    if sinks is None:
+        return lay.shard_map(body, in_specs=specs, out_specs=lay.spec(Q))(q, k, v)
+    return lay.shard_map(body, in_specs=specs + (lay.spec(("heads",)),), out_specs=lay.spec(Q))(q, k, v, sinks)

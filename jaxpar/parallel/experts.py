@@ -9,12 +9,15 @@
   and they are summed with the router weights. An assignment past its expert's capacity is dropped: the
   token keeps only its residual (and its other choices) and the drop is counted.
 
+Each expert is a gated FFN: SwiGLU, or gpt-oss's clamped variant with biases (`Gate`).
+
 Capacity per (device, expert) is ceil(capacity_factor * tokens * k / experts), or the worst case (all the
 device's tokens) when capacity_factor is 0 (dropless). Padding tokens (`valid` False) are never routed.
 Both paths also return load statistics: assignments per expert and dropped assignments (over all devices).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -42,43 +45,69 @@ def capacity(tokens: int, k: int, experts: int, factor: float) -> int:
     return max(1, min(tokens, math.ceil(round(factor * tokens * k / experts, 6))))  # no float-noise extra slot
 
 
-def expert_ffn(x, idx, weights, valid, w_gate, w_up, w_down):
-    """x [B,S,D]; idx [B,S,k] chosen experts; weights [B,S,k] float32; valid [B,S] bool; expert weights
-    [E,D,F], [E,D,F], [E,F,D]. -> (out [B,S,D], load [E] float32, dropped float32)."""
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """How an expert combines its gate and up projections. limit None: SwiGLU, silu(gate) * up. limit set
+    (gpt-oss): gate clamped above at limit, up to [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1)."""
+    limit: float | None = None
+    alpha: float = 1.702
+
+    def __call__(self, g, u):
+        if self.limit is None:
+            return jax.nn.silu(g) * u
+        g = jnp.minimum(g, self.limit)
+        u = jnp.clip(u, -self.limit, self.limit)
+        return g * jax.nn.sigmoid(g * self.alpha) * (u + 1)
+
+
+SWIGLU = Gate()
+# logical axes of the expert weights (`w`: w_gate, w_up, w_down and, with biases, b_gate, b_up, b_down)
+NAMES = {"w_gate": ("experts", "embed", "mlp"), "w_up": ("experts", "embed", "mlp"),
+         "w_down": ("experts", "mlp", "embed"), "b_gate": ("experts", "mlp"), "b_up": ("experts", "mlp"),
+         "b_down": ("experts", "embed")}
+
+
+def expert_ffn(x, idx, weights, valid, w: dict, gate: Gate = SWIGLU):
+    """x [B,S,D]; idx [B,S,k] chosen experts; weights [B,S,k] float32; valid [B,S] bool; w: the experts'
+    weights [E,D,F], [E,D,F], [E,F,D] (and biases [E,F], [E,F], [E,D]). -> (out [B,S,D], load [E] float32,
+    dropped float32)."""
     lay = active()
     if lay is None or lay.size("experts") == 1:
-        return _dense(x, idx, weights, valid, w_gate, w_up, w_down)
+        return _dense(x, idx, weights, valid, w, gate)
     tokens_axes = lay.axes("batch") + lay.axes("seq")
     tensor_axes = lay.axes("mlp")
     b, s = x.shape[0] // lay.size("batch"), x.shape[1] // lay.size("seq")
-    cap = capacity(b * s, idx.shape[-1], w_gate.shape[0], lay.capacity_factor)
+    cap = capacity(b * s, idx.shape[-1], w["w_gate"].shape[0], lay.capacity_factor)
     body = functools.partial(_dispatch_local, axis=lay.axes("experts"), ep=lay.size("experts"),
-                             tensor_axes=tensor_axes, token_axes=tokens_axes, cap=cap)
+                             tensor_axes=tensor_axes, token_axes=tokens_axes, cap=cap, gate=gate)
     tok = lay.spec(("batch", "seq", "embed"))
     choice = lay.spec(("batch", "seq", None))
     out, stats = lay.shard_map(
-        body, in_specs=(tok, choice, choice, lay.spec(("batch", "seq")), lay.spec(("experts", "embed", "mlp")),
-                  lay.spec(("experts", "embed", "mlp")), lay.spec(("experts", "mlp", "embed"))),
-        out_specs=(tok, lay.spec(())))(x, idx, weights, valid, w_gate, w_up, w_down)
+        body, in_specs=(tok, choice, choice, lay.spec(("batch", "seq")), {k: lay.spec(NAMES[k]) for k in w}),
+        out_specs=(tok, lay.spec(())))(x, idx, weights, valid, w)
     return out, stats[:-1], stats[-1]
 
 
-def _dense(x, idx, weights, valid, w_gate, w_up, w_down):
-    e = w_gate.shape[0]
+def _dense(x, idx, weights, valid, w, gate: Gate):
+    e = w["w_gate"].shape[0]
     onehot = jax.nn.one_hot(idx, e, dtype=jnp.float32) * valid[..., None, None]  # [B,S,k,E]
     combine = jnp.sum(onehot * weights[..., None], axis=-2)  # [B,S,E]
-    g = jnp.einsum("bsd,edf->bsef", x, w_gate)
-    u = jnp.einsum("bsd,edf->bsef", x, w_up)
-    h = constrain(jax.nn.silu(g) * u * combine[..., None].astype(x.dtype), ("batch", "seq", None, "mlp"))
-    out = row_parallel("bsef,efd->bsd", h, w_down, ("batch", "seq", None, "mlp"), ("experts", "mlp", "embed"))
+    g = jnp.einsum("bsd,edf->bsef", x, w["w_gate"])
+    u = jnp.einsum("bsd,edf->bsef", x, w["w_up"])
+    if "b_gate" in w:
+        g, u = g + w["b_gate"], u + w["b_up"]
+    h = constrain(gate(g, u) * combine[..., None].astype(x.dtype), ("batch", "seq", None, "mlp"))
+    out = row_parallel("bsef,efd->bsd", h, w["w_down"], ("batch", "seq", None, "mlp"), ("experts", "mlp", "embed"))
+    if "b_down" in w:  # each chosen expert's output bias, weighted as its output is
+        out = out + jnp.einsum("bse,ed->bsd", combine.astype(x.dtype), w["b_down"])
     return out, onehot.sum(axis=(0, 1, 2)), jnp.zeros((), jnp.float32)
 
 
-def _dispatch_local(x, idx, weights, valid, w_gate, w_up, w_down, *, axis, ep, tensor_axes, token_axes, cap):
-    """Per device: x [b,s,D] its tokens; w_* its E_l experts ([E_l,D,F_l] ...), F_l = F / tensor."""
+def _dispatch_local(x, idx, weights, valid, w, *, axis, ep, tensor_axes, token_axes, cap, gate: Gate):
+    """Per device: x [b,s,D] its tokens; w its E_l experts ([E_l,D,F_l] ...), F_l = F / tensor."""
     b, s, d = x.shape
     k = idx.shape[-1]
-    e_local = w_gate.shape[0]
+    e_local = w["w_gate"].shape[0]
     e = e_local * ep
     t = b * s
     xt = x.reshape(t, d)
@@ -93,10 +122,14 @@ def _dispatch_local(x, idx, weights, valid, w_gate, w_up, w_down, *, axis, ep, t
     # to the experts' devices: [ep (source device), E_l, cap, D]
     recv = jax.lax.all_to_all(send.reshape(ep, e_local, cap, d), axis, 0, 0, tiled=True)
     xin = recv.transpose(1, 0, 2, 3).reshape(e_local, ep * cap, d)
-    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xin, w_gate)) * jnp.einsum("ecd,edf->ecf", xin, w_up)
-    y = jnp.einsum("ecf,efd->ecd", h, w_down)
+    g, u = jnp.einsum("ecd,edf->ecf", xin, w["w_gate"]), jnp.einsum("ecd,edf->ecf", xin, w["w_up"])
+    if "b_gate" in w:
+        g, u = g + w["b_gate"][:, None], u + w["b_up"][:, None]
+    y = jnp.einsum("ecf,efd->ecd", gate(g, u), w["w_down"])
     if tensor_axes:  # in float32: XLA:CPU cannot promote a bf16 all-reduce inside the pipeline's shard_map
         y = jax.lax.psum(y.astype(jnp.float32), tensor_axes).astype(x.dtype)
+    if "b_down" in w:  # after the sum over the tensor split: added once
+        y = y + w["b_down"][:, None]
     back = jax.lax.all_to_all(y.reshape(e_local, ep, cap, d).transpose(1, 0, 2, 3), axis, 0, 0, tiled=True)
     got = back.reshape(e, cap, d)[jnp.where(keep, expert, 0), jnp.where(keep, slot, 0)]
     scale = (weights.reshape(t * k) * keep).astype(x.dtype)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.layout.rules import active
-from jaxpar.model.attend import AttentionSpec, accumulate, attend, empty_partial
+from jaxpar.model.attend import AttentionSpec, accumulate, attend, empty_partial, with_sinks
 
 POOL = ("pages", None, "kv_heads", "head_dim")
 Q = ("batch", "seq", "heads", "head_dim")
@@ -85,7 +85,7 @@ def write_pages(pools, k, v, table, positions, valid):
 BLOCK_TOKENS = 256
 
 
-def _attend_local(q, k, v, pk, pv, table, positions, valid, axis, n, spec: AttentionSpec):
+def _attend_local(q, k, v, pk, pv, table, positions, valid, sinks=None, *, axis, n, spec: AttentionSpec):
     """Per device: write the new tokens, then attend over this device's pages (every page when n = 1).
     A table of at most BLOCK_TOKENS tokens is read in one piece; a wider one block by block (online softmax),
     from the first block a valid position's window reaches (the first page without a window) to the last page
@@ -110,7 +110,7 @@ def _attend_local(q, k, v, pk, pv, table, positions, valid, axis, n, spec: Atten
     if local <= per_block:
         keys, vals, mask = block_inputs(first + n * jnp.arange(local))
         if n == 1:
-            return attend(q, keys, vals, mask, spec), pk, pv
+            return attend(q, keys, vals, mask, spec, sinks), pk, pv
         acc = accumulate(empty_partial(q, keys.shape[2]), q, keys, vals, mask, spec)
     else:
         last_page = jnp.max(jnp.where(valid, positions, 0)) // page
@@ -137,24 +137,29 @@ def _attend_local(q, k, v, pk, pv, table, positions, valid, axis, n, spec: Atten
         # out and sum in one all-reduce: the sum rides along as one more channel of the head dimension
         packed = jax.lax.psum(jnp.concatenate([o, jnp.moveaxis(l, -1, 1)[..., None]], axis=-1), axis)
         o, l = packed[..., :-1], jnp.moveaxis(packed[..., -1], 1, -1)
+        m = m_all
+    if sinks is not None:  # once, after the devices' partial results are merged
+        o, m, l = with_sinks((o, m, l), sinks)
     out = o / jnp.maximum(jnp.moveaxis(l, -1, 1)[..., None], jnp.finfo(jnp.float32).tiny)
     bb, s, kv, g, d = out.shape
     return out.astype(q.dtype).reshape(bb, s, kv * g, d), pk, pv
 
 
-def paged_attention(q, k, v, pools, table, positions, valid, spec: AttentionSpec):
+def paged_attention(q, k, v, pools, table, positions, valid, spec: AttentionSpec, sinks=None):
     """New tokens q [B,S,H,D], k, v [B,S,KV,D] at positions [B,S] (valid [B,S]) of rows whose pages are
-    `table` [B, nb]: write their K/V into the pools, attend over the cached positions `spec` makes visible.
-    The sequence of q is not split (decode rules); the pools' pages are. -> (out [B,S,H,D], pools)."""
+    `table` [B, nb]: write their K/V into the pools, attend over the cached positions `spec` makes visible
+    (with attention sinks [H] when given). The sequence of q is not split (decode rules); the pools' pages are.
+    -> (out [B,S,H,D], pools)."""
     axis, n = _seq_axes()
     lay = active()
     body = functools.partial(_attend_local, axis=axis, n=n, spec=spec)
+    args = (q, k, v, *pools, table, positions, valid) + (() if sinks is None else (sinks,))
     if lay is None or lay.mesh.size == 1:
-        out, pk, pv = body(q, k, v, *pools, table, positions, valid)
+        out, pk, pv = body(*args)
         return out, (pk, pv)
     pool, rows = lay.spec(POOL), lay.spec(ROWS)
-    out, pk, pv = lay.shard_map(
-        body, in_specs=(lay.spec(Q), lay.spec(KV), lay.spec(KV), pool, pool, lay.spec(TABLE), rows, rows),
-        out_specs=(lay.spec(Q), pool, pool))(q, k, v, *pools, table, positions, valid)
+    specs = (lay.spec(Q), lay.spec(KV), lay.spec(KV), pool, pool, lay.spec(TABLE), rows, rows)
+    out, pk, pv = lay.shard_map(body, in_specs=specs + (() if sinks is None else (lay.spec(("heads",)),)),
+                                out_specs=(lay.spec(Q), pool, pool))(*args)
     return out, (pk, pv)
 

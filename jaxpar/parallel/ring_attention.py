@@ -27,8 +27,9 @@ def uses_first_kv_chunk(step: int, device):
     return step <= device
 
 
-def ring_attention_local(q, k, v, axis, n: int, spec: AttentionSpec):
-    """Per-device body (inside shard_map). q [B, 2c, H, D]; k, v [B, 2c, KV, D] -> [B, 2c, H, D]."""
+def ring_attention_local(q, k, v, sinks=None, *, axis, n: int, spec: AttentionSpec):
+    """Per-device body (inside shard_map). q [B, 2c, H, D]; k, v [B, 2c, KV, D] -> [B, 2c, H, D]; sinks [H]:
+    this device's heads' attention sinks, folded in once after the ring (every key has been seen)."""
     i = jax.lax.axis_index(axis)
     b, c = q.shape[0], q.shape[1] // 2
     kv_heads = k.shape[2]
@@ -66,4 +67,4 @@ def ring_attention_local(q, k, v, axis, n: int, spec: AttentionSpec):
                         jnp.concatenate([l[..., :c], l2], axis=-1))
             acc = jax.lax.cond(uses_first_kv_chunk(t, i), first_chunk, second_queries, acc)
         cur = nxt
-    return finish(acc, q.dtype)
+    return finish(acc, q.dtype, sinks)

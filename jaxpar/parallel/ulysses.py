@@ -10,9 +10,10 @@ from jaxpar.model.attend import AttentionSpec, attend
 from jaxpar.parallel import zigzag
 
 
-def ulysses_attention_local(q, k, v, axis, n: int, spec: AttentionSpec):
+def ulysses_attention_local(q, k, v, sinks=None, *, axis, n: int, spec: AttentionSpec):
     """Per-device body (inside shard_map). q [B, S/n, H, D]; k, v [B, S/n, KV, D], H and KV divisible by n;
-    the sequence is in zigzag order (zigzag.order). -> [B, S/n, H, D]."""
+    the sequence is in zigzag order (zigzag.order); sinks [H]: attention sinks of this device's heads before
+    the all-to-all. -> [B, S/n, H, D]."""
     b, sl, h, d = q.shape
     kv = k.shape[2]
     # [B, S/n, n, heads/n, D] per tensor, heads grouped by destination device, then Q|K|V side by side
@@ -24,6 +25,8 @@ def ulysses_attention_local(q, k, v, axis, n: int, spec: AttentionSpec):
     pos = zigzag.order(sl * n, n)
     pos = jnp.asarray(pos)
     mask = jnp.broadcast_to(spec.visible(pos[:, None], pos[None, :]), (b, sl * n, sl * n))
-    out = attend(ql, kl, vl, mask, spec)  # [B, S, H/n, D]
+    if sinks is not None:  # after the all-to-all this device holds the i-th n-th of its heads
+        sinks = jax.lax.dynamic_slice_in_dim(sinks, jax.lax.axis_index(axis) * hq, hq)
+    out = attend(ql, kl, vl, mask, spec, sinks)  # [B, S, H/n, D]
     out = jax.lax.all_to_all(out.reshape(b, n, sl, hq, d), axis, split_axis=1, concat_axis=3, tiled=True)
     return out.reshape(b, sl, h, d)
