@@ -61,18 +61,52 @@ class ModelConfig:
     expert_bias: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    # DeepSeek V2/V3 multi-head latent attention (MLA), on when kv_lora_rank is set: keys and values come from
+    # one compressed latent per token (kv_lora_rank values, normalised) plus a shared rope key (qk_rope_head_dim);
+    # queries through a q_lora_rank bottleneck when set
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    # DeepSeek V3 routing: sigmoid scores plus a per-expert correction bias choose the experts (the bias only
+    # chooses), within the topk_group best of n_group expert groups; weights scaled by routed_scaling_factor
+    scoring_func: str = "softmax"
+    router_score_bias: bool = False
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    shared_expert_gated: bool = True  # Qwen2-MoE's shared expert has a sigmoid gate; DeepSeek's none
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
     dtype: str = "float32"
 
     @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
     def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
+        """Heads of the KV cache (MLA: one latent, shared by every query head)."""
+        return 1 if self.mla else self.num_key_value_heads or self.num_attention_heads
 
     @property
     def head_size(self) -> int:
+        """The attention kernels' head dimension: of queries, keys and values (MLA's absorbed form: the latent
+        plus the rope key, kv_lora_rank + qk_rope_head_dim)."""
+        if self.mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.mla else self.head_size
+
+    @property
+    def cache_tensors(self) -> int:
+        """Tensors the KV cache keeps per layer: K and V, or MLA's one latent (its values are its keys)."""
+        return 1 if self.mla else 2
 
     @property
     def expert_ffn(self) -> int:
@@ -162,18 +196,28 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
             raise ConfigError(f"{source}: field {name} must be a positive number, got {v!r}")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"{source}: field dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    _validate_mla(cfg, source)
+    if cfg.scoring_func not in ("softmax", "sigmoid"):
+        raise ConfigError(f"{source}: field scoring_func {cfg.scoring_func!r} is not supported (softmax, sigmoid)")
+    if (cfg.n_group is None) != (cfg.topk_group is None) or (
+            cfg.n_group and (not cfg.num_local_experts or cfg.num_local_experts % cfg.n_group
+                             or not 1 <= cfg.topk_group <= cfg.n_group)):
+        raise ConfigError(f"{source}: fields n_group={cfg.n_group}, topk_group={cfg.topk_group} must both be set, "
+                          f"n_group dividing num_local_experts={cfg.num_local_experts} and 1 <= topk_group <= "
+                          f"n_group")
     if cfg.hidden_act not in ACTIVATIONS:
         raise ConfigError(f"{source}: field hidden_act {cfg.hidden_act!r} is not supported "
                           f"({', '.join(ACTIVATIONS)})")
     for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-                 "rope_local_base_freq", "swiglu_limit", "swiglu_alpha"):
+                 "rope_local_base_freq", "swiglu_limit", "swiglu_alpha", "routed_scaling_factor"):
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                               or v <= 0):
             raise ConfigError(f"{source}: field {name} must be a positive number, got {v!r}")
     if cfg.norm_offset not in (0, 1, 0.0, 1.0):
         raise ConfigError(f"{source}: field norm_offset must be 0 or 1, got {cfg.norm_offset!r}")
-    for name in ("sandwich_norms", "scale_embeddings", "attention_sinks", "router_bias", "expert_bias"):
+    for name in ("sandwich_norms", "scale_embeddings", "attention_sinks", "router_bias", "expert_bias",
+                 "router_score_bias", "shared_expert_gated"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{source}: field {name} must be true or false, got {getattr(cfg, name)!r}")
     h, kv = cfg.num_attention_heads, cfg.kv_heads
@@ -182,7 +226,7 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
     if cfg.head_dim is None and cfg.hidden_size % h:
         raise ConfigError(f"{source}: hidden_size={cfg.hidden_size} is not divisible by num_attention_heads={h} "
                           f"and no head_dim is given")
-    if cfg.head_size % 2:
+    if not cfg.mla and cfg.head_size % 2:
         raise ConfigError(f"{source}: head_dim={cfg.head_size} must be even for rotary embeddings")
     for name in ("bos_token_id", "pad_token_id"):
         v = getattr(cfg, name)
@@ -210,6 +254,18 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def _validate_mla(cfg: ModelConfig, source: str) -> None:
+    given = [f for f in MLA_FIELDS if getattr(cfg, f) is not None]
+    if given and len(given) != len(MLA_FIELDS):
+        raise ConfigError(f"{source}: multi-head latent attention needs all of {', '.join(MLA_FIELDS)}; missing "
+                          f"{', '.join(f for f in MLA_FIELDS if f not in given)}")
+    for f in MLA_FIELDS + ("q_lora_rank",):
+        _int(cfg, f, source, allow_none=True)
+    if cfg.mla and cfg.qk_rope_head_dim % 2:
+        raise ConfigError(f"{source}: qk_rope_head_dim={cfg.qk_rope_head_dim} must be even for rotary embeddings")
 
 
 def _validate_layers(cfg: ModelConfig, source: str) -> None:

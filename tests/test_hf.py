@@ -57,6 +57,15 @@ VARIANTS = {  # name: (config class, model class, overrides)
                      rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                       "truncate": False, "original_max_position_embeddings": 16,
                                       "rope_theta": 150000.0})),
+    # DeepSeek-V3: MLA with q LoRA (rope dims interleaved in the checkpoint), YaRN with its softmax scale, a dense
+    # first layer, shared experts, sigmoid routing with a correction bias within the best 2 of 4 expert groups
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_hidden_layers=4, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                         n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
+                         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, routed_scaling_factor=2.5,
+                         rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                          "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0,
+                                          "original_max_position_embeddings": 16})),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(num_hidden_layers=6, head_dim=8, sliding_window=7, query_pre_attn_scalar=16,
                     layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
@@ -64,7 +73,7 @@ VARIANTS = {  # name: (config class, model class, overrides)
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
 MOE_VARIANTS = ["mixtral_experts", "qwen2_moe_shared", "qwen3_moe", "qwen2_moe_sparse_step", "qwen3_moe_dense_first",
-                "gpt_oss"]
+                "gpt_oss", "deepseek_v3"]
 GROUPED = {  # variants with several layer kinds: their groups, as model/groups.py forms them
     "qwen2_mixed_window": ["layers 0-1: (full/dense) x 2", "layers 2-3: (sliding/dense) x 2"],
     "qwen2_moe_sparse_step": ["layers 0-3: (full/dense + full/moe) x 2"],
@@ -72,7 +81,9 @@ GROUPED = {  # variants with several layer kinds: their groups, as model/groups.
     "gemma2": ["layers 0-3: (sliding/dense + full/dense) x 2"],
     "gemma3": ["layers 0-5: (sliding/dense + sliding/dense + full/dense) x 2"],
     "gpt_oss": ["layers 0-3: (sliding/moe + full/moe) x 2"],
+    "deepseek_v3": ["layers 0-0: (full/dense) x 1", "layers 1-3: (full/moe) x 3"],
 }
+PP_REFUSED = ("qwen3_moe_dense_first", "deepseek_v3")  # one dense layer: a group of one repeat, not split in 2
 MESHES = ["single", "tp2", "dp2_tp4", "tp8"]  # tp8: kv heads replicated 4x (8x for MQA); tp4 as tp2 and tp8
 TOKENS = np.random.RandomState(0).randint(3, 128, (3, 24))
 
@@ -101,6 +112,9 @@ def build(name, directory, **save_kw):
         for pname, p in model.named_parameters():
             if pname.endswith(("_bias", ".bias", "sinks")):
                 p.normal_(0.0, 0.3)
+        for bname, b in model.named_buffers():  # DeepSeek's routing correction (zeros as transformers starts it)
+            if bname.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.3)
     model.save_pretrained(directory, **save_kw)
     make_tokenizer(directory)
     return model
@@ -133,7 +147,7 @@ def test_logits_match_transformers_on_every_mesh(hf_models, name):
 
 @pytest.mark.parametrize("name", ["llama_gqa_llama3", "llama_mqa_tied", "qwen2_qkv_bias", "qwen3_qk_norm",
                                   "mixtral_experts", "mistral_window", "gemma2", "gemma3", "qwen2_moe_sparse_step",
-                                  "gpt_oss"])
+                                  "gpt_oss", "deepseek_v3"])
 def test_greedy_continuations_equal_transformers_generate(hf_models, name):
     d, model = hf_models[name]
     model.generation_config.eos_token_id = None
@@ -175,7 +189,7 @@ def test_layer_groups_match_transformers_on_sequence_and_pipeline_meshes(hf_mode
     assert [g.describe() for g in layer_groups(read_hf_config(d))] == GROUPED[name]
     ref = reference_logits(model, TOKENS)
     for mesh in ("sp4", "sp4_ulysses", "pp2"):
-        if name == "qwen3_moe_dense_first" and mesh == "pp2":
+        if name in PP_REFUSED and mesh == "pp2":
             with pytest.raises(jaxpar.JaxparError, match=r"layers 0-0: \(full/dense\) x 1 has 1 repeats, not "
                                                          r"divisible by 2 pipeline stages"):
                 load(mesh, hf=d)

@@ -115,18 +115,19 @@ def _attention(cfg, ax: Axes, kv_repeat, step: Step, rows, s_loc, runs, e) -> li
     if not seq:
         return out
     # the paged KV cache: each seq device writes the pages it owns, so the chunk's K and V are gathered
-    out.append(Comm("all-gather", seq, runs * 2, rows * s_loc * n * kv * hd * e,
+    t = cfg.cache_tensors  # K and V, or MLA's one latent
+    out.append(Comm("all-gather", seq, runs * t, rows * s_loc * n * kv * hd * e,
                     "paged KV cache: the chunk's K and V gathered for the page writes"))
     kind = ax.mesh_cfg.attention
     if kind == "ring":
-        out.append(Comm("collective-permute", seq, runs * 2 * (n - 1), rows * s_loc * kv * hd * e,
+        out.append(Comm("collective-permute", seq, runs * t * (n - 1), rows * s_loc * kv * hd * e,
                         "ring attention: K and V blocks around the ring"))
     elif kind == "ulysses":
-        out.append(Comm("all-to-all", seq, runs, rows * s_loc * (heads + 2 * kv) * hd * e,
+        out.append(Comm("all-to-all", seq, runs, rows * s_loc * (heads + t * kv) * hd * e,
                         "Ulysses: Q/K/V sequence-split to head-split"))
         out.append(Comm("all-to-all", seq, runs, rows * s_loc * heads * hd * e, "Ulysses: output back"))
     else:  # dense: XLA gathers K and V over the sequence (and, once, the positions for the mask)
-        out.append(Comm("all-gather", seq, runs * 2, rows * s_loc * n * kv * hd * e, "dense attention: K, V gathered"))
+        out.append(Comm("all-gather", seq, runs * t, rows * s_loc * n * kv * hd * e, "dense attention: K, V gathered"))
         out.append(Comm("all-gather", seq, 1, step.batch // ax.size("batch") * step.tokens * 4,
                         "dense attention: positions gathered for the mask"))
     return out

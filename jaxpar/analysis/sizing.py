@@ -54,7 +54,7 @@ def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, 
     held = _pages_held(cfg, cache, page_size, ahead)
     tokens = batch // ax.size("batch") * -(-held // n) * page_size
     heads = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
-    return 2 * cfg.num_hidden_layers // ax.size("layers") * tokens * heads * cfg.head_size * kv_bytes
+    return cfg.cache_tensors * cfg.num_hidden_layers // ax.size("layers") * tokens * heads * cfg.head_size * kv_bytes
 
 
 def tokens_held(cfg: ModelConfig, context: int, page_size: int = 16, ahead: int | None = None) -> int:
@@ -73,8 +73,8 @@ def _pages_held(cfg: ModelConfig, tokens: int, page_size: int, ahead: int | None
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_bytes: float) -> float:
-    """2 (K and V) x layers x kv heads x head_dim x bytes: the whole model, one token."""
-    return 2 * cfg.num_hidden_layers * cfg.kv_heads * cfg.head_size * kv_bytes
+    """2 (K and V; 1 for MLA's latent) x layers x kv heads x head_dim x bytes: the whole model, one token."""
+    return cfg.cache_tensors * cfg.num_hidden_layers * cfg.kv_heads * cfg.head_size * kv_bytes
 
 
 def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, weight_bytes: float,
@@ -132,14 +132,14 @@ def _attention_work(cfg, mesh_cfg, ax, step: Step, rows, tokens, heads, kv, act_
     if step.decode:  # every cached slot is read, or those of the window (a device's share of them; the planner's
         # rows all have one length: a call reads from the window of its shortest row)
         ctx = cache_loc if window is None else min(cache_loc, -(-window // n_cache))
-        kv_io = rows * ctx * kv * hd * 2 * act_bytes
+        kv_io = rows * ctx * kv * hd * cfg.cache_tensors * act_bytes
     else:  # causal: on average half the prompt (zigzag keeps devices balanced); blockwise prefill (no seq axis)
         # skips the key blocks before a window, ring and Ulysses compute them masked
         from jaxpar.parallel.attention import block_size
         ctx = step.tokens / 2
         if window is not None and ax.size("seq") == 1 and block_size(step.tokens):
             ctx = min(ctx, window)
-        kv_io = rows * (step.tokens // ax.size("seq")) * kv * hd * 2 * act_bytes
+        kv_io = rows * (step.tokens // ax.size("seq")) * kv * hd * cfg.cache_tensors * act_bytes
     return 4 * tokens * ctx * heads * hd, kv_io
 
 

@@ -85,7 +85,7 @@ class Programs:
         self.groups = layer_groups(cfg, split)
         lay, dec = layout, layout.for_decode()
         self.param_sh = P.shardings(cfg, lay, kv_repeat, split=split)
-        pool_names = tuple(((POOL_NAMES,) * 2,) * len(g.unit) for g in self.groups)
+        pool_names = tuple(((POOL_NAMES,) * cfg.cache_tensors,) * len(g.unit) for g in self.groups)
         self.state_sh = _names_to(lay, state_names(pool_names))
         self.batch_sh = _names_to(lay, batch_names())
         self.paged_batch_sh = _names_to(dec, batch_names())  # later chunks: the sequence is not split
@@ -119,8 +119,8 @@ class Programs:
     def _new_state(self) -> DecodeState:
         cfg, n = self.cfg, self.sizes.slots
         shape, dt = pool_shape(cfg, self.kv_repeat, self.sizes), jnp.dtype(cfg.dtype)
-        cache = tuple(tuple(tuple(jnp.zeros((g.repeats,) + shape, dt) for _ in range(2)) for _ in g.unit)
-                      for g in self.groups)
+        cache = tuple(tuple(tuple(jnp.zeros((g.repeats,) + shape, dt) for _ in range(cfg.cache_tensors))
+                            for _ in g.unit) for g in self.groups)
         i32 = jnp.zeros(n, jnp.int32)
         return DecodeState(cache=cache, tokens=i32, lengths=i32, generated=i32, done=jnp.ones(n, bool),
                            request=jax.tree.map(jnp.asarray, host_rows(n)))

@@ -32,7 +32,8 @@ class RequestRows:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
-    cache: Any  # KV pools: (k, v) [layers, pages, page_size, kv_heads, head_dim], or a list of per-layer (k, v)
+    cache: Any  # KV pools per layer group and unit position: (k, v) [repeats, pages, page_size, kv_heads,
+    # head_dim], or MLA's (latent,)
     tokens: Any  # [S] int32: each slot's last sampled token (not yet written to the cache)
     lengths: Any  # [S] int32: tokens in the slot's cache (the next token's position)
     generated: Any  # [S] int32: tokens emitted so far (also the sampling step of the next one)
@@ -127,10 +128,10 @@ def pool_shape(cfg, kv_repeat: int, sizes: CacheSizes) -> tuple:
 
 
 def bytes_per_token(cfg, kv_repeat: int, layout) -> int:
-    """KV cache bytes one token takes on one device (K and V, every layer held there)."""
+    """KV cache bytes one token takes on one device (K and V, or MLA's latent; every layer held there)."""
     kv = cfg.kv_heads * kv_repeat // layout.size("kv_heads")
     layers = cfg.num_hidden_layers // layout.size("layers")
-    return 2 * layers * kv * cfg.head_size * jnp.dtype(cfg.dtype).itemsize
+    return cfg.cache_tensors * layers * kv * cfg.head_size * jnp.dtype(cfg.dtype).itemsize
 
 
 def host_rows(n: int) -> RequestRows:

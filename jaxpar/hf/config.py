@@ -10,13 +10,15 @@ from jaxpar.hf.files import json_object
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
              "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
              "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-             "GptOssForCausalLM": "gpt_oss"}
+             "GptOssForCausalLM": "gpt_oss",
+             "DeepseekV3ForCausalLM": "deepseek_v3"}
 # config.json fields read below (besides ModelConfig's own fields and aliases)
 READ = {"architectures", "torch_dtype", "dtype", "rope_parameters", "rope_scaling", "rope_theta", "layer_types",
         "max_window_layers", "sliding_window", "use_sliding_window", "mlp_bias", "qkv_bias", "decoder_sparse_step",
         "mlp_only_layers", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_activation",
         "hidden_act", "sliding_window_pattern", "_sliding_window_pattern", "rope_local_base_freq",
-        "swiglu_limit", "swiglu_alpha", "quantization_config", "use_bidirectional_attention"}
+        "swiglu_limit", "swiglu_alpha", "quantization_config", "n_routed_experts", "n_shared_experts",
+        "first_k_dense_replace", "rope_interleave", "qk_head_dim", "scoring_func", "topk_method", "moe_layer_freq", "use_bidirectional_attention"}
 # fields deliberately ignored: they change nothing at inference. Any other field is refused by name, so a
 # checkpoint whose config asks for something jaxpar does not do never runs silently as something else.
 IGNORED = {
@@ -32,7 +34,9 @@ IGNORED = {
     "use_qk_norm": "Qwen3's q/k norms are implied by the architecture",
     "_attn_implementation_autoset": "a transformers runtime switch",
     "_attn_implementation": "a transformers runtime switch (which attention code runs, same result)",
-    "use_bfloat16": "metadata (dtype decides)", "cache_implementation": "a transformers runtime switch", "final_logit_softcapping": "read for Gemma 2 and 3 only",
+    "use_bfloat16": "metadata (dtype decides)", "num_nextn_predict_layers": "multi-token prediction heads (not used "
+    "to generate)", "aux_loss_alpha": "training: the auxiliary loss", "seq_aux": "training: the auxiliary loss",
+    "ep_size": "a deployment hint (the mesh file decides)", "cache_implementation": "a transformers runtime switch", "final_logit_softcapping": "read for Gemma 2 and 3 only",
     "attn_logit_softcapping": "read for Gemma 2 and 3 only", "query_pre_attn_scalar": "read for Gemma only"}
 # fields that change the computation in ways jaxpar does not implement
 REFUSED = {"partial_rotary_factor": "partial rotary embeddings"}
@@ -133,6 +137,38 @@ def _rope(raw: dict, kind: str, path: str) -> dict:
     return {**out, "rope_theta": float(theta), "rope_scaling": scaling}
 
 
+def _deepseek(raw: dict, path: str) -> dict:
+    """DeepSeek-V3: MLA, sigmoid group-limited routing with a correction bias, routed_scaling_factor, shared
+    experts without a gate, and dense first layers (first_k_dense_replace)."""
+    def need(name, default=None):
+        v = raw.get(name, default)
+        if v is None:
+            raise ConfigError(f"{path}: {name} is required for DeepseekV3ForCausalLM")
+        return v
+    for name, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+        if raw.get(name, want) != want:
+            raise ConfigError(f"{path}: {name}={raw[name]!r} is not supported for DeepseekV3ForCausalLM (only {want!r})")
+    nope, rope = need("qk_nope_head_dim"), need("qk_rope_head_dim")
+    if raw.get("qk_head_dim") not in (None, nope + rope) or raw.get("head_dim") not in (None, rope):
+        raise ConfigError(f"{path}: qk_head_dim={raw.get('qk_head_dim')}, head_dim={raw.get('head_dim')} disagree "
+                          f"with qk_nope_head_dim={nope} + qk_rope_head_dim={rope}")
+    moe_ffn, shared = need("moe_intermediate_size"), raw.get("n_shared_experts") or 0
+    first = raw.get("first_k_dense_replace", 0)
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise ConfigError(f"{path}: first_k_dense_replace must be a non-negative integer, got {first!r}")
+    out = dict(head_dim=None, num_key_value_heads=None, kv_lora_rank=need("kv_lora_rank"), q_lora_rank=raw.get("q_lora_rank"),
+               qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=need("v_head_dim"),
+               num_local_experts=need("n_routed_experts"), moe_intermediate_size=moe_ffn, scoring_func="sigmoid",
+               router_score_bias=True, n_group=raw.get("n_group"), topk_group=raw.get("topk_group"),
+               routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+               norm_topk_prob=raw.get("norm_topk_prob", True), shared_expert_gated=False)
+    if shared:
+        out["shared_expert_intermediate_size"] = moe_ffn * shared
+    if first:
+        out["mlp_only_layers"] = list(range(min(first, raw.get("num_hidden_layers", 0))))
+    return out
+
+
 def read_hf_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, "config.json")
     if os.path.isfile(directory):
@@ -192,6 +228,8 @@ def read_hf_config(directory: str) -> ModelConfig:
     if kind == "gpt_oss":  # sinks, biases everywhere, clamped SwiGLU experts routed by a softmax over the top k
         kw.update(attention_bias=True, attention_sinks=True, router_bias=True, expert_bias=True, norm_topk_prob=True,
                   hidden_act="silu", swiglu_limit=raw.get("swiglu_limit", 7.0), swiglu_alpha=raw.get("swiglu_alpha", 1.702))
+    if kind == "deepseek_v3":
+        kw.update(_deepseek(raw, path))
     if kind.endswith("_moe"):
         dense = _dense_layers(raw, kind, path)
         if dense:
@@ -204,8 +242,9 @@ def read_hf_config(directory: str) -> ModelConfig:
                         ("pad_token_id", raw.get("pad_token_id"))):
         if value is not None:
             kw[name] = value
-    if kw.get("head_dim") is None:
-        kw.pop("head_dim", None)
+    for name in ("head_dim", "num_key_value_heads"):
+        if kw.get(name) is None:
+            kw.pop(name, None)
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     kw["dtype"] = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
     return config_from_dict(kw, path)

@@ -6,6 +6,7 @@ weights are [out, in]; jaxpar's are [in, out] with heads split out, e.g. q_proj 
 HF's q/k projections are already in the rotate-half RoPE convention jaxpar uses, so no permutation."""
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
@@ -25,11 +26,47 @@ def _heads(t, n, hd):  # [n*hd, ...] -> [n, hd, ...]
     return t.reshape((n, hd) + t.shape[1:])
 
 
-def _block(cfg: ModelConfig, kind, experts: str) -> dict:
+def _deinterleave(r: int) -> np.ndarray:
+    """The order that turns rope dims stored as interleaved pairs (x0, x1), (x2, x3), ... into the rotate-half
+    layout jaxpar's rope uses: evens then odds (DeepSeek's rope_interleave)."""
+    return np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2)])
+
+
+def _mla(cfg: ModelConfig, interleaved: bool) -> dict:
+    """MLA's parameters (model/mla.py) from DeepSeek's q_a/q_b (or q), kv_a_proj_with_mqa and kv_b projections."""
+    d, h, nope, rope = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    lat, vd, attn = cfg.kv_lora_rank, cfg.v_head_dim, L + "self_attn."
+    order = _deinterleave(rope) if interleaved else np.arange(rope)
+    q_order = np.concatenate([np.arange(nope), nope + order])
+    kv_order = np.concatenate([np.arange(lat), lat + order])
+    p = {"attn.wkv_a": (attn + "kv_a_proj_with_mqa.weight", (lat + rope, d), lambda t: t[kv_order].T[:, None, :], 1),
+         "attn.kv_norm.weight": (attn + "kv_a_layernorm.weight", (lat,), lambda t: t, None),
+         "attn.w_uk": (attn + "kv_b_proj.weight", (h * (nope + vd), lat),
+                       lambda t: t.reshape(h, nope + vd, lat)[:, :nope, :], None),
+         "attn.w_uv": (attn + "kv_b_proj.weight", (h * (nope + vd), lat),
+                       lambda t: t.reshape(h, nope + vd, lat)[:, nope:, :].transpose(0, 2, 1), None),
+         "attn.wo": (attn + "o_proj.weight", (d, h * vd), lambda t: t.reshape(d, h, vd).transpose(1, 2, 0), None)}
+    if cfg.q_lora_rank is None:
+        p["attn.wq"] = (attn + "q_proj.weight", (h * (nope + rope), d),
+                        lambda t: t.reshape(h, nope + rope, d)[:, q_order].transpose(2, 0, 1), None)
+    else:
+        r = cfg.q_lora_rank
+        p.update({"attn.wq_a": (attn + "q_a_proj.weight", (r, d), lambda t: t.T, None),
+                  "attn.q_norm.weight": (attn + "q_a_layernorm.weight", (r,), lambda t: t, None),
+                  "attn.wq_b": (attn + "q_b_proj.weight", (h * (nope + rope), r),
+                                lambda t: t.reshape(h, nope + rope, r)[:, q_order].transpose(2, 0, 1), None)})
+    return p
+
+
+def _block(cfg: ModelConfig, kind, experts: str, interleaved: bool = False) -> dict:
     """One layer's parameters (paths inside its block) -> (HF name template with {} for the layer index,
     expected HF shape, view: HF array -> jaxpar layout, axis of kv heads in the jaxpar layout or None)."""
     d, f, h, kv, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
     attn = L + "self_attn."
+    if cfg.mla:
+        p = {"attn_norm.weight": (L + "input_layernorm.weight", (d,), lambda t: t, None),
+             "mlp_norm.weight": (L + "post_attention_layernorm.weight", (d,), lambda t: t, None), **_mla(cfg, interleaved)}
+        return _ffn(cfg, kind, experts, p)
     p = {
         "attn_norm.weight": (L + "input_layernorm.weight", (d,), lambda t: t, None),
         "mlp_norm.weight": (L + "post_attention_layernorm.weight", (d,), lambda t: t, None),
@@ -53,22 +90,31 @@ def _block(cfg: ModelConfig, kind, experts: str) -> dict:
     if cfg.qk_norm:
         p["attn.q_norm.weight"] = (attn + "q_norm.weight", (hd,), lambda t: t, None)
         p["attn.k_norm.weight"] = (attn + "k_norm.weight", (hd,), lambda t: t, None)
+    return _ffn(cfg, kind, experts, p)
+
+
+def _ffn(cfg: ModelConfig, kind, experts: str, p: dict) -> dict:
+    d, f = cfg.hidden_size, cfg.intermediate_size
     if not kind.moe:
         p.update({"mlp.w_gate": (L + "mlp.gate_proj.weight", (f, d), lambda t: t.T, None),
                   "mlp.w_up": (L + "mlp.up_proj.weight", (f, d), lambda t: t.T, None),
                   "mlp.w_down": (L + "mlp.down_proj.weight", (d, f), lambda t: t.T, None)})
         return p
     p.update(_experts(cfg, experts))
-    if cfg.shared_expert_intermediate_size:
-        fs, m = cfg.shared_expert_intermediate_size, L + "mlp.shared_expert."
+    if cfg.router_score_bias:
+        p["mlp.score_bias"] = (L + "mlp.gate.e_score_correction_bias", (cfg.num_local_experts,), lambda t: t, None)
+    if cfg.shared_expert_intermediate_size:  # Qwen2-MoE's shared_expert (gated), DeepSeek's shared_experts
+        fs = cfg.shared_expert_intermediate_size
+        m = L + ("mlp.shared_expert." if cfg.shared_expert_gated else "mlp.shared_experts.")
         p.update({"mlp.shared.w_gate": (m + "gate_proj.weight", (fs, d), lambda t: t.T, None),
                   "mlp.shared.w_up": (m + "up_proj.weight", (fs, d), lambda t: t.T, None),
-                  "mlp.shared.w_down": (m + "down_proj.weight", (d, fs), lambda t: t.T, None),
-                  "mlp.shared_gate": (L + "mlp.shared_expert_gate.weight", (1, d), lambda t: t.T, None)})
+                  "mlp.shared.w_down": (m + "down_proj.weight", (d, fs), lambda t: t.T, None)})
+        if cfg.shared_expert_gated:
+            p["mlp.shared_gate"] = (L + "mlp.shared_expert_gate.weight", (1, d), lambda t: t.T, None)
     return p
 
 
-def plan(cfg: ModelConfig, experts: str = "mixtral") -> dict:
+def plan(cfg: ModelConfig, experts: str = "mixtral", interleaved: bool = False) -> dict:
     """jaxpar parameter path -> (HF name template, expected HF shape, view, kv axis, layers): templates with {}
     are per layer, read for `layers` (the layer indices stacked in the parameter, in order; None otherwise)."""
     d, v = cfg.hidden_size, cfg.vocab_size
@@ -79,7 +125,7 @@ def plan(cfg: ModelConfig, experts: str = "mixtral") -> dict:
     for g, group in enumerate(layer_groups(cfg)):
         for u, kind in enumerate(group.unit):
             layers = tuple(group.layer_index(j, u) for j in range(group.repeats))
-            for name, entry in _block(cfg, kind, experts).items():
+            for name, entry in _block(cfg, kind, experts, interleaved).items():
                 p[f"group{g}.block{u}.{name}"] = entry + (layers,)
     return p
 
@@ -202,6 +248,15 @@ def _shard_reader(views, stacked: bool, kv_axis, kv_repeat: int, dtype):
     return read
 
 
+def rope_interleaved(directory: str, cfg: ModelConfig) -> bool:
+    """Whether the checkpoint stores MLA's rope dims as interleaved pairs (DeepSeek's rope_interleave, true
+    unless config.json says otherwise)."""
+    if not cfg.mla:
+        return False
+    from jaxpar.hf.files import json_object
+    return bool(json_object(os.path.join(directory, "config.json")).get("rope_interleave", True))
+
+
 def _array(files: WeightFiles, name: str):
     """A tensor of the checkpoint, lazily: MXFP4 blocks come with their scales, dequantized as they are read."""
     if name.endswith("_blocks"):
@@ -216,7 +271,7 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
     shardings = P.flatten(P.shardings(cfg, layout, kv_repeat))
     shapes = P.flatten(P.shapes(cfg, kv_repeat))
     dtype = np.dtype(cfg.dtype) if cfg.dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
-    todo = plan(cfg, expert_style(files, cfg))
+    todo = plan(cfg, expert_style(files, cfg), rope_interleaved(directory, cfg))
     progress = Progress(len(todo))
     out: dict = {}
     for path, (template, _, view, kv_axis, layers) in todo.items():

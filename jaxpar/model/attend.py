@@ -19,10 +19,13 @@ class AttentionSpec:
     """window: sliding-window attention (Mistral, Qwen2, gpt-oss and Gemma's local layers): the query at position
     p sees the keys at p - window + 1 .. p; None: every earlier position (causal).
     softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2); None: unchanged.
-    scale: the factor applied to q.k; None: head_dim ** -0.5 (Gemma's query_pre_attn_scalar sets another)."""
+    scale: the factor applied to q.k; None: head_dim ** -0.5 (Gemma's query_pre_attn_scalar sets another).
+    latent: the cache kind. False: grouped K and V. True: MLA's compressed latent in the absorbed form, one
+    tensor per token whose values are its keys (the kernels move and cache it once, and use it as both)."""
     window: int | None = None
     softcap: float | None = None
     scale: float | None = None
+    latent: bool = False
 
     def visible(self, q_pos, k_pos):
         """Whether a query at q_pos may attend to a key at k_pos (broadcasting integer positions)."""

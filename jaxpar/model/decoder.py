@@ -75,10 +75,10 @@ class Decoder(nnx.Module):
         if cfg.scale_embeddings:  # Gemma: by sqrt(hidden_size), rounded to the parameters' dtype
             x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
         x = constrain(x, ("batch", "residual_seq", "embed"))
-        full = rope_tables(positions, inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling),
+        full = rope_tables(positions, inv_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling),
                            attention_factor(cfg.rope_scaling))
         sliding = full if cfg.rope_local_base_freq is None else rope_tables(
-            positions, inv_frequencies(cfg.head_size, cfg.rope_local_base_freq, None))
+            positions, inv_frequencies(cfg.rope_dim, cfg.rope_local_base_freq, None))
         rows = Rows(positions, jnp.ones(tokens.shape, bool) if valid is None else valid,
                     {"full": full, "sliding": sliding}, pages, paged, router_aux)
         caches, stats = [], []

@@ -170,20 +170,42 @@ class MoE(nnx.Module):
             self.b_down = param(rngs, (e, d), NAMES["b_down"], dt)
         self.gate = Gate(cfg.swiglu_limit, cfg.swiglu_alpha)
         self.has_shared = bool(cfg.shared_expert_intermediate_size)
-        if self.has_shared:  # Qwen2-MoE: one more expert every token uses, scaled by a sigmoid gate
+        self.shared_gated = self.has_shared and cfg.shared_expert_gated
+        if self.has_shared:  # one more expert every token uses (Qwen2-MoE: scaled by a sigmoid gate; DeepSeek)
             self.shared = MLP(cfg, rngs, cfg.shared_expert_intermediate_size)
+        if self.shared_gated:
             self.shared_gate = param(rngs, (d, 1), ("embed", None), dt)
+        self.sigmoid = cfg.scoring_func == "sigmoid"
+        self.groups = (cfg.n_group, cfg.topk_group) if cfg.n_group else None
+        self.scaling = cfg.routed_scaling_factor
+        self.has_score_bias = cfg.router_score_bias
+        if self.has_score_bias:  # DeepSeek-V3: chooses experts, does not weigh them
+            self.score_bias = param(rngs, (e,), (None,), jnp.float32, nnx.initializers.zeros)
 
     def route(self, x):
         """x [B,S,D] -> chosen experts [B,S,k], their weights [B,S,k] and all router probabilities [B,S,E]
-        (float32)."""
+        (float32). Softmax scores (Mixtral, Qwen, gpt-oss), or DeepSeek-V3's: sigmoid scores, experts chosen by
+        score + correction bias within the best topk_group of n_group groups (a group's worth: its two best),
+        weighted by their scores, renormalised and scaled by routed_scaling_factor."""
         logits = jnp.einsum("bsd,de->bse", x, self.router[...], preferred_element_type=jnp.float32)
         if self.has_router_bias:
             logits = logits + self.router_bias[...].astype(jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1)
-        top, idx = top_k_per_token(probs, self.k)
+        scores = jax.nn.sigmoid(logits) if self.sigmoid else jax.nn.softmax(logits, axis=-1)
+        choice = scores + self.score_bias[...] if self.has_score_bias else scores
+        if self.groups:
+            n, keep = self.groups
+            b, s, e = choice.shape
+            grouped = choice.reshape(b, s, n, e // n)
+            best, _ = top_k_per_token(grouped.reshape(b, s * n, e // n), 2)
+            _, chosen = top_k_per_token(best.sum(axis=-1).reshape(b, s, n), keep)
+            allowed = jnp.any(chosen[..., None] == jnp.arange(n), axis=-2)  # [B,S,n]
+            choice = jnp.where(jnp.repeat(allowed, e // n, axis=-1), choice, -jnp.inf)
+        _, idx = top_k_per_token(choice, self.k)
+        top = jnp.take_along_axis(scores, idx, axis=-1)
         if self.norm_topk:
-            top = top / jnp.sum(top, axis=-1, keepdims=True)
+            top = top / (jnp.sum(top, axis=-1, keepdims=True) + (1e-20 if self.sigmoid else 0.0))
+        top = top * self.scaling
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True) if self.sigmoid else scores
         return idx, top, probs
 
     def __call__(self, x, valid, router_aux: bool = False):
@@ -193,8 +215,10 @@ class MoE(nnx.Module):
         idx, top, probs = self.route(x)
         names = ("w_gate", "w_up", "w_down") + (("b_gate", "b_up", "b_down") if self.has_bias else ())
         out, load, dropped = expert_ffn(x, idx, top, valid, {k: getattr(self, k)[...] for k in names}, self.gate)
-        if self.has_shared:
+        if self.shared_gated:
             out = out + jax.nn.sigmoid(jnp.einsum("bsd,do->bso", x, self.shared_gate[...])) * self.shared(x)
+        elif self.has_shared:
+            out = out + self.shared(x)
         stats = {"load": load, "dropped": dropped}
         if router_aux:
             n = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
@@ -210,7 +234,11 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, kv_heads: int, kind: LayerKind, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.attn_norm = norm(cfg, d, ("embed",), rngs)
-        self.attn = Attention(cfg, kv_heads, kind.sliding, rngs)
+        if cfg.mla:
+            from jaxpar.model.mla import LatentAttention  # it builds on this module's parts
+            self.attn = LatentAttention(cfg, kv_heads, kind.sliding, rngs)
+        else:
+            self.attn = Attention(cfg, kv_heads, kind.sliding, rngs)
         self.mlp_norm = norm(cfg, d, ("embed",), rngs)
         self.mlp = MoE(cfg, rngs) if kind.moe else MLP(cfg, rngs)
         self.sandwich = cfg.sandwich_norms

@@ -48,6 +48,16 @@ def attention_factor(scaling: dict | None) -> float:
     return _yarn_mscale(factor)
 
 
+def yarn_softmax_scale(scaling: dict | None, scale: float) -> float:
+    """DeepSeek's attention scale under YaRN: scale * mscale(factor, mscale_all_dim) ** 2 when mscale_all_dim is
+    set (transformers' yarn_apply_mscale); unchanged otherwise."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default" or not scaling.get("mscale_all_dim"):
+        return scale
+    m = _yarn_mscale(scaling["factor"], scaling["mscale_all_dim"])
+    return scale * m * m
+
+
 def _yarn(dim: int, base: float, scaling: dict) -> np.ndarray:
     """YaRN (Peng et al. 2023): frequencies that rotate more than beta_fast times over the original context keep
     their value, those under beta_slow are divided by the factor, a linear ramp between."""

@@ -62,22 +62,22 @@ def _gather_seq(x, axis, n):
 
 
 def write_pages(pools, k, v, table, positions, valid):
-    """After prefill attention: the prompt chunk's K and V [B, S, KV, D] into the layer's pools (k, v).
-    positions, valid [B, S_all]: of the whole chunk in the sequence's order (not split over seq)."""
+    """After prefill attention: the prompt chunk's K and V [B, S, KV, D] into the layer's pools (k, v), or its
+    latent k into the one pool (k,) of a latent cache. positions, valid [B, S_all]: of the whole chunk in the
+    sequence's order (not split over seq)."""
     axis, n = _seq_axes()
     lay = active()
     split = lay is not None and lay.size("seq") > 1  # the chunk itself is split over seq (prefill)
+    new = (k, v)[:len(pools)]
 
-    def body(pk, pv, k, v, table, positions, valid):
-        if split:
-            k, v = _gather_seq(k, axis, n), _gather_seq(v, axis, n)
-        return (_write_local(pk, k, table, positions, valid, axis, n),
-                _write_local(pv, v, table, positions, valid, axis, n))
+    def body(pools, new, table, positions, valid):
+        return tuple(_write_local(p, _gather_seq(x, axis, n) if split else x, table, positions, valid, axis, n)
+                     for p, x in zip(pools, new))
     if lay is None or lay.mesh.size == 1:
-        return body(*pools, k, v, table, positions, valid)
+        return body(pools, new, table, positions, valid)
     pool, kv, rows = lay.spec(POOL), lay.spec(KV), lay.spec(("batch", None))
-    return lay.shard_map(body, in_specs=(pool, pool, kv, kv, lay.spec(TABLE), rows, rows),
-                         out_specs=(pool, pool))(*pools, k, v, table, positions, valid)
+    return lay.shard_map(body, in_specs=((pool,) * len(pools), (kv,) * len(pools), lay.spec(TABLE), rows, rows),
+                         out_specs=(pool,) * len(pools))(tuple(pools), new, table, positions, valid)
 
 
 # Keys per step when a row's pages are read block by block: the score array stays [b, H, s, BLOCK_TOKENS], and
@@ -85,13 +85,14 @@ def write_pages(pools, k, v, table, positions, valid):
 BLOCK_TOKENS = 256
 
 
-def _attend_local(q, k, v, pk, pv, table, positions, valid, sinks=None, *, axis, n, spec: AttentionSpec):
-    """Per device: write the new tokens, then attend over this device's pages (every page when n = 1).
+def _attend_local(q, k, v, pools, table, positions, valid, sinks=None, *, axis, n, spec: AttentionSpec):
+    """Per device: write the new tokens, then attend over this device's pages (every page when n = 1); pools:
+    (k, v), or a latent cache's (k,) whose values are its keys.
     A table of at most BLOCK_TOKENS tokens is read in one piece; a wider one block by block (online softmax),
     from the first block a valid position's window reaches (the first page without a window) to the last page
     a valid position of the call reaches."""
-    pk = _write_local(pk, k, table, positions, valid, axis, n)
-    pv = _write_local(pv, v, table, positions, valid, axis, n)
+    pools = tuple(_write_local(p, x, table, positions, valid, axis, n) for p, x in zip(pools, (k, v)))
+    pk, pv = pools[0], pools[-1]
     page = pk.shape[1]
     b, nb = table.shape
     local = nb // n  # this device's logical pages: j = i, i + n, i + 2n, ...
@@ -102,7 +103,7 @@ def _attend_local(q, k, v, pk, pv, table, positions, valid, sinks=None, *, axis,
         key_pos = (cols[:, None] * page + jnp.arange(page)[None, :]).reshape(-1)  # [T]
         pages = jnp.take(table, cols, axis=1, mode="fill", fill_value=0)  # [b, len(cols)]
         keys = pk[pages].reshape(b, -1, *pk.shape[2:]).astype(q.dtype)
-        vals = pv[pages].reshape(b, -1, *pv.shape[2:]).astype(q.dtype)
+        vals = keys if spec.latent else pv[pages].reshape(b, -1, *pv.shape[2:]).astype(q.dtype)
         in_table = jnp.repeat(cols < nb, page)[None, None, :]
         mask = spec.visible(positions[:, :, None], key_pos[None, None, :]) & in_table
         return keys, vals, mask  # as the spec says over the cached positions, none past the table
@@ -110,7 +111,7 @@ def _attend_local(q, k, v, pk, pv, table, positions, valid, sinks=None, *, axis,
     if local <= per_block:
         keys, vals, mask = block_inputs(first + n * jnp.arange(local))
         if n == 1:
-            return attend(q, keys, vals, mask, spec, sinks), pk, pv
+            return attend(q, keys, vals, mask, spec, sinks), pools
         acc = accumulate(empty_partial(q, keys.shape[2]), q, keys, vals, mask, spec)
     else:
         last_page = jnp.max(jnp.where(valid, positions, 0)) // page
@@ -142,7 +143,7 @@ def _attend_local(q, k, v, pk, pv, table, positions, valid, sinks=None, *, axis,
         o, m, l = with_sinks((o, m, l), sinks)
     out = o / jnp.maximum(jnp.moveaxis(l, -1, 1)[..., None], jnp.finfo(jnp.float32).tiny)
     bb, s, kv, g, d = out.shape
-    return out.astype(q.dtype).reshape(bb, s, kv * g, d), pk, pv
+    return out.astype(q.dtype).reshape(bb, s, kv * g, d), pools
 
 
 def paged_attention(q, k, v, pools, table, positions, valid, spec: AttentionSpec, sinks=None):
@@ -153,13 +154,12 @@ def paged_attention(q, k, v, pools, table, positions, valid, spec: AttentionSpec
     axis, n = _seq_axes()
     lay = active()
     body = functools.partial(_attend_local, axis=axis, n=n, spec=spec)
-    args = (q, k, v, *pools, table, positions, valid) + (() if sinks is None else (sinks,))
+    pools = tuple(pools)
+    args = (q, k, v, pools, table, positions, valid) + (() if sinks is None else (sinks,))
     if lay is None or lay.mesh.size == 1:
-        out, pk, pv = body(*args)
-        return out, (pk, pv)
+        return body(*args)
     pool, rows = lay.spec(POOL), lay.spec(ROWS)
-    specs = (lay.spec(Q), lay.spec(KV), lay.spec(KV), pool, pool, lay.spec(TABLE), rows, rows)
-    out, pk, pv = lay.shard_map(body, in_specs=specs + (() if sinks is None else (lay.spec(("heads",)),)),
-                                out_specs=(lay.spec(Q), pool, pool))(*args)
-    return out, (pk, pv)
+    specs = (lay.spec(Q), lay.spec(KV), lay.spec(KV), (pool,) * len(pools), lay.spec(TABLE), rows, rows)
+    return lay.shard_map(body, in_specs=specs + (() if sinks is None else (lay.spec(("heads",)),)),
+                         out_specs=(lay.spec(Q), (pool,) * len(pools)))(*args)
 

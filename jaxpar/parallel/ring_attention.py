@@ -46,10 +46,10 @@ def ring_attention_local(q, k, v, sinks=None, *, axis, n: int, spec: AttentionSp
 
     acc = empty_partial(q, kv_heads)
     ring = [(j, (j + 1) % n) for j in range(n)]
-    cur = (k, v)
+    cur = (k,) if spec.latent else (k, v)  # a latent cache's values are its keys: one tensor goes round
     for t in range(n):
         nxt = jax.lax.ppermute(cur, axis, ring) if t < n - 1 else None  # send before computing on cur
-        kt, vt = cur
+        kt, vt = cur[0], cur[-1]
         if t == 0:
             acc = accumulate(acc, q, kt, vt, visible(pos, pos), spec)
         else:

@@ -16,12 +16,14 @@ def ulysses_attention_local(q, k, v, sinks=None, *, axis, n: int, spec: Attentio
     the all-to-all. -> [B, S/n, H, D]."""
     b, sl, h, d = q.shape
     kv = k.shape[2]
+    moved = (q, k) if spec.latent else (q, k, v)  # a latent cache's values are its keys
     # [B, S/n, n, heads/n, D] per tensor, heads grouped by destination device, then Q|K|V side by side
-    parts = [x.reshape(b, sl, n, x.shape[2] // n, d) for x in (q, k, v)]
+    parts = [x.reshape(b, sl, n, x.shape[2] // n, d) for x in moved]
     qkv = jax.lax.all_to_all(jnp.concatenate(parts, axis=3), axis, split_axis=2, concat_axis=1, tiled=True)
-    qkv = qkv.reshape(b, sl * n, (h + 2 * kv) // n, d)  # the whole sequence, this device's heads
+    qkv = qkv.reshape(b, sl * n, (h + (len(moved) - 1) * kv) // n, d)  # the whole sequence, this device's heads
     hq, hk = h // n, kv // n
-    ql, kl, vl = qkv[:, :, :hq], qkv[:, :, hq:hq + hk], qkv[:, :, hq + hk:]
+    ql, kl = qkv[:, :, :hq], qkv[:, :, hq:hq + hk]
+    vl = kl if spec.latent else qkv[:, :, hq + hk:]
     pos = zigzag.order(sl * n, n)
     pos = jnp.asarray(pos)
     mask = jnp.broadcast_to(spec.visible(pos[:, None], pos[None, :]), (b, sl * n, sl * n))
