@@ -60,6 +60,8 @@ def _layer_types(raw: dict, kind: str, path: str) -> list[str]:
     on, Qwen2-MoE on the even layers below it, Qwen3-MoE on every layer."""
     n = raw.get("num_hidden_layers")
     n = n if isinstance(n, int) else 0
+    if kind.startswith("qwen") and not raw.get("use_sliding_window"):  # transformers then drops the window
+        return ["full_attention"] * n
     if raw.get("layer_types") is not None:
         types = raw["layer_types"]
         if not isinstance(types, list) or len(types) != n:
@@ -74,7 +76,7 @@ def _layer_types(raw: dict, kind: str, path: str) -> list[str]:
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
     if kind in ("mistral", "mixtral"):
         return ["sliding_attention"] * n
-    if kind not in DEFAULT_WINDOW or not raw.get("use_sliding_window"):
+    if kind not in DEFAULT_WINDOW:
         return ["full_attention"] * n
     if kind == "qwen3_moe":
         return ["sliding_attention"] * n

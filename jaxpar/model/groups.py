@@ -66,17 +66,18 @@ def _repeats(kinds: tuple, start: int, p: int) -> int:
 
 def layer_groups(cfg: ModelConfig, split: bool = False) -> tuple:
     """The decoder's groups: the grouping with the fewest distinct blocks (the sum of the unit lengths, which is
-    what the compiled program's size follows), then the fewest groups. split: every layer its own group."""
+    what the compiled program's size follows), then the fewest groups, then the longest first group (a pattern
+    is read from the first layer on). split: every layer its own group."""
     kinds = layer_kinds(cfg)
     n = len(kinds)
     if split:
         return tuple(Group((k,), 1, i) for i, k in enumerate(kinds))
-    best: list = [None] * n + [((0, 0), ())]  # from layer i on: ((blocks, groups), groups)
+    best: list = [None] * n + [((0, 0, 0), ())]  # from layer i on: ((blocks, groups, -first group's layers), groups)
     for i in range(n - 1, -1, -1):
         for p in range(1, n - i + 1):
             for r in range(1, _repeats(kinds, i, p) + 1):
-                (blocks, count), rest = best[i + p * r]
-                cand = ((blocks + p, count + 1), (Group(kinds[i:i + p], r, i),) + rest)
+                (blocks, count, _), rest = best[i + p * r]
+                cand = ((blocks + p, count + 1, -p * r), (Group(kinds[i:i + p], r, i),) + rest)
                 if best[i] is None or cand[0] < best[i][0]:
                     best[i] = cand
     return best[0][1]
