@@ -10,6 +10,7 @@ from jaxpar.tools import cli
 def inspect_engine(engine, batch: int = 1, prompt_len: int = 16, max_new_tokens: int = 16) -> dict:
     from jaxpar.analysis.hlo import report
     from jaxpar.engine.engine import compile_steps
+    from jaxpar.engine.state import bytes_per_token
 
     c = compile_steps(engine, batch, prompt_len, max_new_tokens)
     return {"devices": engine.mesh.size, "mesh": dict(engine.model_layout.mesh_cfg.axes),
@@ -17,6 +18,7 @@ def inspect_engine(engine, batch: int = 1, prompt_len: int = 16, max_new_tokens:
             "kv_repeat": engine.kv_repeat,
             "params_bytes_per_device": engine.params_bytes_per_device(),
             "kv_cache_bytes_per_device": c["kv_cache_bytes_per_device"],
+            "kv_bytes_per_token_per_device": bytes_per_token(engine.config, engine.kv_repeat, engine.layout),
             "prefill": report(c["prefill"]), "decode": report(c["decode"]),
             "compile_seconds": c["compile_s"]}
 
@@ -30,7 +32,8 @@ def print_human(r: dict) -> None:
     print(f"mesh: {mesh} ({r['devices']} devices); batch {r['batch']}, prompt {r['prompt_len']}, "
           f"cache {r['cache_len']} tokens")
     print(f"params per device: {_mib(r['params_bytes_per_device'])}   "
-          f"KV cache per device: {_mib(r['kv_cache_bytes_per_device'])}")
+          f"KV cache per device: {_mib(r['kv_cache_bytes_per_device'])} "
+          f"({r['kv_bytes_per_token_per_device']:,} bytes a token)")
     for step in ("prefill", "decode"):
         m = r[step]["memory"]
         print(f"\n{step}: peak {_mib(m['peak_bytes'])} per device (args {_mib(m['argument_bytes'])}, "

@@ -155,6 +155,16 @@ def test_deepseek_v3_fp8_needs_a_full_node_of_b200(capsys):
     assert PL.min_devices(671e9, PRESETS["b200-nvlink"]) == 4
 
 
+def test_deepseek_v3_sized_from_the_model_code_needs_a_full_node_of_b200(capsys):
+    """Seed 003 again, from the shipped deepseek-v3 config rather than a parameter count: the model code's
+    671.03B parameters in FP8 x 1.8 need 8 B200s; its MLA cache is 70,272 bytes a token in bf16."""
+    r = run_plan(capsys, "--model", "deepseek-v3", "--dtype", "fp8", "--hardware", "b200-nvlink")
+    assert abs(r["sizing"]["params"] / 671e9 - 1) < 0.005
+    assert r["sizing"]["min_devices_by_allowance"] == 8
+    assert r["sizing"]["kv_bytes_per_token"] == 70272
+    assert r["model"]["layer_groups"] == ["layers 0-2: (full/dense) x 3", "layers 3-60: (full/moe) x 58"]
+
+
 def test_recommendation_is_topology_aware(capsys):
     """Seed 002: Llama-3-70B at batch 1 on 8 H100 over NVLink: TP over all 8, inside the node. On a
     two-socket PCIe Gen4 server a smaller TP degree that stays inside one socket. Seed 003: a dense model

@@ -14,9 +14,12 @@ from jaxpar.layout.mesh_file import parse_mesh
 from jaxpar.layout.plan import plan_layout
 
 REAL = ["llama3-8b", "llama3-70b", "llama3.1-405b", "mistral-7b", "mistral-7b-v0.1", "mixtral-8x7b",
-        "qwen3-30b-a3b"]
+        "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b", "gpt-oss-20b", "gemma3-27b"]
 PARAMS_B = {"llama3-8b": 8.03, "llama3-70b": 70.55, "llama3.1-405b": 405.85, "mistral-7b": 7.25,
-            "mistral-7b-v0.1": 7.24, "mixtral-8x7b": 46.70, "qwen3-30b-a3b": 30.53}  # published, billions
+            "mistral-7b-v0.1": 7.24, "mixtral-8x7b": 46.70, "qwen3-30b-a3b": 30.53,  # published, billions
+            "deepseek-v3": 671.0,  # the DeepSeek-V3 report (685B on the hub includes the 14B MTP module)
+            "gpt-oss-120b": 116.83, "gpt-oss-20b": 20.91,  # the gpt-oss model card
+            "gemma3-27b": 27.016}  # the Gemma 3 report: 1,416M embedding + 25,600M other (text decoder)
 
 
 def cfg_of(name):
@@ -59,10 +62,24 @@ def test_a_sliding_window_bounds_the_planned_kv_cache():
 
 @pytest.mark.parametrize("name", REAL)
 def test_kv_cache_bytes_per_token(name):
-    """KV bytes per token = 2 (K and V) x layers x kv heads x head_dim x bytes; per device / tensor."""
+    """KV bytes per token = 2 (K and V; MLA: 1 latent) x layers x kv heads x head_dim x bytes; per device /
+    tensor (MLA's latent, one "kv head", is replicated)."""
     cfg = cfg_of(name)
-    want = 2 * cfg.num_hidden_layers * cfg.kv_heads * cfg.head_size * 2
+    want = cfg.cache_tensors * cfg.num_hidden_layers * cfg.kv_heads * cfg.head_size * 2
     for tp in (1, 8):
         _, ml = per_device_gb(cfg, {"tensor": tp} if tp > 1 else {})
         per_device = bytes_per_token(cfg.replace(dtype="bfloat16"), ml.kv_repeat, ml.layout)
         assert per_device * tp == want * ml.kv_repeat, (tp, per_device)  # kv heads replicated when tp > kv
+
+
+def test_mla_caches_one_latent_per_token_replicated_under_tensor_parallelism():
+    """DeepSeek-V3: 61 layers x (512 + 64) latent values x 2 bytes = 70,272 bytes a token in bf16 (GQA
+    Llama-3-70B: 327,680), and every device of a tensor split holds all of it (the latent has no head axis),
+    where Llama-3-70B's 8 kv heads split 8 ways."""
+    ds, llama = cfg_of("deepseek-v3"), cfg_of("llama3-70b")
+    for tp in (1, 8):
+        axes = {"tensor": tp} if tp > 1 else {}
+        _, ml = per_device_gb(ds, axes)
+        assert bytes_per_token(ds, ml.kv_repeat, ml.layout) == 61 * 576 * 2 == 70272
+        _, ml = per_device_gb(llama, axes)
+        assert bytes_per_token(llama, ml.kv_repeat, ml.layout) == 327680 // tp

@@ -14,12 +14,13 @@ DTYPE_BYTES = {"float32": 4, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 ALIASES = {"bfloat16": "bf16", "fp32": "float32", "f32": "float32"}
 
 
-def _leaves(cfg: ModelConfig, kv_repeat: int):
-    """(shape, logical names) of every parameter, from the abstract model (nothing allocated)."""
+def _leaves(cfg: ModelConfig, kv_repeat: int, within: str = ""):
+    """(shape, logical names) of every parameter (whose path contains `within`), from the abstract model
+    (nothing allocated)."""
     from jaxpar.engine import params as P
     names = P.flatten(P.logical_names(cfg, kv_repeat))
     shapes = P.flatten(P.shapes(cfg, kv_repeat))
-    return [(tuple(shapes[k].shape), names[k]) for k in names]
+    return [(tuple(shapes[k].shape), names[k]) for k in names if within in k]
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -34,11 +35,12 @@ def params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int) ->
     return sum(math.prod(s) // math.prod(ax.size(n) for n in names if n) for s, names in leaves)
 
 
-def layer_params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int) -> float:
-    """A layer's parameters on one device, averaged over the model's layers (what a layer execution reads)."""
+def layer_params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, within: str = "") -> float:
+    """A layer's parameters on one device (those whose path contains `within`: ".attn." for its attention),
+    averaged over the model's layers (what a layer execution reads)."""
     ax = Axes(mesh_cfg)
     total = sum(math.prod(s) // math.prod(ax.size(n) for n in names if n and n != "layers")
-                for s, names in _leaves(cfg, kv_repeat) if "layers" in names)
+                for s, names in _leaves(cfg, kv_repeat, within) if "layers" in names)
     return total / cfg.num_hidden_layers
 
 
@@ -90,7 +92,7 @@ def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step
     hd, h = cfg.head_size, cfg.hidden_size
     heads = cfg.num_attention_heads // ax.size("heads")
     kv = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
-    attn_w = h * (2 * heads + 2 * kv) * hd
+    attn_w = layer_params_per_device(cfg, mesh_cfg, kv_repeat, ".attn.")  # each weight: 2 FLOPs a token
     flops = io = 0.0
     kinds = layer_kinds(cfg)
     for kind in kinds:
