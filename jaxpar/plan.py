@@ -95,7 +95,9 @@ def plan(args, hw, cfg, preset) -> dict:
     kv_tok = S.kv_bytes_per_token(cfg, S.DTYPE_BYTES[args.kv_dtype])
     held = S.tokens_held(cfg, args.context)
     sizing = {"params": n_params, "weights_bytes": weights, "kv_bytes_per_token": kv_tok,
-              "kv_tokens_held": held, "kv_bytes": kv_tok * args.batch * held, "kv_allowance": args.kv_allowance,
+              "kv_tokens_held": held,
+              "kv_bytes": args.batch * S.kv_bytes_per_sequence(cfg, args.context, S.DTYPE_BYTES[args.kv_dtype]),
+              "kv_allowance": args.kv_allowance,
               "min_devices_by_allowance": PL.min_devices(weights[args.dtype] * args.kv_allowance, preset)}
     return {"model": cfg_summary(cfg), "hardware": hw_summary(hw), "devices": args.devices,
             "request": {"batch": args.batch, "context": args.context, "new_tokens": args.new_tokens,
@@ -130,7 +132,8 @@ def print_human(r: dict, top: int) -> None:
         print("layer groups: " + "; ".join(m["layer_groups"]))
     print("weights: " + ", ".join(f"{d} {_gb(b)}" for d, b in s["weights_bytes"].items()))
     held = "" if s["kv_tokens_held"] == q["context"] else (
-        f" (sliding window {m['sliding_window']}: {s['kv_tokens_held']} tokens held per sequence)")
+        f" (sliding window {m['sliding_window']}: {s['kv_tokens_held']} tokens held per sequence"
+        f"{' in the sliding layers' if len(m['layer_groups']) > 1 or '+' in m['layer_groups'][0] else ''})")
     print(f"KV cache: {s['kv_bytes_per_token']:,.0f} bytes/token ({q['kv_dtype']}); batch {q['batch']} x context "
           f"{q['context']}{held}: {_gb(s['kv_bytes'])}")
     links = ", ".join(f"{ln['name']} {ln['bytes_per_s'] / 1e9:.0f} GB/s {ln['latency_s'] * 1e6:g} us (groups of "

@@ -137,6 +137,36 @@ def test_a_sliding_window_model_gives_back_the_pages_behind_its_window(mesh, poo
         engine(mesh, model=cfg.replace(sliding_window=None), **kw).generate_tokens(prompts, max_new_tokens=70)
 
 
+@pytest.mark.parametrize("mesh", ["single", "sp4", "pp2"])
+def test_a_mixed_sliding_and_full_model_keeps_its_sliding_layers_in_window_rings(mesh):
+    """Layers alternate sliding (24 positions) and full attention. The sliding layers' pools hold a fixed ring
+    of pages per slot (the window and the next 16-token chunk: 12 pages of 4 tokens with sp4's split, 11
+    otherwise) that a request's pages reuse as it advances, while the full layers keep every page. Two requests
+    of 30 prompt tokens and 70 new ones (25 pages each, so the rings wrap twice) get the greedy tokens of full
+    forward passes (no cache at all), through chunked prefill and decode, and the pools are the sizes said."""
+    from jaxpar.config import load_config
+    import numpy as np
+    s, f = "sliding_attention", "full_attention"
+    cfg = load_config("tiny-llama").replace(sliding_window=24, layer_types=[s, f, s, f])
+    kw = dict(max_num_seqs=2, page_size=4, prefill_chunk=16, max_num_batched_tokens=32, decode_steps=4)
+    eng = engine(mesh, model=cfg, **kw)
+    ring = 12 if mesh == "sp4" else 11
+    assert eng.sizes.ring_pages == ring
+    pools = [p.shape for p in jax.tree.leaves(eng.programs.state_struct().cache)]
+    full_pages = eng.sizes.pool_pages
+    assert sorted({p[1] for p in pools}) == sorted({eng.sizes.slots * ring, full_pages})
+    rng = np.random.RandomState(0)
+    prompts = [list(rng.randint(0, 512, 30)) for _ in range(2)]
+    want = []
+    for p in prompts:  # greedy from full forward passes: positions after the sequence cannot change its logits
+        seq = list(p)
+        for _ in range(70):
+            padded = np.array([seq + [0] * (112 - len(seq))])
+            seq.append(int(np.argmax(eng.logits(padded)[0, len(seq) - 1])))
+        want.append(seq[30:])
+    assert eng.generate_tokens(prompts, max_new_tokens=70, stop_at_eos=False) == want
+
+
 def test_a_pool_filled_by_prefills_alone_still_moves():
     """Four slots all prefilling 8-token chunks of 4-token pages in a pool of 6 pages: one request is preempted
     to make room for another, which grows in the same iteration (a victim preempted without that would be

@@ -8,7 +8,7 @@ import math
 from jaxpar.analysis.comm import Axes, Step, schedule
 from jaxpar.config import ModelConfig
 from jaxpar.layout.mesh_file import MeshConfig
-from jaxpar.model.groups import layer_kinds, shared_window
+from jaxpar.model.groups import context_layers, layer_kinds, ring_window, shared_window
 
 DTYPE_BYTES = {"float32": 4, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 ALIASES = {"bfloat16": "bf16", "fp32": "float32", "f32": "float32"}
@@ -50,33 +50,55 @@ def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, 
     pages spread over the seq devices (page j on device j % n), so a device holds ceil(pages / n) of each of
     its batch shard's rows, in pools [layers, pages, page_size, kv_heads, head_dim] x 2 (engine/state.py).
     With a sliding window on every layer a row holds only the pages of its window and of the next `ahead`
-    tokens (engine/state.pages_held; `ahead` None: as many as the serving defaults compute in one iteration)."""
+    tokens (engine/state.pages_held; `ahead` None: as many as the serving defaults compute in one iteration);
+    a model mixing sliding and full layers holds that many in each sliding layer's ring, and `cache` tokens in
+    each full layer."""
     ax = Axes(mesh_cfg)
     n = ax.size("cache_seq")
-    held = _pages_held(cfg, cache, page_size, ahead)
-    tokens = batch // ax.size("batch") * -(-held // n) * page_size
+    rows = batch // ax.size("batch")
     heads = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
-    return cfg.cache_tensors * cfg.num_hidden_layers // ax.size("layers") * tokens * heads * cfg.head_size * kv_bytes
+    per_token_layer = cfg.cache_tensors * heads * cfg.head_size * kv_bytes
+    held = _pages_held(cfg, cache, page_size, ahead, shared_window(cfg))
+    layers = context_layers(cfg)
+    total = layers // ax.size("layers") * rows * -(-held // n) * page_size * per_token_layer
+    ring = ring_window(cfg)
+    if ring is not None:  # engine/state.cache_sizes: the ring's pages, a multiple of n
+        max_pages = -(-(-(-cache // page_size)) // n) * n
+        ring_pages = min(-(-_pages_held(cfg, cache, page_size, ahead, ring) // n) * n, max_pages)
+        total += (cfg.num_hidden_layers - layers) // ax.size("layers") * rows * ring_pages // n * page_size * \
+            per_token_layer
+    return total
 
 
 def tokens_held(cfg: ModelConfig, context: int, page_size: int = 16, ahead: int | None = None) -> int:
-    """KV cache tokens one sequence of `context` tokens holds at once (its pages' slots): the context, or with
-    a sliding window on every layer its window and next chunk (engine/state.pages_held)."""
-    if shared_window(cfg) is None:
+    """KV cache tokens one sequence of `context` tokens holds at once in a sliding layer (its pages' slots): the
+    context, or its window and next chunk (engine/state.pages_held)."""
+    window = shared_window(cfg) or ring_window(cfg)
+    if window is None:
         return context
-    return min(context, _pages_held(cfg, context, page_size, ahead) * page_size)
+    return min(context, _pages_held(cfg, context, page_size, ahead, window) * page_size)
 
 
-def _pages_held(cfg: ModelConfig, tokens: int, page_size: int, ahead: int | None) -> int:
-    """engine/state.pages_held for this model; `ahead` None: what the serving defaults compute in one iteration."""
+def _pages_held(cfg: ModelConfig, tokens: int, page_size: int, ahead: int | None, window: int | None) -> int:
+    """engine/state.pages_held; `ahead` None: what the serving defaults compute in one iteration."""
     from jaxpar.engine.state import pages_held
     from jaxpar.serving.scheduler import ServingConfig
-    return pages_held(tokens, page_size, shared_window(cfg), ServingConfig().ahead if ahead is None else ahead)
+    return pages_held(tokens, page_size, window, ServingConfig().ahead if ahead is None else ahead)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_bytes: float) -> float:
     """2 (K and V; 1 for MLA's latent) x layers x kv heads x head_dim x bytes: the whole model, one token."""
     return cfg.cache_tensors * cfg.num_hidden_layers * cfg.kv_heads * cfg.head_size * kv_bytes
+
+
+def kv_bytes_per_sequence(cfg: ModelConfig, context: int, kv_bytes: float, page_size: int = 16) -> float:
+    """KV cache bytes one sequence of `context` tokens holds: every layer's tokens held (sliding layers: their
+    window and next chunk, `tokens_held`; full layers: the context)."""
+    n = cfg.num_hidden_layers
+    per_layer, held, full = kv_bytes_per_token(cfg, kv_bytes) / n, tokens_held(cfg, context, page_size), context_layers(cfg)
+    if shared_window(cfg) is not None:
+        return per_layer * n * held
+    return per_layer * (full * context + (n - full) * held)
 
 
 def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, weight_bytes: float,

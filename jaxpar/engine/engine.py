@@ -16,7 +16,7 @@ from jaxpar.engine.buckets import batch_bucket, seq_bucket
 from jaxpar.engine.programs import Programs, to_host
 from jaxpar.engine.state import cache_sizes
 from jaxpar.layout.plan import ModelLayout
-from jaxpar.model.groups import shared_window
+from jaxpar.model.groups import ring_window, shared_window
 from jaxpar.parallel import zigzag
 from jaxpar.serving.loop import ServingLoop
 from jaxpar.serving.request import SamplingParams
@@ -76,7 +76,7 @@ class Engine:
 
     def _sizes_for(self, serving: ServingConfig):
         return cache_sizes(self.layout, serving.max_num_seqs, serving.max_model_len, serving.page_size,
-                           serving.num_pages, shared_window(self.config), serving.ahead)
+                           serving.num_pages, shared_window(self.config), serving.ahead, ring_window(self.config))
 
     def warmup(self) -> dict:
         """Compile every program shape serving can use (prefill rows x chunk buckets, decode table widths), so
@@ -260,7 +260,8 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     s = seq_bucket(prompt_len, ctx, lay.seq_multiple)
     t = seq_bucket(prompt_len + max_new_tokens, ctx, lay.seq_multiple)
     page = engine.serving.page_size
-    sizes = cache_sizes(lay, b, t, page, None, shared_window(engine.config), engine.serving.ahead)
+    sizes = cache_sizes(lay, b, t, page, None, shared_window(engine.config), engine.serving.ahead,
+                        ring_window(engine.config))
     progs = Programs(engine.config, lay, engine.kv_repeat, engine.unrolled, sizes)
     sched = Scheduler(sizes, dataclasses.replace(engine.serving, max_model_len=t), lay, engine.eos_ids)
     host = sched.padding_batch(b // sizes.batch_shards, s, sched.table_bucket(sizes.pages_for(s)))

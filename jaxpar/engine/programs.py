@@ -20,7 +20,8 @@ import numpy as np
 
 from jaxpar.engine import params as P
 from jaxpar.engine.sampling import sample_rows
-from jaxpar.engine.state import DecodeState, PrefillBatch, batch_names, host_rows, pool_shape, state_names
+from jaxpar.engine.state import (DecodeState, PrefillBatch, batch_names, host_rows, pool_shape, ring_table,
+                                 state_names)
 from jaxpar.layout.rules import activate, active, constrain
 from jaxpar.model.groups import layer_groups
 from jaxpar.parallel import zigzag
@@ -118,9 +119,12 @@ class Programs:
 
     def _new_state(self) -> DecodeState:
         cfg, n = self.cfg, self.sizes.slots
-        shape, dt = pool_shape(cfg, self.kv_repeat, self.sizes), jnp.dtype(cfg.dtype)
-        cache = tuple(tuple(tuple(jnp.zeros((g.repeats,) + shape, dt) for _ in range(cfg.cache_tensors))
-                            for _ in g.unit) for g in self.groups)
+        dt, rings = jnp.dtype(cfg.dtype), self.sizes.ring_pages > 0
+
+        def pools(repeats, kind):
+            shape = pool_shape(cfg, self.kv_repeat, self.sizes, ring=rings and kind.sliding)
+            return tuple(jnp.zeros((repeats,) + shape, dt) for _ in range(cfg.cache_tensors))
+        cache = tuple(tuple(pools(g.repeats, kind) for kind in g.unit) for g in self.groups)
         i32 = jnp.zeros(n, jnp.int32)
         return DecodeState(cache=cache, tokens=i32, lengths=i32, generated=i32, done=jnp.ones(n, bool),
                            request=jax.tree.map(jnp.asarray, host_rows(n)))
@@ -157,6 +161,14 @@ class Programs:
         return lay.shard_map(sample_rows, in_specs=(two, two, row, row, row, row, lay.spec(())),
                              out_specs=row)(*args)
 
+    def _tables(self, table, slots) -> dict:
+        """The page tables layers read: "table" (the shared pages), and for a model mixing sliding and full
+        layers "ring_table" (the sliding layers' per-slot rings, from the rows' slots)."""
+        if not self.sizes.ring_pages:
+            return {"table": table}
+        ring = constrain(ring_table(self.sizes, slots, table.shape[1]), ("batch", None))
+        return {"table": table, "ring_table": ring}
+
     @staticmethod
     def _stop(tok, request, generated, active):
         """The stopping rules: -> (emitted [N] bool, generated, ended [N] bool)."""
@@ -175,7 +187,7 @@ class Programs:
         offset = order[None, :]
         pos = batch.start[:, None] + offset
         valid = offset < batch.length[:, None]
-        pages = {"table": batch.table}
+        pages = self._tables(batch.table, batch.slot)
         if not paged:  # the chunk's positions whole (in its sequence order), for the page writes
             pages["positions"] = constrain(pos, ("batch", None))
             pages["valid"] = constrain(valid, ("batch", None))
@@ -225,7 +237,7 @@ class Programs:
         def step(st, i, out):
             active = ~st.done
             h, cache, stats = model(st.tokens[:, None], st.lengths[:, None], valid=active[:, None], cache=st.cache,
-                                    pages={"table": table}, paged=True)
+                                    pages=self._tables(table, jnp.arange(table.shape[0])), paged=True)
             tok = self._sample(model.logits(h)[:, 0], st.request, st.generated, any_sampling)
             emitted, generated, ended = self._stop(tok, st.request, st.generated, active)
             out = out.at[:, i].set(jnp.where(emitted, tok, -1))

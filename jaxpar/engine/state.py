@@ -80,13 +80,20 @@ class CacheSizes:
 
     slots: rows of the running batch (max_num_seqs, padded to the layout's batch multiple); page_size: tokens
     per page; pages_per_shard: pages of each pool block (one block per batch shard and seq device); max_pages:
-    columns of a page table (a request's pages at most: max_model_len / page_size, rounded up to the seq split)."""
+    columns of a page table (a request's pages at most: max_model_len / page_size, rounded up to the seq split).
+
+    ring_pages: for a model that mixes sliding and full attention layers, the pages of each slot's window ring
+    (a multiple of the seq split; 0 otherwise). The sliding layers' pools hold, per slot, a fixed ring of pages
+    that logical page j of the slot's request reuses as j % ring_pages (`ring_table`): enough for the window and
+    the tokens one iteration computes, so those layers' cache is bounded by the window whatever the context.
+    The full layers' pools are the shared, allocated ones."""
     slots: int
     page_size: int
     pages_per_shard: int
     max_pages: int
     batch_shards: int
     seq_shards: int
+    ring_pages: int = 0
 
     @property
     def slots_per_shard(self) -> int:
@@ -98,6 +105,21 @@ class CacheSizes:
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
+
+    @property
+    def ring_pool_pages(self) -> int:
+        return self.slots * self.ring_pages
+
+
+def ring_table(sizes: CacheSizes, slots, columns: int):
+    """Page tables [R, columns] of the sliding layers' pools for rows in state slots `slots` [R] (-1: padding):
+    logical page j of the slot's request lives in ring slot j % ring_pages, on seq device j % n like every page
+    (ring_pages is a multiple of n), at a local index inside the slot's own share of its batch shard's block."""
+    n = sizes.seq_shards
+    per_device = sizes.ring_pages // n
+    j = jnp.arange(columns)[None, :]
+    local_slot = (jnp.maximum(slots, 0) % sizes.slots_per_shard)[:, None]
+    return (local_slot * per_device + (j % sizes.ring_pages) // n).astype(jnp.int32)
 
 
 def pages_held(tokens: int, page_size: int, window: int | None = None, ahead: int = 0) -> int:
@@ -111,26 +133,35 @@ def pages_held(tokens: int, page_size: int, window: int | None = None, ahead: in
 
 
 def cache_sizes(layout, max_num_seqs: int, max_model_len: int, page_size: int, num_pages: int | None,
-                window: int | None = None, ahead: int = 0) -> CacheSizes:
+                window: int | None = None, ahead: int = 0, ring_window: int | None = None) -> CacheSizes:
     """num_pages: pages per batch shard and seq device (None: enough for every slot at max_model_len, or with a
-    sliding window on every layer for the pages a slot holds at once, `pages_held`)."""
+    sliding window on every layer for the pages a slot holds at once, `pages_held`). ring_window: the window of
+    the sliding layers of a model that also has full ones (their pools are per-slot rings)."""
     bm, d, n = layout.batch_multiple, layout.size("batch"), layout.size("cache_seq")
     slots = -(-max_num_seqs // bm) * bm
     per_seq = -(-max_model_len // page_size)
     max_pages = -(-per_seq // n) * n
     if num_pages is None:  # a request's held pages are consecutive logical pages: page j lives on seq device j % n
         num_pages = slots // d * -(-pages_held(max_model_len, page_size, window, ahead) // n)
-    return CacheSizes(slots, page_size, int(num_pages), max_pages, d, n)
+    ring = 0
+    if ring_window is not None:
+        ring = min(-(-pages_held(max_model_len, page_size, ring_window, ahead) // n) * n, max_pages)
+    return CacheSizes(slots, page_size, int(num_pages), max_pages, d, n, ring)
 
 
-def pool_shape(cfg, kv_repeat: int, sizes: CacheSizes) -> tuple:
-    return (sizes.pool_pages, sizes.page_size, cfg.kv_heads * kv_repeat, cfg.head_size)
+def pool_shape(cfg, kv_repeat: int, sizes: CacheSizes, ring: bool = False) -> tuple:
+    """A layer's pool: the shared pages, or (ring: a sliding layer of a mixed model) the slots' window rings."""
+    pages = sizes.ring_pool_pages if ring else sizes.pool_pages
+    return (pages, sizes.page_size, cfg.kv_heads * kv_repeat, cfg.head_size)
 
 
 def bytes_per_token(cfg, kv_repeat: int, layout) -> int:
-    """KV cache bytes one token takes on one device (K and V, or MLA's latent; every layer held there)."""
+    """KV cache bytes one token takes on one device (K and V, or MLA's latent; every layer held there whose
+    cache grows with the context: a model mixing sliding and full layers keeps its sliding layers' tokens in
+    fixed rings, not counted here)."""
+    from jaxpar.model.groups import context_layers
     kv = cfg.kv_heads * kv_repeat // layout.size("kv_heads")
-    layers = cfg.num_hidden_layers // layout.size("layers")
+    layers = context_layers(cfg) // layout.size("layers")
     return cfg.cache_tensors * layers * kv * cfg.head_size * jnp.dtype(cfg.dtype).itemsize
 
 

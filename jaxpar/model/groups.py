@@ -93,3 +93,17 @@ def shared_window(cfg: ModelConfig) -> int | None:
     page table for all layers), else None."""
     kinds = layer_kinds(cfg)
     return cfg.sliding_window if kinds and all(k.sliding for k in kinds) else None
+
+
+def ring_window(cfg: ModelConfig) -> int | None:
+    """The window of the sliding layers when the model also has full ones (their caches are per-slot rings:
+    engine/state.ring_table), else None."""
+    kinds = layer_kinds(cfg)
+    return cfg.sliding_window if any(k.sliding for k in kinds) and not all(k.sliding for k in kinds) else None
+
+
+def context_layers(cfg: ModelConfig) -> int:
+    """Layers whose KV cache grows with the context (all but the sliding layers of a mixed model)."""
+    if ring_window(cfg) is None:
+        return cfg.num_hidden_layers
+    return sum(not k.sliding for k in layer_kinds(cfg))

@@ -87,6 +87,7 @@ class Attention(nnx.Module):
         if self.out_bias:
             self.bo = param(rngs, (d,), ("embed",), dt, zeros)
         self.rope = "sliding" if sliding else "full"
+        self.table = "ring_table" if sliding else "table"  # a mixed model's sliding layers cache in per-slot rings
         scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
         self.spec = AttentionSpec(window=cfg.sliding_window if sliding else None,
                                   softcap=cfg.attn_logit_softcapping, scale=scale)
@@ -114,14 +115,15 @@ class Attention(nnx.Module):
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         pages = rows.pages
+        table = None if pages is None else pages.get(self.table, pages["table"])
         sinks = self.sinks[...] if self.has_sinks else None
         if rows.paged:
-            out, cache = paged_attention(q, k, v, cache, pages["table"], rows.positions, rows.valid, self.spec,
+            out, cache = paged_attention(q, k, v, cache, table, rows.positions, rows.valid, self.spec,
                                          sinks)
         else:
             out = prefill_attention(q, k, v, rows.positions, self.spec, sinks)
             if cache is not None:
-                cache = write_pages(cache, k, v, pages["table"], pages["positions"], pages["valid"])
+                cache = write_pages(cache, k, v, table, pages["positions"], pages["valid"])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         y = row_parallel("bshk,hkd->bsd", out, self.wo[...], ("batch", "seq", "heads", "head_dim"),
                          ("heads", "head_dim", "embed"))

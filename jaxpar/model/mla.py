@@ -49,6 +49,7 @@ class LatentAttention(nnx.Module):
         self.w_uv = param(rngs, (h, lat, vd), ("heads", "head_dim", None), dt)  # value up-projection per head
         self.wo = param(rngs, (h, vd, d), ("heads", None, "embed"), dt)
         self.rope = "sliding" if sliding else "full"
+        self.table = "ring_table" if sliding else "table"  # a mixed model's sliding layers cache in per-slot rings
         self.spec = AttentionSpec(window=cfg.sliding_window if sliding else None, latent=True,
                                   scale=yarn_softmax_scale(cfg.rope_scaling, (nope + rope) ** -0.5))
 
@@ -67,12 +68,13 @@ class LatentAttention(nnx.Module):
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
         pages = rows.pages
+        table = None if pages is None else pages.get(self.table, pages["table"])
         if rows.paged:
-            out, cache = paged_attention(q, k, k, cache, pages["table"], rows.positions, rows.valid, self.spec)
+            out, cache = paged_attention(q, k, k, cache, table, rows.positions, rows.valid, self.spec)
         else:
             out = prefill_attention(q, k, k, rows.positions, self.spec)
             if cache is not None:
-                cache = write_pages(cache, k, k, pages["table"], pages["positions"], pages["valid"])
+                cache = write_pages(cache, k, k, table, pages["positions"], pages["valid"])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         o = jnp.einsum("bshc,hcv->bshv", out[..., :self.lat], self.w_uv[...])  # W_uv absorbed into the output
         y = row_parallel("bshv,hvd->bsd", o, self.wo[...], ("batch", "seq", "heads", None), ("heads", None, "embed"))
