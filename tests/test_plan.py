@@ -340,3 +340,6 @@ def test_predicted_collectives_with_mixed_layer_kinds(mesh, unroll):
     assert eng.unrolled == unroll
     r = inspect_engine(eng, batch=4, prompt_len=16, max_new_tokens=16)
     assert_close(predicted(eng, r), r, (mesh, unroll))
+    # the sliding layers' window rings and the full layers' pages, as the planner sizes them
+    assert S.kv_bytes_per_device(eng.config, eng.model_layout.mesh_cfg, eng.kv_repeat, r["batch"], r["cache_len"],
+                                 4) == r["kv_cache_bytes_per_device"]
