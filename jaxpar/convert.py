@@ -19,7 +19,8 @@ def convert(hf: str, out: str, mesh: str = "single", dtype: str | None = None) -
     from jaxpar.errors import JaxparError
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise JaxparError(f"--out {out}: exists and is not an empty directory")
-    eng = jaxpar.load(mesh=mesh, hf=hf, dtype=dtype)
+    # stacked groups (the form checkpoints store): saving then writes the loaded arrays without regrouping
+    eng = jaxpar.load(mesh=mesh, hf=hf, dtype=dtype, unroll=False)
     eng.save(out)
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(hf, name)) and cli.is_main():

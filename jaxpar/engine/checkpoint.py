@@ -48,7 +48,9 @@ def read_config(directory: str) -> ModelConfig:
     return config_from_dict(data, path)
 
 
-def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1) -> dict:
+def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, split: bool = False) -> dict:
+    """The checkpoint's parameters on `layout` (split: in the split form, each parameter split into its layers
+    as it is read, so the canonical and split forms are never whole at once)."""
     path = os.path.join(os.path.abspath(directory), "params")
     if not os.path.isdir(path):
         raise CheckpointError(f"{directory}: checkpoint not found (no params/ directory)")
@@ -75,8 +77,14 @@ def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1
     flat = {}
     for name, t in target.items():
         try:
-            flat[name] = ckpt.restore(os.path.join(path, name), {"value": t})["value"]
+            leaf = ckpt.restore(os.path.join(path, name), {"value": t})["value"]
         except Exception as e:  # noqa: BLE001 - corrupt or truncated files surface as many exception types
             raise CheckpointError(f"{directory}: cannot read parameter {name}: "
                                   f"{str(e).splitlines()[0][:300]}") from None
-    return P.expand_kv(P.unflatten(flat), cfg, layout, kv_repeat)
+        if split and kv_repeat == 1:
+            flat.update(P.split_leaf(name, leaf, cfg, layout))
+            del leaf
+        else:
+            flat[name] = leaf
+    params = P.expand_kv(P.unflatten(flat), cfg, layout, kv_repeat)
+    return P.regroup(params, cfg, layout, kv_repeat, split=split) if split and kv_repeat > 1 else params

@@ -40,6 +40,11 @@ def unroll_by_default(layout) -> bool:
     return layout.size("layers") == 1 and layout.mesh.devices.flat[0].platform == "cpu"
 
 
+def runs_split(layout, unroll) -> bool:
+    """Whether an engine on `layout` runs the split form (unroll None: the default for the layout)."""
+    return unroll_by_default(layout) if unroll is None else bool(unroll)
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, model_layout: ModelLayout, params: dict, tokenizer, unroll=None,
                  serving: ServingConfig | None = None):
@@ -49,7 +54,7 @@ class Engine:
         self.layout = model_layout.layout
         self.mesh = model_layout.mesh
         self.kv_repeat = model_layout.kv_repeat
-        self.unrolled = unroll_by_default(self.layout) if unroll is None else bool(unroll)
+        self.unrolled = runs_split(self.layout, unroll)
         if self.unrolled and self.layout.size("layers") > 1:
             raise GenerationError("unroll=True needs a layout without a stage axis (pipeline stages hold "
                                   "stacked layers)")

@@ -162,6 +162,19 @@ def is_split(params: dict, cfg: ModelConfig) -> bool:
     return len(layer_groups(cfg)) != len(layer_groups(cfg, True)) and f"group{cfg.num_hidden_layers - 1}" in params
 
 
+def split_leaf(name: str, a, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1) -> dict:
+    """One parameter of the canonical form -> its part of the split form ({path: array}): a group parameter
+    becomes one slice per layer, laid out as the split form's; others pass through. Loaders call it a
+    parameter at a time, so the two forms of the model are never whole on the devices at once."""
+    if not name.startswith("group"):
+        return {name: a}
+    src, dst = _layer_slots(cfg, False), _layer_slots(cfg, True)
+    prefix = name[:name.index(".", name.index(".") + 1) + 1]  # "group{g}.block{u}."
+    rest = name[len(prefix):]
+    sh = flatten(shardings(cfg, layout, kv_repeat, split=True))
+    return {dst[i][0] + rest: _take(a, j, sh[dst[i][0] + rest]) for i, (p, j) in src.items() if p == prefix}
+
+
 def regroup(params: dict, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, split: bool = False) -> dict:
     """Parameters from one grouping to the other (split: every layer its own group; else the canonical groups
     checkpoints store), on device, one block parameter at a time, each laid out as its new group's are."""

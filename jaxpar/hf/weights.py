@@ -114,7 +114,7 @@ def _ffn(cfg: ModelConfig, kind, experts: str, p: dict) -> dict:
     return p
 
 
-def plan(cfg: ModelConfig, experts: str = "mixtral", interleaved: bool = False) -> dict:
+def plan(cfg: ModelConfig, experts: str = "mixtral", interleaved: bool = False, split: bool = False) -> dict:
     """jaxpar parameter path -> (HF name template, expected HF shape, view, kv axis, layers): templates with {}
     are per layer, read for `layers` (the layer indices stacked in the parameter, in order; None otherwise)."""
     d, v = cfg.hidden_size, cfg.vocab_size
@@ -122,7 +122,7 @@ def plan(cfg: ModelConfig, experts: str = "mixtral", interleaved: bool = False) 
          "norm.weight": ("model.norm.weight", (d,), lambda t: t, None, None)}
     if not cfg.tie_word_embeddings:
         p["lm_head"] = ("lm_head.weight", (v, d), lambda t: t.T, None, None)
-    for g, group in enumerate(layer_groups(cfg)):
+    for g, group in enumerate(layer_groups(cfg, split)):
         for u, kind in enumerate(group.unit):
             layers = tuple(group.layer_index(j, u) for j in range(group.repeats))
             for name, entry in _block(cfg, kind, experts, interleaved).items():
@@ -264,14 +264,15 @@ def _array(files: WeightFiles, name: str):
     return files.array(name)
 
 
-def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int) -> dict:
-    """Stream a Hugging Face checkpoint into sharded parameters (pure dict, the Engine's layout)."""
+def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int, split: bool = False) -> dict:
+    """Stream a Hugging Face checkpoint into sharded parameters (pure dict, the Engine's layout), in the split
+    form (every layer its own group) when `split`: read straight into the form the programs run."""
     files = WeightFiles(directory)
     check(files, cfg, directory)
-    shardings = P.flatten(P.shardings(cfg, layout, kv_repeat))
-    shapes = P.flatten(P.shapes(cfg, kv_repeat))
+    shardings = P.flatten(P.shardings(cfg, layout, kv_repeat, split=split))
+    shapes = P.flatten(P.shapes(cfg, kv_repeat, split))
     dtype = np.dtype(cfg.dtype) if cfg.dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
-    todo = plan(cfg, expert_style(files, cfg), rope_interleaved(directory, cfg))
+    todo = plan(cfg, expert_style(files, cfg), rope_interleaved(directory, cfg), split)
     progress = Progress(len(todo))
     out: dict = {}
     for path, (template, _, view, kv_axis, layers) in todo.items():

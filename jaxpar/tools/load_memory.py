@@ -73,10 +73,11 @@ def main(argv=None):
     t = threading.Thread(target=sample)
     t.start()
     t0 = time.perf_counter()
-    eng = jaxpar.load(mesh=args.mesh, hf=args.hf)
+    # `jaxpar.convert` loads the model's own (stacked) groups, then saves; generation loads the form it runs
+    eng = jaxpar.load(mesh=args.mesh, hf=args.hf, unroll=False if args.convert else None)
     jax.block_until_ready(eng.run_params)
     if args.convert:
-        eng.save(args.convert)  # what `jaxpar.convert` does after loading
+        eng.save(args.convert)
     secs = time.perf_counter() - t0
     stop.set()
     t.join()
