@@ -52,6 +52,7 @@ class ModelConfig:
     # from 1 (scale by 1 + w), attention and FFN outputs are normalised again before the residual add
     # (sandwich norms), and embeddings are scaled by sqrt(hidden_size)
     norm_offset: float = 0.0
+    norm_scale_float32: bool = False  # RMSNorm scales in float32 before the cast back (gpt-oss; Gemma always)
     sandwich_norms: bool = False
     scale_embeddings: bool = False
     # gpt-oss, implied by the architecture: a learned attention sink per head, biases on the router and the
@@ -216,7 +217,7 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
             raise ConfigError(f"{source}: field {name} must be a positive number, got {v!r}")
     if cfg.norm_offset not in (0, 1, 0.0, 1.0):
         raise ConfigError(f"{source}: field norm_offset must be 0 or 1, got {cfg.norm_offset!r}")
-    for name in ("sandwich_norms", "scale_embeddings", "attention_sinks", "router_bias", "expert_bias",
+    for name in ("sandwich_norms", "scale_embeddings", "norm_scale_float32", "attention_sinks", "router_bias", "expert_bias",
                  "router_score_bias", "shared_expert_gated"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{source}: field {name} must be true or false, got {getattr(cfg, name)!r}")

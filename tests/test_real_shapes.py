@@ -63,9 +63,11 @@ def test_a_sliding_window_bounds_the_planned_kv_cache():
 @pytest.mark.parametrize("name", REAL)
 def test_kv_cache_bytes_per_token(name):
     """KV bytes per token = 2 (K and V; MLA: 1 latent) x layers x kv heads x head_dim x bytes; per device /
-    tensor (MLA's latent, one "kv head", is replicated)."""
+    tensor (MLA's latent, one "kv head", is replicated). The layers are those whose cache grows with the
+    context: a model mixing sliding and full layers keeps its sliding layers' tokens in fixed window rings."""
+    from jaxpar.model.groups import context_layers
     cfg = cfg_of(name)
-    want = cfg.cache_tensors * cfg.num_hidden_layers * cfg.kv_heads * cfg.head_size * 2
+    want = cfg.cache_tensors * context_layers(cfg) * cfg.kv_heads * cfg.head_size * 2
     for tp in (1, 8):
         _, ml = per_device_gb(cfg, {"tensor": tp} if tp > 1 else {})
         per_device = bytes_per_token(cfg.replace(dtype="bfloat16"), ml.kv_repeat, ml.layout)

@@ -87,9 +87,10 @@ def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, ste
             add("all-reduce", split, count, act, f"{name} (tensor parallel)")
     if n_moe:
         out += _experts(cfg, ax, mesh_cfg, rows, s_loc, moe_runs, e)
-    if stages > 1:
-        add("collective-permute", ax.axes("layers"), ticks, act, "pipeline: activations to the next stage")
-        add("all-reduce", ax.axes("layers"), 1, b_loc * s_loc * h * F32, "pipeline: last stage's output")
+    if stages > 1:  # each layer group runs its own pipeline through the stages
+        groups = len(layer_groups(cfg))
+        add("collective-permute", ax.axes("layers"), ticks * groups, act, "pipeline: activations to the next stage")
+        add("all-reduce", ax.axes("layers"), groups, b_loc * s_loc * h * F32, "pipeline: last stage's output")
     if not step.decode:
         add("all-reduce", ax.axes("residual_seq"), 1, b_loc * h * e, "last prompt token (masked sum over the "
                                                                      "sequence split)")

@@ -48,7 +48,8 @@ def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, 
                         kv_bytes: float, page_size: int = 16, ahead: int | None = None) -> float:
     """The paged KV cache's pools when every one of `batch` padded rows can hold `cache` tokens: each row's
     pages spread over the seq devices (page j on device j % n), so a device holds ceil(pages / n) of each of
-    its batch shard's rows, in pools [layers, pages, page_size, kv_heads, head_dim] x 2 (engine/state.py).
+    its batch shard's rows, in pools [layers, pages, page_size, kv_heads, head_dim], 2 (K, V) or 1 (MLA's
+    latent) per layer (engine/state.py).
     With a sliding window on every layer a row holds only the pages of its window and of the next `ahead`
     tokens (engine/state.pages_held; `ahead` None: as many as the serving defaults compute in one iteration);
     a model mixing sliding and full layers holds that many in each sliding layer's ring, and `cache` tokens in

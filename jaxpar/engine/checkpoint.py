@@ -50,7 +50,8 @@ def read_config(directory: str) -> ModelConfig:
 
 def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, split: bool = False) -> dict:
     """The checkpoint's parameters on `layout` (split: in the split form, each parameter split into its layers
-    as it is read, so the canonical and split forms are never whole at once)."""
+    as it is read, so the canonical and split forms are never whole at once; with kv_repeat > 1 the tree is
+    expanded, then regrouped, whole)."""
     path = os.path.join(os.path.abspath(directory), "params")
     if not os.path.isdir(path):
         raise CheckpointError(f"{directory}: checkpoint not found (no params/ directory)")

@@ -265,8 +265,9 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     s = seq_bucket(prompt_len, ctx, lay.seq_multiple)
     t = seq_bucket(prompt_len + max_new_tokens, ctx, lay.seq_multiple)
     page = engine.serving.page_size
+    # one prefill of the whole prompt: the window rings (a model mixing sliding and full layers) hold it
     sizes = cache_sizes(lay, b, t, page, None, shared_window(engine.config), engine.serving.ahead,
-                        ring_window(engine.config))
+                        ring_window(engine.config), ring_ahead=max(engine.serving.ahead, s))
     progs = Programs(engine.config, lay, engine.kv_repeat, engine.unrolled, sizes)
     sched = Scheduler(sizes, dataclasses.replace(engine.serving, max_model_len=t), lay, engine.eos_ids)
     host = sched.padding_batch(b // sizes.batch_shards, s, sched.table_bucket(sizes.pages_for(s)))

@@ -133,10 +133,12 @@ def pages_held(tokens: int, page_size: int, window: int | None = None, ahead: in
 
 
 def cache_sizes(layout, max_num_seqs: int, max_model_len: int, page_size: int, num_pages: int | None,
-                window: int | None = None, ahead: int = 0, ring_window: int | None = None) -> CacheSizes:
+                window: int | None = None, ahead: int = 0, ring_window: int | None = None,
+                ring_ahead: int | None = None) -> CacheSizes:
     """num_pages: pages per batch shard and seq device (None: enough for every slot at max_model_len, or with a
     sliding window on every layer for the pages a slot holds at once, `pages_held`). ring_window: the window of
-    the sliding layers of a model that also has full ones (their pools are per-slot rings)."""
+    the sliding layers of a model that also has full ones (their pools are per-slot rings, sized for the window
+    and `ring_ahead` tokens, default `ahead`)."""
     bm, d, n = layout.batch_multiple, layout.size("batch"), layout.size("cache_seq")
     slots = -(-max_num_seqs // bm) * bm
     per_seq = -(-max_model_len // page_size)
@@ -145,7 +147,8 @@ def cache_sizes(layout, max_num_seqs: int, max_model_len: int, page_size: int, n
         num_pages = slots // d * -(-pages_held(max_model_len, page_size, window, ahead) // n)
     ring = 0
     if ring_window is not None:
-        ring = min(-(-pages_held(max_model_len, page_size, ring_window, ahead) // n) * n, max_pages)
+        ring_ahead = ahead if ring_ahead is None else ring_ahead
+        ring = min(-(-pages_held(max_model_len, page_size, ring_window, ring_ahead) // n) * n, max_pages)
     return CacheSizes(slots, page_size, int(num_pages), max_pages, d, n, ring)
 
 

@@ -18,7 +18,8 @@ READ = {"architectures", "torch_dtype", "dtype", "rope_parameters", "rope_scalin
         "mlp_only_layers", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_activation",
         "hidden_act", "sliding_window_pattern", "_sliding_window_pattern", "rope_local_base_freq",
         "swiglu_limit", "swiglu_alpha", "quantization_config", "n_routed_experts", "n_shared_experts",
-        "first_k_dense_replace", "rope_interleave", "qk_head_dim", "scoring_func", "topk_method", "moe_layer_freq", "use_bidirectional_attention"}
+        "first_k_dense_replace", "rope_interleave", "qk_head_dim", "scoring_func", "topk_method", "moe_layer_freq",
+        "experts_per_token", "sliding_window_size", "use_bidirectional_attention"}
 # fields deliberately ignored: they change nothing at inference. Any other field is refused by name, so a
 # checkpoint whose config asks for something jaxpar does not do never runs silently as something else.
 IGNORED = {
@@ -36,7 +37,9 @@ IGNORED = {
     "_attn_implementation": "a transformers runtime switch (which attention code runs, same result)",
     "use_bfloat16": "metadata (dtype decides)", "num_nextn_predict_layers": "multi-token prediction heads (not used "
     "to generate)", "aux_loss_alpha": "training: the auxiliary loss", "seq_aux": "training: the auxiliary loss",
-    "ep_size": "a deployment hint (the mesh file decides)", "cache_implementation": "a transformers runtime switch", "final_logit_softcapping": "read for Gemma 2 and 3 only",
+    "ep_size": "a deployment hint (the mesh file decides)", "auto_map": "remote-code metadata (the architecture "
+    "decides)", "initial_context_length": "gpt-oss: the pre-YaRN context (rope_scaling's "
+    "original_max_position_embeddings decides)", "cache_implementation": "a transformers runtime switch", "final_logit_softcapping": "read for Gemma 2 and 3 only",
     "attn_logit_softcapping": "read for Gemma 2 and 3 only", "query_pre_attn_scalar": "read for Gemma only"}
 # fields that change the computation in ways jaxpar does not implement
 REFUSED = {"partial_rotary_factor": "partial rotary embeddings"}
@@ -91,14 +94,14 @@ def _layer_types(raw: dict, kind: str, path: str) -> list[str]:
 def _windows(raw: dict, kind: str, path: str) -> dict:
     """sliding_window and layer_types as jaxpar takes them: no window when no layer slides, and layer_types
     only when some layers slide and others do not (without it, a window means every layer slides)."""
+    if raw.get("use_bidirectional_attention"):
+        raise ConfigError(f"{path}: use_bidirectional_attention is set: bidirectional attention is not supported")
     types = _layer_types(raw, kind, path)
     window = raw.get("sliding_window", DEFAULT_WINDOW.get(kind))
     if "sliding_attention" not in types or not window:
         return {}
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ConfigError(f"{path}: sliding_window must be a positive integer, got {window!r}")
-    if raw.get("use_bidirectional_attention"):
-        raise ConfigError(f"{path}: use_bidirectional_attention is set: bidirectional attention is not supported")
     return {"sliding_window": window, **({} if set(types) == {"sliding_attention"} else {"layer_types": types})}
 
 
@@ -139,31 +142,38 @@ def _rope(raw: dict, kind: str, path: str) -> dict:
     return {**out, "rope_theta": float(theta), "rope_scaling": scaling}
 
 
+DEEPSEEK_V3_DEFAULTS = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                            v_head_dim=128, n_routed_experts=256, moe_intermediate_size=2048, n_shared_experts=1,
+                            n_group=8, topk_group=4, first_k_dense_replace=3, routed_scaling_factor=2.5,
+                            norm_topk_prob=True)  # transformers' DeepseekV3Config defaults, for fields left out
+
+
 def _deepseek(raw: dict, path: str) -> dict:
     """DeepSeek-V3: MLA, sigmoid group-limited routing with a correction bias, routed_scaling_factor, shared
-    experts without a gate, and dense first layers (first_k_dense_replace)."""
-    def need(name, default=None):
-        v = raw.get(name, default)
-        if v is None:
-            raise ConfigError(f"{path}: {name} is required for DeepseekV3ForCausalLM")
-        return v
+    experts without a gate, and dense first layers (first_k_dense_replace); transformers' defaults for fields
+    config.json leaves out."""
+    def get(name):
+        return raw[name] if name in raw else DEEPSEEK_V3_DEFAULTS[name]
     for name, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
         if raw.get(name, want) != want:
             raise ConfigError(f"{path}: {name}={raw[name]!r} is not supported for DeepseekV3ForCausalLM (only {want!r})")
-    nope, rope = need("qk_nope_head_dim"), need("qk_rope_head_dim")
+    if raw.get("attention_bias"):
+        raise ConfigError(f"{path}: attention_bias=true is not supported for DeepseekV3ForCausalLM (MLA without "
+                          f"projection biases only)")
+    nope, rope = get("qk_nope_head_dim"), get("qk_rope_head_dim")
     if raw.get("qk_head_dim") not in (None, nope + rope) or raw.get("head_dim") not in (None, rope):
         raise ConfigError(f"{path}: qk_head_dim={raw.get('qk_head_dim')}, head_dim={raw.get('head_dim')} disagree "
                           f"with qk_nope_head_dim={nope} + qk_rope_head_dim={rope}")
-    moe_ffn, shared = need("moe_intermediate_size"), raw.get("n_shared_experts") or 0
-    first = raw.get("first_k_dense_replace", 0)
+    moe_ffn, shared = get("moe_intermediate_size"), get("n_shared_experts") or 0
+    first = get("first_k_dense_replace")
     if isinstance(first, bool) or not isinstance(first, int) or first < 0:
         raise ConfigError(f"{path}: first_k_dense_replace must be a non-negative integer, got {first!r}")
-    out = dict(head_dim=None, num_key_value_heads=None, kv_lora_rank=need("kv_lora_rank"), q_lora_rank=raw.get("q_lora_rank"),
-               qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=need("v_head_dim"),
-               num_local_experts=need("n_routed_experts"), moe_intermediate_size=moe_ffn, scoring_func="sigmoid",
-               router_score_bias=True, n_group=raw.get("n_group"), topk_group=raw.get("topk_group"),
-               routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
-               norm_topk_prob=raw.get("norm_topk_prob", True), shared_expert_gated=False)
+    out = dict(head_dim=None, num_key_value_heads=None, kv_lora_rank=get("kv_lora_rank"),
+               q_lora_rank=get("q_lora_rank"), qk_nope_head_dim=nope, qk_rope_head_dim=rope,
+               v_head_dim=get("v_head_dim"), num_local_experts=get("n_routed_experts"), moe_intermediate_size=moe_ffn,
+               scoring_func="sigmoid", router_score_bias=True, n_group=get("n_group"), topk_group=get("topk_group"),
+               routed_scaling_factor=float(get("routed_scaling_factor")), norm_topk_prob=get("norm_topk_prob"),
+               shared_expert_gated=False)
     if shared:
         out["shared_expert_intermediate_size"] = moe_ffn * shared
     if first:
@@ -191,6 +201,11 @@ def read_hf_config(directory: str) -> ModelConfig:
     for k, what in REFUSED.items():
         if raw.get(k) not in (None, 1, 1.0):
             raise ConfigError(f"{path}: {k} is set: {what} are not supported")
+    for dup, field in (("experts_per_token", "num_experts_per_tok"), ("sliding_window_size", "sliding_window")):
+        if raw.get(dup) is not None and raw.get(field) is not None and raw[dup] != raw[field]:
+            raise ConfigError(f"{path}: {dup}={raw[dup]} disagrees with {field}={raw[field]}")
+        if raw.get(dup) is not None and raw.get(field) is None:
+            raw = {**raw, field: raw[dup]}
     quant = raw.get("quantization_config")
     if quant is not None and not (kind == "gpt_oss" and isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"):
         method = quant.get("quant_method") if isinstance(quant, dict) else quant
@@ -229,6 +244,7 @@ def read_hf_config(directory: str) -> ModelConfig:
     kw.update(_windows(raw, kind, path))
     if kind == "gpt_oss":  # sinks, biases everywhere, clamped SwiGLU experts routed by a softmax over the top k
         kw.update(attention_bias=True, attention_sinks=True, router_bias=True, expert_bias=True, norm_topk_prob=True,
+                  norm_scale_float32=True,
                   hidden_act="silu", swiglu_limit=raw.get("swiglu_limit", 7.0), swiglu_alpha=raw.get("swiglu_alpha", 1.702))
     if kind == "deepseek_v3":
         kw.update(_deepseek(raw, path))

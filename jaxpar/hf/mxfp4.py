@@ -1,4 +1,7 @@
-"""MXFP4 expert weights (gpt-oss checkpoints), dequantized lazily: a device's shard reads and expands only its
+"""Lazy views of checkpoint tensors that a device's shard reads slice by slice: MXFP4 expert weights (gpt-oss
+checkpoints), strided columns, and per-head row orders.
+
+MXFP4 expert weights are dequantized lazily: a device's shard reads and expands only its
 own slice of the packed blocks, so loading never holds a whole dequantized tensor on the host.
 
 Layout, as transformers reads it (integrations/mxfp4.py): `<name>_blocks` [E, R, G, 16] uint8 holds 32 FP4
@@ -40,6 +43,23 @@ class MXFP4:
         groups = slice(lo // 32, -(-hi // 32))  # the groups the inner slice touches
         vals = dequantize(np.asarray(self.blocks[ei, ri, groups]), np.asarray(self.scales[ei, ri, groups]))
         return np.swapaxes(vals[..., lo - groups.start * 32:hi - groups.start * 32:step], -1, -2)
+
+
+class HeadRows:
+    """A lazy [in, heads, per_head] view of a Linear weight [heads * per_head, in] whose rows inside each head are
+    taken in `order` (MLA's de-interleaved rope dims): a shard reads only its own heads' rows."""
+
+    def __init__(self, parent, heads: int, order):
+        self.parent, self.heads, self.order = parent, heads, np.asarray(order)
+        self.shape = (parent.shape[1], heads, len(self.order))
+        self.ndim = 3
+
+    def __getitem__(self, idx):
+        ii, hi, ki = _resolve(idx, self.shape)
+        heads = np.arange(self.heads)[hi]
+        rows = (heads[:, None] * len(self.order) + self.order[ki][None, :]).reshape(-1)
+        block = np.asarray(self.parent[rows, ii])  # [heads * k, in]
+        return block.reshape(len(heads), -1, block.shape[-1]).transpose(2, 0, 1)
 
 
 class Strided:

@@ -3,7 +3,8 @@
 Each parameter is built with `jax.make_array_from_callback`: for every device the callback reads only
 that device's slice from the memory-mapped files, so host memory never holds the whole model. HF Linear
 weights are [out, in]; jaxpar's are [in, out] with heads split out, e.g. q_proj [H*hd, D] -> wq [D, H, hd].
-HF's q/k projections are already in the rotate-half RoPE convention jaxpar uses, so no permutation."""
+HF's q/k projections are already in the rotate-half RoPE convention jaxpar uses, except DeepSeek's MLA rope
+dims, stored as interleaved pairs (rope_interleave) and de-interleaved as they are read (HeadRows)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ import numpy as np
 from jaxpar.config import ModelConfig
 from jaxpar.errors import CheckpointError
 from jaxpar.engine import params as P
-from jaxpar.hf.mxfp4 import MXFP4, Strided
+from jaxpar.hf.mxfp4 import MXFP4, HeadRows, Strided
 from jaxpar.hf.safetensors import WeightFiles
 from jaxpar.model.groups import layer_groups, moe_layers
 
@@ -39,7 +40,7 @@ def _mla(cfg: ModelConfig, interleaved: bool) -> dict:
     order = _deinterleave(rope) if interleaved else np.arange(rope)
     q_order = np.concatenate([np.arange(nope), nope + order])
     kv_order = np.concatenate([np.arange(lat), lat + order])
-    p = {"attn.wkv_a": (attn + "kv_a_proj_with_mqa.weight", (lat + rope, d), lambda t: t[kv_order].T[:, None, :], 1),
+    p = {"attn.wkv_a": (attn + "kv_a_proj_with_mqa.weight", (lat + rope, d), lambda t: HeadRows(t, 1, kv_order), 1),
          "attn.kv_norm.weight": (attn + "kv_a_layernorm.weight", (lat,), lambda t: t, None),
          "attn.w_uk": (attn + "kv_b_proj.weight", (h * (nope + vd), lat),
                        lambda t: t.reshape(h, nope + vd, lat)[:, :nope, :], None),
@@ -47,14 +48,13 @@ def _mla(cfg: ModelConfig, interleaved: bool) -> dict:
                        lambda t: t.reshape(h, nope + vd, lat)[:, nope:, :].transpose(0, 2, 1), None),
          "attn.wo": (attn + "o_proj.weight", (d, h * vd), lambda t: t.reshape(d, h, vd).transpose(1, 2, 0), None)}
     if cfg.q_lora_rank is None:
-        p["attn.wq"] = (attn + "q_proj.weight", (h * (nope + rope), d),
-                        lambda t: t.reshape(h, nope + rope, d)[:, q_order].transpose(2, 0, 1), None)
+        p["attn.wq"] = (attn + "q_proj.weight", (h * (nope + rope), d), lambda t: HeadRows(t, h, q_order), None)
     else:
         r = cfg.q_lora_rank
         p.update({"attn.wq_a": (attn + "q_a_proj.weight", (r, d), lambda t: t.T, None),
                   "attn.q_norm.weight": (attn + "q_a_layernorm.weight", (r,), lambda t: t, None),
                   "attn.wq_b": (attn + "q_b_proj.weight", (h * (nope + rope), r),
-                                lambda t: t.reshape(h, nope + rope, r)[:, q_order].transpose(2, 0, 1), None)})
+                                lambda t: HeadRows(t, h, q_order), None)})
     return p
 
 
@@ -231,8 +231,9 @@ def _shard_reader(views, stacked: bool, kv_axis, kv_repeat: int, dtype):
     def one(v, idx):
         if kv_axis is not None and kv_repeat > 1:  # expanded kv head j is original head j // kv_repeat
             heads = np.arange(*idx[kv_axis].indices(v.shape[kv_axis] * kv_repeat)) // kv_repeat
-            v = np.take(v, heads, axis=kv_axis)  # reads only the needed heads
-            idx = idx[:kv_axis] + (slice(None),) + idx[kv_axis + 1:]
+            lo, hi = int(heads.min()), int(heads.max()) + 1  # read only the needed heads, then repeat them
+            block = np.asarray(v[idx[:kv_axis] + (slice(lo, hi),) + idx[kv_axis + 1:]])
+            return np.asarray(np.take(block, heads - lo, axis=kv_axis), dtype=dtype)
         return np.asarray(v[idx], dtype=dtype)
 
     def read(index):
@@ -271,14 +272,13 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int, split: bool =
     check(files, cfg, directory)
     shardings = P.flatten(P.shardings(cfg, layout, kv_repeat, split=split))
     shapes = P.flatten(P.shapes(cfg, kv_repeat, split))
-    dtype = np.dtype(cfg.dtype) if cfg.dtype != "bfloat16" else np.dtype(jax.numpy.bfloat16)
     todo = plan(cfg, expert_style(files, cfg), rope_interleaved(directory, cfg), split)
     progress = Progress(len(todo))
     out: dict = {}
     for path, (template, _, view, kv_axis, layers) in todo.items():
         views = [Experts([view(_array(files, x)) for x in n]) if isinstance(n, list) else view(_array(files, n))
                  for n in _names(template, layers, cfg.num_local_experts)]
-        read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, dtype)
+        read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, np.dtype(shapes[path].dtype))
         out[path] = jax.make_array_from_callback(shapes[path].shape, shardings[path], read)
         progress.step()
     return P.unflatten(out)

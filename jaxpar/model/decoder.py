@@ -65,10 +65,10 @@ class Decoder(nnx.Module):
     def __call__(self, tokens, positions, valid=None, cache=None, pages=None, paged=False, router_aux=False):
         """tokens, positions [B, S] -> (hidden [B, S, embed] before the final norm, the cache, statistics).
 
-        cache None: a plain causal forward. cache: per group, per unit position, the (k, v) pools
-        [repeats, pages, page_size, kv_heads, head_dim] (parallel/paged.py); pages and paged: see `Rows`. Under
-        a `seq` axis a prompt's sequence is in the zigzag order (parallel/zigzag.py) and positions say which
-        position each index holds. valid [B, S] marks real tokens (default all). stats: the mixture-of-experts
+        cache None: a plain causal forward. cache: per group, per unit position, the (k, v) pools (MLA: the one
+        latent pool) [repeats, pages, page_size, kv_heads, head_dim] (parallel/paged.py); pages and paged: see
+        `Rows`. Under a `seq` axis a prompt's sequence is in the zigzag order (parallel/zigzag.py) and positions
+        say which position each index holds. valid [B, S] marks real tokens (default all). stats: the mixture-of-experts
         layers' statistics, one row per MoE layer in layer order ({} for a dense model)."""
         cfg = self.cfg
         x = embed_lookup(self.embed[...], tokens)

@@ -4,8 +4,8 @@ Every layer has a kind (does its attention slide, is its feed-forward a mixture 
 that repeat one unit of kinds form a group: its parameters are stacked per unit position on a leading `layers`
 axis of length `repeats`, and the group is scanned over its repeats (or pipelined over `stage`). Today's
 homogeneous models are one group with a one-layer unit; DeepSeek-style models (dense first layers) are a dense
-group then an MoE group; alternating sliding/full attention (gpt-oss, Gemma) is one group whose unit is the
-pattern.
+group then an MoE group; alternating sliding/full attention (gpt-oss, Gemma 2) is one group whose unit is the
+pattern, and Gemma 3 27B's 62 layers are its 6-layer pattern x 10 then a group of the 2 sliding layers left.
 
 The same mechanism gives the split form CPU runs use: every layer its own group of one repeat, applied one
 after another, so each layer's weights are read where they lie (XLA:CPU copies the slice of stacked weights a

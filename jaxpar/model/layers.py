@@ -46,23 +46,26 @@ def param(rngs, shape, names, dtype, init=INIT):
 
 
 class RMSNorm(nnx.Module):
-    """offset 1 (Gemma): the weight is stored as an offset from 1 and applied in float32 before the cast back."""
+    """offset 1 (Gemma): the weight is stored as an offset from 1. scale_float32 (gpt-oss, and Gemma): the weight
+    applies in float32 before the cast back (Llama casts first)."""
 
-    def __init__(self, dim: int, eps: float, names: tuple, dtype, rngs: nnx.Rngs, offset: float = 0.0):
+    def __init__(self, dim: int, eps: float, names: tuple, dtype, rngs: nnx.Rngs, offset: float = 0.0,
+                 scale_float32: bool = False):
         self.eps, self.offset = eps, float(offset)
+        self.scale_float32 = scale_float32 or bool(self.offset)
         init = nnx.initializers.zeros if self.offset else nnx.initializers.ones
         self.weight = param(rngs, (dim,), names, dtype, init)
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.offset:
+        if self.scale_float32:
             return (y * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * y.astype(x.dtype)
 
 
 def norm(cfg: ModelConfig, dim: int, names: tuple, rngs: nnx.Rngs) -> RMSNorm:
-    return RMSNorm(dim, cfg.rms_norm_eps, names, cfg.dtype, rngs, cfg.norm_offset)
+    return RMSNorm(dim, cfg.rms_norm_eps, names, cfg.dtype, rngs, cfg.norm_offset, cfg.norm_scale_float32)
 
 
 ACT = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -100,7 +103,8 @@ class Attention(nnx.Module):
             self.k_norm = norm(cfg, hd, ("head_dim",), rngs)
 
     def __call__(self, x, rows: Rows, cache=None):
-        """cache None: a plain causal forward. cache: this layer's (k, v) pools; rows.paged False: the first
+        """cache None: a plain causal forward. cache: this layer's (k, v) pools (its shared pages, or for a
+        sliding layer of a mixed model its per-slot window rings: `table`); rows.paged False: the first
         chunk of prompts (the prefill kernels, then their K/V written to pages); True: tokens that attend over
         what the pages already hold (decode, later chunks of a prompt)."""
         cos, sin = rows.rope[self.rope]
@@ -151,8 +155,10 @@ class MLP(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Mixture of experts (Mixtral / Qwen-MoE style): a softmax router picks each token's top-k experts, whose
-    SwiGLU outputs are summed with the router weights (renormalised over the top k when norm_topk_prob).
+    """Mixture of experts: a router picks each token's top-k experts (softmax scores, or DeepSeek-V3's group-limited
+    sigmoid routing: `route`), whose gated-FFN outputs (SwiGLU, or gpt-oss's clamped SwiGLU with biases) are
+    summed with the router weights (renormalised over the top k when norm_topk_prob), plus a shared expert when
+    the model has one.
     Experts are stacked on a logical `experts` axis; how they run (all experts masked, or dispatched to the
     devices holding them) is the layout's choice (parallel/experts.py)."""
 
