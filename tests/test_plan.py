@@ -330,8 +330,7 @@ def mixed_model():
                                                layer_types=[s, f, s, f])
 
 
-@pytest.mark.parametrize("mesh,unroll", [("tp2", True), ("dp2_ep4", False), ("tp2_ep4", True), ("pp2", False),
-                                         ("sp4", True)])
+@pytest.mark.parametrize("mesh,unroll", [("dp2_ep4", False), ("tp2_ep4", True), ("pp2", False), ("sp4", True)])
 def test_predicted_collectives_with_mixed_layer_kinds(mesh, unroll):
     """The communication model counts each layer kind's collectives (dense FFN all-reduces, expert dispatch and
     statistics on MoE layers only, statistics gathered per group under a pipeline): equal to the compiled

@@ -137,7 +137,7 @@ def test_a_sliding_window_model_gives_back_the_pages_behind_its_window(mesh, poo
         engine(mesh, model=cfg.replace(sliding_window=None), **kw).generate_tokens(prompts, max_new_tokens=70)
 
 
-@pytest.mark.parametrize("mesh", ["single", "sp4", "pp2"])
+@pytest.mark.parametrize("mesh", ["sp4", "pp2"])
 def test_a_mixed_sliding_and_full_model_keeps_its_sliding_layers_in_window_rings(mesh):
     """Layers alternate sliding (24 positions) and full attention. The sliding layers' pools hold a fixed ring
     of pages per slot (the window and the next 16-token chunk: 12 pages of 4 tokens with sp4's split, 11
