@@ -130,6 +130,20 @@ def reference_logits(model, tokens):
         return model(torch.tensor(tokens)).logits.numpy()
 
 
+PROMPTS = [list(TOKENS[0, :5]), list(TOKENS[1, :11]), list(TOKENS[2, :3])]  # one batch, three lengths
+
+
+def transformers_greedy(model, prompts, n: int = 8) -> list:
+    """transformers' own `generate`, greedy, n tokens per prompt, never stopping at an end-of-sequence id."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    out = []
+    for p in prompts:
+        with torch.no_grad():
+            out.append(model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False)[0, len(p):].tolist())
+    return out
+
+
 def load(mesh, **kw):
     return jaxpar.load(mesh=mesh_path(mesh), devices=jax.devices()[:1] if mesh == "single" else None, **kw)
 
@@ -148,16 +162,9 @@ def test_logits_match_transformers_on_every_mesh(hf_models, name):
                                   "mixtral_experts", "mistral_window"])
 def test_greedy_continuations_equal_transformers_generate(hf_models, name):
     d, model = hf_models[name]
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    prompts = [list(TOKENS[0, :5]), list(TOKENS[1, :11]), list(TOKENS[2, :3])]
-    want = []
-    for p in prompts:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)
-        want.append(out[0, len(p):].tolist())
+    want = transformers_greedy(model, PROMPTS)
     for mesh in ("single", "dp2_tp4"):
-        got = load(mesh, hf=d).generate_tokens(prompts, max_new_tokens=8, stop_at_eos=False)
+        got = load(mesh, hf=d).generate_tokens(PROMPTS, max_new_tokens=8, stop_at_eos=False)
         assert got == want, (name, mesh)
 
 
@@ -192,13 +199,7 @@ def test_new_families_match_transformers_on_every_mesh_kind(hf_models, name):
     assert [g.describe() for g in layer_groups(read_hf_config(d))] == GROUPED[name]
     ref = reference_logits(model, TOKENS)
     assert np.abs(ref).max() > 0.5
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    prompts = [list(TOKENS[0, :5]), list(TOKENS[1, :11]), list(TOKENS[2, :3])]
-    want = []
-    for p in prompts:
-        with torch.no_grad():
-            want.append(model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist())
+    want = transformers_greedy(model, PROMPTS)
     for mesh in ("dp2_tp4", "sp4", "sp4_ulysses", "pp2") + (("tp2_ep4",) if name in GROUPED_MOE else ()):
         if name in PP_REFUSED and mesh == "pp2":
             with pytest.raises(jaxpar.JaxparError, match=r"layers 0-0: \(full/dense\) x 1 has 1 repeats, not "
@@ -208,7 +209,7 @@ def test_new_families_match_transformers_on_every_mesh_kind(hf_models, name):
         eng = load(mesh, hf=d)
         assert np.abs(eng.logits(TOKENS) - ref).max() <= 1e-4, (name, mesh)
         if mesh == "dp2_tp4":
-            assert eng.generate_tokens(prompts, max_new_tokens=8, stop_at_eos=False) == want, name
+            assert eng.generate_tokens(PROMPTS, max_new_tokens=8, stop_at_eos=False) == want, name
 
 
 def test_gemma_features_change_the_answer(hf_models, tmp_path):

@@ -106,6 +106,19 @@ def test_running_out_of_pages_preempts_and_loses_nothing(mesh):
     assert eng.scheduler.pool.in_use() == 0
 
 
+def greedy_without_cache(eng, prompts, n: int, width: int) -> list:
+    """Each prompt's next n greedy tokens from full forward passes over `width` padded positions (no cache at
+    all): positions after the sequence cannot change its logits."""
+    import numpy as np
+    want = []
+    for p in prompts:
+        seq = list(p)
+        for _ in range(n):
+            seq.append(int(np.argmax(eng.logits(np.array([seq + [0] * (width - len(seq))]))[0, len(seq) - 1])))
+        want.append(seq[len(p):])
+    return want
+
+
 @pytest.mark.parametrize("mesh,pool", [("single", 24), ("sp4", 24), ("single", 12)])
 def test_a_sliding_window_model_gives_back_the_pages_behind_its_window(mesh, pool):
     """Every layer attends within 24 positions. Two requests of 30 prompt tokens and 70 new ones (25 pages of 4
@@ -124,13 +137,7 @@ def test_a_sliding_window_model_gives_back_the_pages_behind_its_window(mesh, poo
     assert eng.scheduler.pages_needed(100) == 11  # the window's 23 positions + a 16-token chunk, as pages
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(0, 512, 30)) for _ in range(2)]
-    want = []
-    for p in prompts:  # greedy from full forward passes: positions after the sequence cannot change its logits
-        seq = list(p)
-        for _ in range(70):
-            padded = np.array([seq + [0] * (112 - len(seq))])
-            seq.append(int(np.argmax(eng.logits(padded)[0, len(seq) - 1])))
-        want.append(seq[30:])
+    want = greedy_without_cache(eng, prompts, 70, 112)
     assert eng.generate_tokens(prompts, max_new_tokens=70, stop_at_eos=False) == want
     assert eng.scheduler.pool.in_use() == 0 and (pool < 22 or eng.scheduler.preemptions == 0)
     with pytest.raises(GenerationError, match="needs 25 KV cache pages"):
@@ -157,13 +164,7 @@ def test_a_mixed_sliding_and_full_model_keeps_its_sliding_layers_in_window_rings
     assert sorted({p[1] for p in pools}) == sorted({eng.sizes.slots * ring, full_pages})
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(0, 512, 30)) for _ in range(2)]
-    want = []
-    for p in prompts:  # greedy from full forward passes: positions after the sequence cannot change its logits
-        seq = list(p)
-        for _ in range(70):
-            padded = np.array([seq + [0] * (112 - len(seq))])
-            seq.append(int(np.argmax(eng.logits(padded)[0, len(seq) - 1])))
-        want.append(seq[30:])
+    want = greedy_without_cache(eng, prompts, 70, 112)
     assert eng.generate_tokens(prompts, max_new_tokens=70, stop_at_eos=False) == want
 
 
