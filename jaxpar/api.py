@@ -37,7 +37,7 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype=None, seed: 
     """
     from jaxpar.engine import checkpoint as ckpt
     from jaxpar.engine import params as P
-    from jaxpar.engine.engine import Engine, runs_split
+    from jaxpar.engine.engine import Engine, run_form
 
     if dtype is not None and dtype not in DTYPES:
         raise JaxparError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -75,7 +75,7 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype=None, seed: 
     cfg = with_dtype(cfg, dtype)
     ml = plan_layout(mesh_cfg, cfg, devices)
     if checkpoint is not None:
-        params = ckpt.restore(checkpoint, cfg, ml.layout, ml.kv_repeat, split=runs_split(ml.layout, unroll))
+        params = ckpt.restore(checkpoint, cfg, ml.layout, ml.kv_repeat, run_form(ml.layout, unroll))
     else:
         params = P.init_params(cfg, ml.layout, ml.kv_repeat, seed)
     tokenizer = ByteTokenizer()
@@ -126,7 +126,7 @@ def serving_config(options: dict):
 
 
 def _load_hf(directory, mesh_cfg, model, dtype, devices, unroll=None, serving_cfg=None):
-    from jaxpar.engine.engine import Engine, runs_split
+    from jaxpar.engine.engine import Engine, run_form
     from jaxpar.hf.config import read_hf_config
     from jaxpar.hf.tokenizer import load_tokenizer
     from jaxpar.hf import weights
@@ -136,5 +136,5 @@ def _load_hf(directory, mesh_cfg, model, dtype, devices, unroll=None, serving_cf
     cfg = with_dtype(read_hf_config(str(directory)), dtype)
     ml = plan_layout(mesh_cfg, cfg, devices)
     tokenizer = load_tokenizer(str(directory), cfg)
-    params = weights.load(str(directory), cfg, ml.layout, ml.kv_repeat, split=runs_split(ml.layout, unroll))
+    params = weights.load(str(directory), cfg, ml.layout, ml.kv_repeat, run_form(ml.layout, unroll))
     return Engine(cfg, ml, params, tokenizer, unroll, serving_cfg)

@@ -77,8 +77,11 @@ def test_each_stage_holds_its_layers_and_their_cache(mesh, p):
     assert r["kv_cache_bytes_per_device"] * p * tp == r1["kv_cache_bytes_per_device"] * eng.kv_repeat
 
 
-def test_layers_must_divide_by_stages():
-    with pytest.raises(LayoutError, match=r"pp8: axes stage=8: model num_hidden_layers=4 .* not divisible by 8"):
+def test_every_stage_holds_a_layer():
+    """Groups the stages do not divide are padded (tests/test_plan.py), but a stage holding nothing but padding
+    is refused, with the most stages the model takes."""
+    with pytest.raises(LayoutError, match=r"pp8: axes stage=8: the last pipeline stage would hold no layer of the "
+                                          r"model \(4 layers: layers 0-3: \(full/dense\) x 4\); use at most 4 stages"):
         jaxpar.load(mesh=parse_mesh({"axes": {"stage": 8}}, "pp8"))
 
 

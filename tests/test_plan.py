@@ -342,3 +342,42 @@ def test_predicted_collectives_with_mixed_layer_kinds(mesh, unroll):
     # the sliding layers' window rings and the full layers' pages, as the planner sizes them
     assert S.kv_bytes_per_device(eng.config, eng.model_layout.mesh_cfg, eng.kv_repeat, r["batch"], r["cache_len"],
                                  4) == r["kv_cache_bytes_per_device"]
+
+
+def test_pipeline_pads_groups_the_stages_do_not_divide(tmp_path):
+    """A group whose repeats do not divide by the stages (a dense first layer, then 2 MoE layers, on 2 stages)
+    is padded with a repeat the pipeline skips: the single-device logits, whatever the padding holds; expert
+    statistics only for the real layers; the planner's collectives, parameter and KV bytes equal the compiled
+    program's (padding included); a checkpoint saved from it is in the model's own groups and loads anywhere."""
+    import jax
+    import numpy as np
+
+    import jaxpar
+    from conftest import mesh_path
+    model = load_config("tiny-add-moe").replace(num_hidden_layers=3, mlp_only_layers=[0])
+    tokens = [[3, 9, 27, 81, 243 % 256, 5, 7, 11]]
+    want = engine("single", model=model).logits(tokens)
+    eng = jaxpar.load(mesh=mesh_path("pp2"), model=model)  # its own: the test writes into its parameters
+    assert [(g.repeats, g.slots) for g in eng.programs.groups] == [(1, 2), (2, 2)]
+    assert np.abs(eng.logits(tokens) - want).max() <= 1e-5
+    noisy = jax.tree.map(lambda a: a, eng.run_params)  # the padding slot (group 0, repeat 1) made nonzero
+    noisy["group0"] = jax.tree.map(lambda a: a.at[1].set(0.5), noisy["group0"])
+    eng.run_params = noisy
+    assert np.abs(eng.logits(tokens) - want).max() <= 1e-5
+    r = inspect_engine(eng, batch=4, prompt_len=16, max_new_tokens=16)
+    assert_close(predicted(eng, r), r, "pp2 padded")
+    mc = eng.model_layout.mesh_cfg
+    assert S.params_per_device(eng.config, mc, eng.kv_repeat) * 4 == r["params_bytes_per_device"]
+    assert S.kv_bytes_per_device(eng.config, mc, eng.kv_repeat, r["batch"], r["cache_len"], 4) == \
+        r["kv_cache_bytes_per_device"]
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    ref = engine("single", model=model)
+    kw = dict(max_new_tokens=4, stop_at_eos=False)
+    assert eng.generate_tokens(prompts, **kw) == ref.generate_tokens(prompts, **kw)
+    ex = eng.last_stats["experts"]  # the two MoE layers' statistics, the padding slot's left out
+    assert ex["tokens_per_expert"] == ref.last_stats["experts"]["tokens_per_expert"]
+    assert ex["assignments"] == (8 + 2 * 3) * model.num_experts_per_tok * 2  # prompts, then 3 decoded per row
+    eng.save(str(tmp_path / "ckpt"))
+    back = jaxpar.load(mesh=mesh_path("single"), checkpoint=str(tmp_path / "ckpt"))
+    assert back.params["group0"]["block0"]["attn"]["wq"].shape[0] == 1
+    assert np.abs(back.logits(tokens) - want).max() <= 1e-5

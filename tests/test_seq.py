@@ -8,6 +8,7 @@ from conftest import engine, mesh_path
 from jaxpar.errors import LayoutError
 from jaxpar.inspect import inspect_engine
 from jaxpar.layout.mesh_file import parse_mesh
+from jaxpar.layout.plan import cache_kv_heads
 from jaxpar.parallel import zigzag
 from jaxpar.parallel.ring_attention import uses_first_kv_chunk
 
@@ -153,11 +154,13 @@ def test_decode_merges_partial_attention_and_splits_the_cache(mesh, n):
     assert c["collective-permute"]["count"] == c["all-to-all"]["count"] == 0
     ref = inspect_engine(engine("single"), batch=4, prompt_len=16, max_new_tokens=16)
     # KV cache per device: a request's pages spread over seq (page j on device j mod n), so a device holds
-    # ceil(pages / n) of each; split over tensor and data; kv heads replicated by kv_repeat where needed
+    # ceil(pages / n) of each; split over tensor and data; kv heads replicated only where the tensor split needs
+    # it (Ulysses repeats tiny-add's 2 kv heads for its all-to-all over 4 devices; the cache keeps one copy)
     pages = r["cache_len"] // r["page_size"]
     split = eng.layout.size("kv_heads") * eng.layout.size("batch") * pages
-    assert r["kv_cache_bytes_per_device"] * split == \
-        ref["kv_cache_bytes_per_device"] * eng.kv_repeat * -(-pages // n)
+    cached = cache_kv_heads(cfg, eng.kv_repeat, eng.layout) // cfg.kv_heads
+    assert (eng.kv_repeat, cached) == ((2, 1) if mesh == "sp4_ulysses" else (eng.kv_repeat, eng.kv_repeat))
+    assert r["kv_cache_bytes_per_device"] * split == ref["kv_cache_bytes_per_device"] * cached * -(-pages // n)
 
 
 def test_nvidia_sequence_parallelism_turns_all_reduces_into_reduce_scatters():

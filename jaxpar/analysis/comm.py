@@ -14,8 +14,9 @@ import math
 from jaxpar.analysis.hlo import COLLECTIVES
 from jaxpar.config import ModelConfig
 from jaxpar.layout.mesh_file import MeshConfig
+from jaxpar.layout.plan import cache_kv_heads
 from jaxpar.layout.rules import Axes
-from jaxpar.model.groups import layer_groups, moe_layers
+from jaxpar.model.groups import Form, layer_groups, moe_layers
 
 F32 = 4
 
@@ -42,14 +43,15 @@ class Step:
     decode: bool
 
 
-def schedule(cfg: ModelConfig, ax: Axes, step: Step, layers: int | None = None) -> tuple:
+def schedule(cfg: ModelConfig, ax: Axes, step: Step, moe_only: bool = False) -> tuple:
     """(pipeline ticks, layer executions per device, rows one layer execution works on) of one step: L/P
-    layers per tick for M+P-1 ticks under a pipeline (each group goes through the stages in turn), each on one
-    microbatch's rows. layers: count only that many of the model's layers (those of one kind)."""
+    layers per tick for M+P-1 ticks under a pipeline (each group goes through the stages in turn, padded to a
+    multiple of them: a padding slot runs too, its result discarded), each on one microbatch's rows.
+    moe_only: count only the mixture-of-experts layers."""
     stages = ax.size("layers")
     micro = ax.microbatches if stages > 1 else 1
     ticks = micro + stages - 1 if stages > 1 else 1
-    n = cfg.num_hidden_layers if layers is None else layers
+    n = sum(g.slots * sum(k.moe or not moe_only for k in g.unit) for g in layer_groups(cfg, Form(stages=stages)))
     return ticks, n // stages * ticks, step.batch // ax.size("batch") // micro
 
 
@@ -72,7 +74,7 @@ def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, ste
     out += _attention(cfg, ax, kv_repeat, step, rows, s_loc, runs, e)
     res_extra = ax.axes("residual_seq")[len(ax.axes("seq")):]  # NVIDIA-style SP: the row-parallel sums
     n_moe = len(moe_layers(cfg))
-    _, moe_runs, _ = schedule(cfg, ax, step, n_moe)
+    _, moe_runs, _ = schedule(cfg, ax, step, moe_only=True)
     ffn_split = ax.axes("mlp")  # dense FFNs; MoE FFNs under an expert axis sum inside the expert kernel instead
     moe_split = () if ax.size("experts") > 1 else ffn_split
     for name, split, count in (("attention output", ax.axes("heads"), runs),
@@ -117,7 +119,8 @@ def _attention(cfg, ax: Axes, kv_repeat, step: Step, rows, s_loc, runs, e) -> li
         return out
     # the paged KV cache: each seq device writes the pages it owns, so the chunk's K and V are gathered
     t = cfg.cache_tensors  # K and V, or MLA's one latent
-    out.append(Comm("all-gather", seq, runs * t, rows * s_loc * n * kv * hd * e,
+    cached = cache_kv_heads(cfg, kv_repeat, ax) // ax.size("kv_heads")  # one copy of each kv head (Ulysses)
+    out.append(Comm("all-gather", seq, runs * t, rows * s_loc * n * cached * hd * e,
                     "paged KV cache: the chunk's K and V gathered for the page writes"))
     kind = ax.mesh_cfg.attention
     if kind == "ring":
@@ -140,14 +143,14 @@ def _experts(cfg, ax: Axes, mesh_cfg: MeshConfig, rows, s_loc, runs, e) -> list:
     stats = (n_exp + 1) * F32  # tokens per expert + dropped, summed over the devices holding tokens
     token_axes = ax.axes("batch") + ax.axes("seq")
     stages = ax.axes("layers")
-    # under a pipeline each stage's statistics [R/P repeats] of each MoE block of a group are gathered over the
-    # stages: load, then dropped
+    # under a pipeline each stage's statistics [S/P slots] of each MoE block of a group are gathered over the
+    # stages: load, then dropped (a group padded for the stages gathers its padding's zeros too)
     gather = []
-    for group in (layer_groups(cfg) if stages else ()):
+    for group in (layer_groups(cfg, Form(stages=ax.size("layers"))) if stages else ()):
         for kind in group.unit:
             if kind.moe:
-                gather += [Comm("all-gather", stages, 1, group.repeats * n_exp * F32, "expert load per layer"),
-                           Comm("all-gather", stages, 1, group.repeats * F32, "dropped assignments per layer")]
+                gather += [Comm("all-gather", stages, 1, group.slots * n_exp * F32, "expert load per layer"),
+                           Comm("all-gather", stages, 1, group.slots * F32, "dropped assignments per layer")]
     if ax.size("experts") == 1:  # every expert on every token: nothing is dropped, only the load is summed
         return ([Comm("all-reduce", token_axes, runs, n_exp * F32, "expert load statistics")] if token_axes
                 else []) + gather

@@ -8,18 +8,19 @@ import math
 from jaxpar.analysis.comm import Axes, Step, schedule
 from jaxpar.config import ModelConfig
 from jaxpar.layout.mesh_file import MeshConfig
-from jaxpar.model.groups import context_layers, layer_kinds, ring_window, shared_window
+from jaxpar.layout.plan import cache_kv_heads
+from jaxpar.model.groups import Form, context_layers, layer_kinds, ring_layers, ring_window, shared_window
 
 DTYPE_BYTES = {"float32": 4, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 ALIASES = {"bfloat16": "bf16", "fp32": "float32", "f32": "float32"}
 
 
-def _leaves(cfg: ModelConfig, kv_repeat: int, within: str = ""):
+def _leaves(cfg: ModelConfig, kv_repeat: int, within: str = "", stages: int = 1):
     """(shape, logical names) of every parameter (whose path contains `within`), from the abstract model
-    (nothing allocated)."""
+    (nothing allocated), its groups padded for `stages` pipeline stages."""
     from jaxpar.engine import params as P
-    names = P.flatten(P.logical_names(cfg, kv_repeat))
-    shapes = P.flatten(P.shapes(cfg, kv_repeat))
+    names = P.flatten(P.logical_names(cfg, kv_repeat, Form(stages=stages)))
+    shapes = P.flatten(P.shapes(cfg, kv_repeat, Form(stages=stages)))
     return [(tuple(shapes[k].shape), names[k]) for k in names if within in k]
 
 
@@ -29,9 +30,10 @@ def param_count(cfg: ModelConfig) -> int:
 
 
 def params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int) -> int:
-    """Parameters one device holds (the layout divides every split dimension evenly)."""
+    """Parameters one device holds (the layout divides every split dimension evenly; a pipeline's padding
+    slots count)."""
     ax = Axes(mesh_cfg)
-    leaves = _leaves(cfg, kv_repeat)
+    leaves = _leaves(cfg, kv_repeat, stages=ax.size("layers"))
     return sum(math.prod(s) // math.prod(ax.size(n) for n in names if n) for s, names in leaves)
 
 
@@ -57,17 +59,17 @@ def kv_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, 
     ax = Axes(mesh_cfg)
     n = ax.size("cache_seq")
     rows = batch // ax.size("batch")
-    heads = cfg.kv_heads * kv_repeat // ax.size("kv_heads")
+    heads = cache_kv_heads(cfg, kv_repeat, ax) // ax.size("kv_heads")
     per_token_layer = cfg.cache_tensors * heads * cfg.head_size * kv_bytes
     held = _pages_held(cfg, cache, page_size, ahead, shared_window(cfg))
-    layers = context_layers(cfg)
-    total = layers // ax.size("layers") * rows * -(-held // n) * page_size * per_token_layer
+    stages = ax.size("layers")
+    total = context_layers(cfg, stages) * rows * -(-held // n) * page_size * per_token_layer
     ring = ring_window(cfg)
     if ring is not None:  # engine/state.cache_sizes: the ring's pages, a multiple of n
-        max_pages = -(-(-(-cache // page_size)) // n) * n
-        ring_pages = min(-(-_pages_held(cfg, cache, page_size, ahead, ring) // n) * n, max_pages)
-        total += (cfg.num_hidden_layers - layers) // ax.size("layers") * rows * ring_pages // n * page_size * \
-            per_token_layer
+        from jaxpar.engine.state import ring_pages
+        from jaxpar.serving.scheduler import ServingConfig
+        pages = ring_pages(cache, page_size, ring, ServingConfig().ahead if ahead is None else ahead, n)
+        total += ring_layers(cfg, stages) * rows * pages // n * page_size * per_token_layer
     return total
 
 

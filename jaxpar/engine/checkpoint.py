@@ -16,6 +16,7 @@ from jaxpar.config import ModelConfig, config_from_dict
 from jaxpar.errors import CheckpointError, ConfigError
 from jaxpar.layout.rules import Layout
 from jaxpar.engine import params as P
+from jaxpar.model.groups import CANONICAL, Form
 
 
 def save(directory: str, cfg: ModelConfig, params: dict, kv_repeat: int = 1, layout: Layout | None = None) -> None:
@@ -48,17 +49,20 @@ def read_config(directory: str) -> ModelConfig:
     return config_from_dict(data, path)
 
 
-def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, split: bool = False) -> dict:
-    """The checkpoint's parameters on `layout` (split: in the split form, each parameter split into its layers
-    as it is read, so the canonical and split forms are never whole at once; with kv_repeat > 1 the tree is
-    expanded, then regrouped, whole)."""
+def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, form: Form = CANONICAL) -> dict:
+    """The checkpoint's parameters on `layout`, in `form` (model/groups.Form): padded for pipeline stages as they
+    are read (Orbax appends the zeros), or in the split form, each parameter split into its layers as it is
+    read, so the canonical and split forms are never whole at once (with kv_repeat > 1 the tree is expanded,
+    then regrouped, whole)."""
     path = os.path.join(os.path.abspath(directory), "params")
     if not os.path.isdir(path):
         raise CheckpointError(f"{directory}: checkpoint not found (no params/ directory)")
     have_names = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
     if not have_names:
         raise CheckpointError(f"{directory}: checkpoint holds no parameters (empty or unfinished params/)")
-    target = P.flatten(P.abstract_params(cfg, layout, 1, replicate_kv=kv_repeat > 1))
+    stacked = CANONICAL if form.split else form
+    target = P.flatten(P.abstract_params(cfg, layout, 1, replicate_kv=kv_repeat > 1, form=stacked))
+    stored = P.flatten(P.shapes(cfg, 1))
     missing = sorted(set(target) - set(have_names))
     extra = sorted(set(have_names) - set(target))
     if missing or extra:
@@ -72,20 +76,25 @@ def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1
         except Exception as e:  # noqa: BLE001 - orbax raises many kinds; the user needs one line
             raise CheckpointError(f"{directory}: cannot read the metadata of parameter {name}: "
                                   f"{str(e).splitlines()[0][:200]}") from None
-        if have != tuple(target[name].shape):
+        if have != tuple(stored[name].shape):
             raise CheckpointError(f"{directory}: parameter {name} has shape {have} in the checkpoint but the "
-                                  f"model config needs {tuple(target[name].shape)}")
+                                  f"model config needs {tuple(stored[name].shape)}")
+    padding = ocp.Checkpointer(ocp.StandardCheckpointHandler())
     flat = {}
     for name, t in target.items():
         try:
-            leaf = ckpt.restore(os.path.join(path, name), {"value": t})["value"]
+            if t.shape == stored[name].shape:
+                leaf = ckpt.restore(os.path.join(path, name), {"value": t})["value"]
+            else:  # a group padded for pipeline stages: zeros appended to its layers axis
+                leaf = padding.restore(os.path.join(path, name),
+                                       args=ocp.args.StandardRestore({"value": t}, strict=False))["value"]
         except Exception as e:  # noqa: BLE001 - corrupt or truncated files surface as many exception types
             raise CheckpointError(f"{directory}: cannot read parameter {name}: "
                                   f"{str(e).splitlines()[0][:300]}") from None
-        if split and kv_repeat == 1:
+        if form.split and kv_repeat == 1:
             flat.update(P.split_leaf(name, leaf, cfg, layout))
             del leaf
         else:
             flat[name] = leaf
-    params = P.expand_kv(P.unflatten(flat), cfg, layout, kv_repeat)
-    return P.regroup(params, cfg, layout, kv_repeat, split=split) if split and kv_repeat > 1 else params
+    params = P.expand_kv(P.unflatten(flat), cfg, layout, kv_repeat, stacked)
+    return P.regroup(params, cfg, layout, kv_repeat, form) if form.split and kv_repeat > 1 else params

@@ -16,7 +16,7 @@ from jaxpar.engine.buckets import batch_bucket, seq_bucket
 from jaxpar.engine.programs import Programs, to_host
 from jaxpar.engine.state import cache_sizes
 from jaxpar.layout.plan import ModelLayout
-from jaxpar.model.groups import ring_window, shared_window
+from jaxpar.model.groups import CANONICAL, SPLIT, Form, ring_window, shared_window
 from jaxpar.parallel import zigzag
 from jaxpar.serving.loop import ServingLoop
 from jaxpar.serving.request import SamplingParams
@@ -40,9 +40,12 @@ def unroll_by_default(layout) -> bool:
     return layout.size("layers") == 1 and layout.mesh.devices.flat[0].platform == "cpu"
 
 
-def runs_split(layout, unroll) -> bool:
-    """Whether an engine on `layout` runs the split form (unroll None: the default for the layout)."""
-    return unroll_by_default(layout) if unroll is None else bool(unroll)
+def run_form(layout, unroll) -> Form:
+    """The form of the parameters an engine on `layout` runs (model/groups.Form): split when unrolled (unroll
+    None: the default for the layout), else the model's groups, padded for the layout's pipeline stages."""
+    if unroll_by_default(layout) if unroll is None else bool(unroll):
+        return SPLIT
+    return Form(stages=layout.size("layers"))
 
 
 class Engine:
@@ -54,10 +57,10 @@ class Engine:
         self.layout = model_layout.layout
         self.mesh = model_layout.mesh
         self.kv_repeat = model_layout.kv_repeat
-        self.unrolled = runs_split(self.layout, unroll)
-        if self.unrolled and self.layout.size("layers") > 1:
+        if unroll and self.layout.size("layers") > 1:
             raise GenerationError("unroll=True needs a layout without a stage axis (pipeline stages hold "
                                   "stacked layers)")
+        self.form = run_form(self.layout, unroll)
         self.params = params
         self.last_stats: dict = {}
         self.eos_ids = cfg.eos_ids or tuple(getattr(tokenizer, "eos_ids", ()))
@@ -72,7 +75,7 @@ class Engine:
             serving = dataclasses.replace(serving, max_model_len=ctx)
         self.serving = serving
         self.sizes = self._sizes_for(serving)
-        self.programs = Programs(self.config, self.layout, self.kv_repeat, self.unrolled, self.sizes)
+        self.programs = Programs(self.config, self.layout, self.kv_repeat, self.form, self.sizes)
         detok = self.tokenizer.decode if hasattr(self.tokenizer, "decode") else None
         self.scheduler = Scheduler(self.sizes, serving, self.layout, self.eos_ids, detok,
                                    window=shared_window(self.config))
@@ -111,12 +114,17 @@ class Engine:
     @property
     def params(self) -> dict:
         """The parameters in the model's own layer groups, the form checkpoints store (regrouped when the layers
-        run unrolled: `run_params` is the form the compiled programs take)."""
-        return P.regroup(self.run_params, self.config, self.layout, self.kv_repeat, split=False)
+        run unrolled or padded for pipeline stages: `run_params` is the form the compiled programs take)."""
+        return P.regroup(self.run_params, self.config, self.layout, self.kv_repeat, CANONICAL)
 
     @params.setter
     def params(self, value: dict) -> None:
-        self.run_params = P.regroup(value, self.config, self.layout, self.kv_repeat, split=self.unrolled)
+        self.run_params = P.regroup(value, self.config, self.layout, self.kv_repeat, self.form)
+
+    @property
+    def unrolled(self) -> bool:
+        """Whether every layer runs as its own group (the split form)."""
+        return self.form.split
 
     # ---- sizes -------------------------------------------------------------------------------------------
     @property
@@ -268,7 +276,7 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     # one prefill of the whole prompt: the window rings (a model mixing sliding and full layers) hold it
     sizes = cache_sizes(lay, b, t, page, None, shared_window(engine.config), engine.serving.ahead,
                         ring_window(engine.config), ring_ahead=max(engine.serving.ahead, s))
-    progs = Programs(engine.config, lay, engine.kv_repeat, engine.unrolled, sizes)
+    progs = Programs(engine.config, lay, engine.kv_repeat, engine.form, sizes)
     sched = Scheduler(sizes, dataclasses.replace(engine.serving, max_model_len=t), lay, engine.eos_ids)
     host = sched.padding_batch(b // sizes.batch_shards, s, sched.table_bucket(sizes.pages_for(s)))
     batch_struct = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), host,

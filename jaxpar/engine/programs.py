@@ -22,8 +22,9 @@ from jaxpar.engine import params as P
 from jaxpar.engine.sampling import sample_rows
 from jaxpar.engine.state import (DecodeState, PrefillBatch, batch_names, host_rows, pool_shape, ring_table,
                                  state_names)
+from jaxpar.layout.plan import cache_kv_heads
 from jaxpar.layout.rules import activate, active, constrain
-from jaxpar.model.groups import layer_groups
+from jaxpar.model.groups import Form, layer_groups
 from jaxpar.parallel import zigzag
 
 POOL_NAMES = ("layers", "pages", None, "kv_heads", "head_dim")
@@ -78,14 +79,14 @@ def _names_to(layout, tree):
 
 
 class Programs:
-    """split: parameters and KV pools with every layer its own group (model/groups.py), the layers applied one
-    after another; otherwise in the model's own groups, each scanned (or pipelined)."""
+    """form (model/groups.Form): parameters and KV pools with every layer its own group, the layers applied one
+    after another (split), or in the model's own groups, each scanned (or pipelined, padded for the stages)."""
 
-    def __init__(self, cfg, layout, kv_repeat, split: bool, sizes):
-        self.cfg, self.layout, self.kv_repeat, self.split, self.sizes = cfg, layout, kv_repeat, split, sizes
-        self.groups = layer_groups(cfg, split)
+    def __init__(self, cfg, layout, kv_repeat, form: Form, sizes):
+        self.cfg, self.layout, self.kv_repeat, self.form, self.sizes = cfg, layout, kv_repeat, form, sizes
+        self.groups = layer_groups(cfg, form)
         lay, dec = layout, layout.for_decode()
-        self.param_sh = P.shardings(cfg, lay, kv_repeat, split=split)
+        self.param_sh = P.shardings(cfg, lay, kv_repeat, form=form)
         pool_names = tuple(((POOL_NAMES,) * cfg.cache_tensors,) * len(g.unit) for g in self.groups)
         self.state_sh = _names_to(lay, state_names(pool_names))
         self.batch_sh = _names_to(lay, batch_names())
@@ -122,16 +123,17 @@ class Programs:
         dt, rings = jnp.dtype(cfg.dtype), self.sizes.ring_pages > 0
 
         def pools(repeats, kind):
-            shape = pool_shape(cfg, self.kv_repeat, self.sizes, ring=rings and kind.sliding)
+            shape = pool_shape(cfg, cache_kv_heads(cfg, self.kv_repeat, self.layout), self.sizes,
+                               ring=rings and kind.sliding)
             return tuple(jnp.zeros((repeats,) + shape, dt) for _ in range(cfg.cache_tensors))
-        cache = tuple(tuple(pools(g.repeats, kind) for kind in g.unit) for g in self.groups)
+        cache = tuple(tuple(pools(g.slots, kind) for kind in g.unit) for g in self.groups)
         i32 = jnp.zeros(n, jnp.int32)
         return DecodeState(cache=cache, tokens=i32, lengths=i32, generated=i32, done=jnp.ones(n, bool),
                            request=jax.tree.map(jnp.asarray, host_rows(n)))
 
     # ---- the model -----------------------------------------------------------------------------------------
     def _model(self, params):
-        return P.bind(self.cfg, self.kv_repeat, params, self.split)
+        return P.bind(self.cfg, self.kv_repeat, params, self.form)
 
     def seq_order(self, s: int):
         """The position computed at each sequence index: zigzag when the sequence is split (identity

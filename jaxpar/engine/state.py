@@ -147,15 +147,21 @@ def cache_sizes(layout, max_num_seqs: int, max_model_len: int, page_size: int, n
         num_pages = slots // d * -(-pages_held(max_model_len, page_size, window, ahead) // n)
     ring = 0
     if ring_window is not None:
-        ring_ahead = ahead if ring_ahead is None else ring_ahead
-        ring = min(-(-pages_held(max_model_len, page_size, ring_window, ring_ahead) // n) * n, max_pages)
+        ring = ring_pages(max_model_len, page_size, ring_window, ahead if ring_ahead is None else ring_ahead, n)
     return CacheSizes(slots, page_size, int(num_pages), max_pages, d, n, ring)
 
 
-def pool_shape(cfg, kv_repeat: int, sizes: CacheSizes, ring: bool = False) -> tuple:
+def ring_pages(max_model_len: int, page_size: int, window: int, ahead: int, n: int) -> int:
+    """Pages of a slot's window ring (CacheSizes.ring_pages): those a request holds at once for the window and
+    `ahead` tokens, rounded up to a multiple of the n seq devices, and never more than a page table's width."""
+    max_pages = -(-(-(-max_model_len // page_size)) // n) * n
+    return min(-(-pages_held(max_model_len, page_size, window, ahead) // n) * n, max_pages)
+
+
+def pool_shape(cfg, kv_heads: int, sizes: CacheSizes, ring: bool = False) -> tuple:
     """A layer's pool: the shared pages, or (ring: a sliding layer of a mixed model) the slots' window rings."""
     pages = sizes.ring_pool_pages if ring else sizes.pool_pages
-    return (pages, sizes.page_size, cfg.kv_heads * kv_repeat, cfg.head_size)
+    return (pages, sizes.page_size, kv_heads, cfg.head_size)
 
 
 def bytes_per_token(cfg, kv_repeat: int, layout) -> int:
@@ -163,8 +169,9 @@ def bytes_per_token(cfg, kv_repeat: int, layout) -> int:
     cache grows with the context: a model mixing sliding and full layers keeps its sliding layers' tokens in
     fixed rings, not counted here)."""
     from jaxpar.model.groups import context_layers
-    kv = cfg.kv_heads * kv_repeat // layout.size("kv_heads")
-    layers = context_layers(cfg) // layout.size("layers")
+    from jaxpar.layout.plan import cache_kv_heads
+    kv = cache_kv_heads(cfg, kv_repeat, layout) // layout.size("kv_heads")
+    layers = context_layers(cfg, layout.size("layers"))
     return cfg.cache_tensors * layers * kv * cfg.head_size * jnp.dtype(cfg.dtype).itemsize
 
 

@@ -18,7 +18,7 @@ from jaxpar.errors import CheckpointError
 from jaxpar.engine import params as P
 from jaxpar.hf.mxfp4 import MXFP4, HeadRows, Strided
 from jaxpar.hf.safetensors import WeightFiles
-from jaxpar.model.groups import layer_groups, moe_layers
+from jaxpar.model.groups import CANONICAL, Form, layer_groups, moe_layers
 
 L = "model.layers.{}."
 
@@ -63,18 +63,16 @@ def _block(cfg: ModelConfig, kind, experts: str, interleaved: bool = False) -> d
     expected HF shape, view: HF array -> jaxpar layout, axis of kv heads in the jaxpar layout or None)."""
     d, f, h, kv, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
     attn = L + "self_attn."
+    p = {"attn_norm.weight": (L + "input_layernorm.weight", (d,), lambda t: t, None),
+         "mlp_norm.weight": (L + "post_attention_layernorm.weight", (d,), lambda t: t, None)}
     if cfg.mla:
-        p = {"attn_norm.weight": (L + "input_layernorm.weight", (d,), lambda t: t, None),
-             "mlp_norm.weight": (L + "post_attention_layernorm.weight", (d,), lambda t: t, None), **_mla(cfg, interleaved)}
-        return _ffn(cfg, kind, experts, p)
-    p = {
-        "attn_norm.weight": (L + "input_layernorm.weight", (d,), lambda t: t, None),
-        "mlp_norm.weight": (L + "post_attention_layernorm.weight", (d,), lambda t: t, None),
+        return _ffn(cfg, kind, experts, {**p, **_mla(cfg, interleaved)})
+    p.update({
         "attn.wq": (attn + "q_proj.weight", (h * hd, d), lambda t: _heads(t, h, hd).transpose(2, 0, 1), None),
         "attn.wk": (attn + "k_proj.weight", (kv * hd, d), lambda t: _heads(t, kv, hd).transpose(2, 0, 1), 1),
         "attn.wv": (attn + "v_proj.weight", (kv * hd, d), lambda t: _heads(t, kv, hd).transpose(2, 0, 1), 1),
         "attn.wo": (attn + "o_proj.weight", (d, h * hd), lambda t: t.reshape(d, h, hd).transpose(1, 2, 0), None),
-    }
+    })
     if cfg.sandwich_norms:  # Gemma: post_attention_layernorm normalises the attention output, and the FFN has its own
         p["attn_post_norm.weight"] = (L + "post_attention_layernorm.weight", (d,), lambda t: t, None)
         p["mlp_norm.weight"] = (L + "pre_feedforward_layernorm.weight", (d,), lambda t: t, None)
@@ -114,17 +112,18 @@ def _ffn(cfg: ModelConfig, kind, experts: str, p: dict) -> dict:
     return p
 
 
-def plan(cfg: ModelConfig, experts: str = "mixtral", interleaved: bool = False, split: bool = False) -> dict:
+def plan(cfg: ModelConfig, experts: str = "mixtral", interleaved: bool = False, form: Form = CANONICAL) -> dict:
     """jaxpar parameter path -> (HF name template, expected HF shape, view, kv axis, layers): templates with {}
-    are per layer, read for `layers` (the layer indices stacked in the parameter, in order; None otherwise)."""
+    are per layer, read for `layers` (the layer index of each slot of the parameter's layers axis in `form`,
+    None for a padding slot, which holds zeros; None for a parameter that is not per layer)."""
     d, v = cfg.hidden_size, cfg.vocab_size
     p = {"embed": ("model.embed_tokens.weight", (v, d), lambda t: t, None, None),
          "norm.weight": ("model.norm.weight", (d,), lambda t: t, None, None)}
     if not cfg.tie_word_embeddings:
         p["lm_head"] = ("lm_head.weight", (v, d), lambda t: t.T, None, None)
-    for g, group in enumerate(layer_groups(cfg, split)):
+    for g, group in enumerate(layer_groups(cfg, form)):
         for u, kind in enumerate(group.unit):
-            layers = tuple(group.layer_index(j, u) for j in range(group.repeats))
+            layers = tuple(group.layer_index(j, u) for j in range(group.repeats)) + (None,) * group.padding
             for name, entry in _block(cfg, kind, experts, interleaved).items():
                 p[f"group{g}.block{u}.{name}"] = entry + (layers,)
     return p
@@ -179,15 +178,15 @@ class Experts:
 
 
 def _names(template: str, layers, experts: int = 0) -> list:
-    """Tensor names: one, one per layer of `layers`, or (for per-expert tensors) a list of expert names per
-    layer."""
+    """Tensor names: one, one per layer of `layers` (None for a padding slot), or (for per-expert tensors) a
+    list of expert names per layer."""
     if "{e}" in template:
-        return [[template.format(i, e=e) for e in range(experts)] for i in layers]
-    return [template.format(i) for i in layers] if "{}" in template else [template]
+        return [None if i is None else [template.format(i, e=e) for e in range(experts)] for i in layers]
+    return [None if i is None else template.format(i) for i in layers] if "{}" in template else [template]
 
 
 def _flat(names) -> list[str]:
-    return [n for x in names for n in (x if isinstance(x, list) else [x])]
+    return [n for x in names if x is not None for n in (x if isinstance(x, list) else [x])]
 
 
 def expert_style(files: WeightFiles, cfg: ModelConfig) -> str:
@@ -226,8 +225,9 @@ class Progress:
             sys.stderr.flush()
 
 
-def _shard_reader(views, stacked: bool, kv_axis, kv_repeat: int, dtype):
-    """The make_array_from_callback callback: a device's index -> that slice, read from the memory maps."""
+def _shard_reader(views, stacked: bool, kv_axis, kv_repeat: int, dtype, shape: tuple):
+    """The make_array_from_callback callback: a device's index -> that slice of the parameter (global `shape`),
+    read from the memory maps."""
     def one(v, idx):
         if kv_axis is not None and kv_repeat > 1:  # expanded kv head j is original head j // kv_repeat
             heads = np.arange(*idx[kv_axis].indices(v.shape[kv_axis] * kv_repeat)) // kv_repeat
@@ -240,11 +240,10 @@ def _shard_reader(views, stacked: bool, kv_axis, kv_repeat: int, dtype):
         if not stacked:
             return one(views[0], index)
         layers = range(*index[0].indices(len(views)))
-        first = one(views[layers[0]], index[1:])
-        shard = np.empty((len(layers),) + first.shape, dtype)  # filled layer by layer: no stacked temporaries
-        shard[0] = first
-        for j, i in enumerate(layers[1:], 1):
-            shard[j] = one(views[i], index[1:])
+        shard = np.zeros(tuple(len(range(*s.indices(n))) for s, n in zip(index, shape)), dtype)
+        for j, i in enumerate(layers):  # filled layer by layer: no stacked temporaries; padding slots stay zero
+            if views[i] is not None:
+                shard[j] = one(views[i], index[1:])
         return shard
     return read
 
@@ -265,20 +264,21 @@ def _array(files: WeightFiles, name: str):
     return files.array(name)
 
 
-def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int, split: bool = False) -> dict:
-    """Stream a Hugging Face checkpoint into sharded parameters (pure dict, the Engine's layout), in the split
-    form (every layer its own group) when `split`: read straight into the form the programs run."""
+def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int, form: Form = CANONICAL) -> dict:
+    """Stream a Hugging Face checkpoint into sharded parameters (pure dict, the Engine's layout) in `form`
+    (model/groups.Form: split, or padded for pipeline stages): read straight into the form the programs run."""
     files = WeightFiles(directory)
     check(files, cfg, directory)
-    shardings = P.flatten(P.shardings(cfg, layout, kv_repeat, split=split))
-    shapes = P.flatten(P.shapes(cfg, kv_repeat, split))
-    todo = plan(cfg, expert_style(files, cfg), rope_interleaved(directory, cfg), split)
+    shardings = P.flatten(P.shardings(cfg, layout, kv_repeat, form=form))
+    shapes = P.flatten(P.shapes(cfg, kv_repeat, form))
+    todo = plan(cfg, expert_style(files, cfg), rope_interleaved(directory, cfg), form)
     progress = Progress(len(todo))
     out: dict = {}
     for path, (template, _, view, kv_axis, layers) in todo.items():
-        views = [Experts([view(_array(files, x)) for x in n]) if isinstance(n, list) else view(_array(files, n))
-                 for n in _names(template, layers, cfg.num_local_experts)]
-        read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, np.dtype(shapes[path].dtype))
+        views = [None if n is None else Experts([view(_array(files, x)) for x in n]) if isinstance(n, list)
+                 else view(_array(files, n)) for n in _names(template, layers, cfg.num_local_experts)]
+        read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, np.dtype(shapes[path].dtype),
+                             shapes[path].shape)
         out[path] = jax.make_array_from_callback(shapes[path].shape, shardings[path], read)
         progress.step()
     return P.unflatten(out)

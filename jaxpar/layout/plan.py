@@ -12,7 +12,7 @@ from jaxpar.config import ModelConfig
 from jaxpar.errors import LayoutError
 from jaxpar.layout.mesh_file import MeshConfig
 from jaxpar.layout.rules import Axes, Layout, make_rules, recording_names
-from jaxpar.model.groups import layer_groups, layer_kinds
+from jaxpar.model.groups import Form, layer_groups, layer_kinds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,18 +85,20 @@ def check_layout(mesh_cfg: MeshConfig, cfg: ModelConfig) -> int:
               ("experts", max(cfg.num_local_experts, 1), "num_local_experts"),
               ("vocab", cfg.vocab_size, "vocab_size"),
               ("embed", cfg.hidden_size, "hidden_size"),
-              ("head_dim", cfg.head_size, "head_dim"),
-              ("layers", cfg.num_hidden_layers, "num_hidden_layers")]
+              ("head_dim", cfg.head_size, "head_dim")]
     for logical, n, field in checks:
         s = size(logical)
         if n % s:
             raise LayoutError(f"{src}: axes {_axes_desc(ax, logical)}: model {field}={n} "
                               f"(logical axis {logical}) is not divisible by {s}")
-    for group in layer_groups(cfg):  # each group's repeats are split over the stages
-        if group.repeats % size("layers"):
-            raise LayoutError(f"{src}: axes {_axes_desc(ax, 'layers')}: the model's layer group {group.describe()} "
-                              f"has {group.repeats} repeats, not divisible by {size('layers')} pipeline stages "
-                              f"(each group's repeats are split over the stages)")
+    stages = size("layers")
+    groups = layer_groups(cfg, Form(stages=stages))
+    if stages > 1 and all((stages - 1) * (g.slots // stages) >= g.repeats for g in groups):
+        most = max(p for p in range(1, stages + 1)
+                   if any((p - 1) * -(-g.repeats // p) < g.repeats for g in layer_groups(cfg)))
+        raise LayoutError(f"{src}: axes {_axes_desc(ax, 'layers')}: the last pipeline stage would hold no layer of "
+                          f"the model ({cfg.num_hidden_layers} layers: "
+                          f"{'; '.join(g.describe() for g in layer_groups(cfg))}); use at most {most} stages")
     _check_residual(ax, cfg)
     n_seq = mesh_cfg.size("seq")
     if n_seq > 1:
@@ -112,6 +114,16 @@ def check_layout(mesh_cfg: MeshConfig, cfg: ModelConfig) -> int:
     raise LayoutError(f"{src}: axes {how}: model num_key_value_heads={kv} "
                       f"neither divides by {s} nor divides {s}, so kv heads cannot be split or replicated "
                       f"evenly")
+
+
+def cache_kv_heads(cfg: ModelConfig, kv_repeat: int, layout) -> int:
+    """The kv heads of a layer's pool: the model's, each repeated only as often as the tensor split needs. Ulysses
+    repeats them further (kv_repeat) so that they also split over `seq` for its all-to-all; the cache, whose
+    pages split over `seq` instead, keeps one copy per device (MLA's one latent: one, not seq copies). The
+    repeats are consecutive, so every kv_repeat / r-th head is one copy of each (parallel/paged.py). layout: a Layout or the planner's Axes."""
+    kv, t = cfg.kv_heads, layout.size("kv_heads")
+    r = 1 if kv % t == 0 else t // kv if t % kv == 0 else kv_repeat
+    return kv * (r if kv_repeat % r == 0 else kv_repeat)
 
 
 def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLayout:

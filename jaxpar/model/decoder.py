@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
-from jaxpar.model.groups import Group, layer_groups
+from jaxpar.model.groups import CANONICAL, Form, Group, layer_groups
 from jaxpar.model.layers import Block, Rows, norm, param
 from jaxpar.model.rope import attention_factor, inv_frequencies, rope_tables
 from jaxpar.parallel.embedding import embed_lookup
@@ -24,7 +24,7 @@ class GroupLayers(nnx.Module):
     def __init__(self, cfg: ModelConfig, group: Group, kv_heads: int, rngs: nnx.Rngs):
         self.size = len(group.unit)
         for u, kind in enumerate(group.unit):
-            setattr(self, f"block{u}", _stacked(cfg, kv_heads, kind, group.repeats, rngs))
+            setattr(self, f"block{u}", _stacked(cfg, kv_heads, kind, group.slots, rngs))
 
     def unit(self, x, rows: Rows, cache):
         """One repeat of the unit (called on one repeat's parameters): -> (x, cache, stats per position)."""
@@ -47,13 +47,13 @@ def _stacked(cfg: ModelConfig, kv_heads: int, kind, repeats: int, rngs: nnx.Rngs
 
 class Decoder(nnx.Module):
     """`kv_repeat` > 1 stores each kv head that many times, so kv heads can be split over more devices than
-    the model has kv heads (GQA/MQA under wide tensor parallelism). split: every layer its own group (the
-    form CPU runs use, model/groups.py)."""
+    the model has kv heads (GQA/MQA under wide tensor parallelism). form: how the layers are grouped
+    (model/groups.Form: the model's groups, every layer its own group on CPU, or padded for pipeline stages)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kv_repeat: int = 1, split: bool = False):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kv_repeat: int = 1, form: Form = CANONICAL):
         self.cfg = cfg
         self.kv_repeat = kv_repeat
-        self.layer_groups = layer_groups(cfg, split)
+        self.layer_groups = layer_groups(cfg, form)
         dt = cfg.dtype
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         for g, group in enumerate(self.layer_groups):
@@ -66,7 +66,7 @@ class Decoder(nnx.Module):
         """tokens, positions [B, S] -> (hidden [B, S, embed] before the final norm, the cache, statistics).
 
         cache None: a plain causal forward. cache: per group, per unit position, the (k, v) pools (MLA: the one
-        latent pool) [repeats, pages, page_size, kv_heads, head_dim] (parallel/paged.py); pages and paged: see
+        latent pool) [slots, pages, page_size, kv_heads, head_dim] (parallel/paged.py); pages and paged: see
         `Rows`. Under a `seq` axis a prompt's sequence is in the zigzag order (parallel/zigzag.py) and positions
         say which position each index holds. valid [B, S] marks real tokens (default all). stats: the mixture-of-experts
         layers' statistics, one row per MoE layer in layer order ({} for a dense model)."""
@@ -87,8 +87,8 @@ class Decoder(nnx.Module):
 
             def unit(h, unit_state, unit_cache, rows, graph=graph):
                 return nnx.merge(graph, unit_state).unit(h, rows, unit_cache)
-            x, c, st = run_layers(unit, state, x, rows, None if cache is None else cache[g])
-            if group.repeats == 1:  # applied directly, not in a loop of its own (the split form)
+            x, c, st = run_layers(unit, state, x, rows, None if cache is None else cache[g], group.repeats)
+            if group.slots == 1:  # applied directly, not in a loop of its own (the split form)
                 x = _after(x, st)
             caches.append(c)
             stats.append(st)
@@ -100,7 +100,7 @@ class Decoder(nnx.Module):
         for group, per_position in zip(self.layer_groups, stats):
             for u, st in enumerate(per_position):
                 if st:
-                    rows.append(st)
+                    rows.append({k: v[:group.repeats] for k, v in st.items()})  # without the padding
                     index += [group.layer_index(j, u) for j in range(group.repeats)]
         if not rows:
             return {}

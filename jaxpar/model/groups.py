@@ -9,10 +9,13 @@ pattern, and Gemma 3 27B's 62 layers are its 6-layer pattern x 10 then a group o
 
 The same mechanism gives the split form CPU runs use: every layer its own group of one repeat, applied one
 after another, so each layer's weights are read where they lie (XLA:CPU copies the slice of stacked weights a
-scan step takes). `regroup` (engine/params.py) moves parameters between the two groupings."""
+scan step takes). Under pipeline stages each group's repeats are split over the stages; a group whose repeats
+do not divide by the stages is padded with repeats that the pipeline skips (`Form`). `regroup`
+(engine/params.py) moves parameters between the forms."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from jaxpar.config import ModelConfig
 
@@ -27,21 +30,43 @@ class LayerKind:
 
 
 @dataclasses.dataclass(frozen=True)
+class Form:
+    """How parameters and KV pools hold the layers. The canonical form (what checkpoints store): the model's
+    groups. split: every layer its own group (CPU runs). stages > 1: the model's groups, each padded to a
+    multiple of the pipeline stages, so that every stage holds the same number of each group's repeats (the
+    padding repeats hold zeros and the pipeline skips them: DeepSeek-V3's 3 dense layers on 2 stages are 4
+    slots, one of them padding)."""
+    split: bool = False
+    stages: int = 1
+
+
+CANONICAL = Form()
+SPLIT = Form(split=True)
+
+
+@dataclasses.dataclass(frozen=True)
 class Group:
     unit: tuple  # LayerKind per position of the repeating unit
     repeats: int
     first: int  # index of the group's first layer
+    padding: int = 0  # repeats added after the real ones so the stages divide them (Form.stages)
 
     @property
     def layers(self) -> int:
         return len(self.unit) * self.repeats
+
+    @property
+    def slots(self) -> int:
+        """Repeats the stacked parameters and pools hold: the real ones, then the padding."""
+        return self.repeats + self.padding
 
     def layer_index(self, repeat: int, position: int) -> int:
         return self.first + repeat * len(self.unit) + position
 
     def describe(self) -> str:
         unit = " + ".join(k.describe() for k in self.unit)
-        return f"layers {self.first}-{self.first + self.layers - 1}: ({unit}) x {self.repeats}"
+        pad = f" (+ {self.padding} padding for the pipeline stages)" if self.padding else ""
+        return f"layers {self.first}-{self.first + self.layers - 1}: ({unit}) x {self.repeats}{pad}"
 
 
 def layer_kinds(cfg: ModelConfig) -> tuple:
@@ -64,14 +89,21 @@ def _repeats(kinds: tuple, start: int, p: int) -> int:
     return r
 
 
-def layer_groups(cfg: ModelConfig, split: bool = False) -> tuple:
-    """The decoder's groups: the grouping with the fewest distinct blocks (the sum of the unit lengths, which is
-    what the compiled program's size follows), then the fewest groups, then the longest first group (a pattern
-    is read from the first layer on). split: every layer its own group."""
+@functools.lru_cache(maxsize=64)
+def layer_groups(cfg: ModelConfig, form: Form = CANONICAL) -> tuple:
+    """The decoder's groups in `form`: the grouping with the fewest distinct blocks (the sum of the unit
+    lengths, which is what the compiled program's size follows), then the fewest groups, then the longest first
+    group (a pattern is read from the first layer on); split: every layer its own group; stages: each group
+    padded to a multiple of them."""
     kinds = layer_kinds(cfg)
-    n = len(kinds)
-    if split:
+    if form.split:
         return tuple(Group((k,), 1, i) for i, k in enumerate(kinds))
+    return tuple(dataclasses.replace(g, padding=-g.repeats % form.stages) for g in _grouping(kinds))
+
+
+@functools.lru_cache(maxsize=64)
+def _grouping(kinds: tuple) -> tuple:
+    n = len(kinds)
     best: list = [None] * n + [((0, 0, 0), ())]  # from layer i on: ((blocks, groups, -first group's layers), groups)
     for i in range(n - 1, -1, -1):
         for p in range(1, n - i + 1):
@@ -102,8 +134,17 @@ def ring_window(cfg: ModelConfig) -> int | None:
     return cfg.sliding_window if any(k.sliding for k in kinds) and not all(k.sliding for k in kinds) else None
 
 
-def context_layers(cfg: ModelConfig) -> int:
-    """Layers whose KV cache grows with the context (all but the sliding layers of a mixed model)."""
+def context_layers(cfg: ModelConfig, stages: int = 1) -> int:
+    """Layers whose KV cache grows with the context (all but the sliding layers of a mixed model), held by one
+    of `stages` pipeline stages (padding included: each stage holds its share of every group's slots)."""
+    ring = ring_window(cfg) is not None
+    return sum(g.slots // stages * sum(not (ring and k.sliding) for k in g.unit)
+               for g in layer_groups(cfg, Form(stages=stages)))
+
+
+def ring_layers(cfg: ModelConfig, stages: int = 1) -> int:
+    """The sliding layers of a model mixing sliding and full ones (their caches are window rings) held by one
+    of `stages` pipeline stages."""
     if ring_window(cfg) is None:
-        return cfg.num_hidden_layers
-    return sum(not k.sliding for k in layer_kinds(cfg))
+        return 0
+    return sum(g.slots // stages * sum(k.sliding for k in g.unit) for g in layer_groups(cfg, Form(stages=stages)))

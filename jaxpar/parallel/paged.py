@@ -56,6 +56,13 @@ def _write_local(pool, new, table, positions, valid, axis, n):
         new.reshape((b * s,) + new.shape[2:]).astype(pool.dtype), mode="drop")
 
 
+def _cached_heads(x, pool):
+    """New keys or values [b, s, KV, D] -> the kv heads the pool holds: under Ulysses the model's kv heads come
+    repeated (consecutively) for its all-to-all, and the pool keeps one copy of each (engine/state.cache_kv_heads)."""
+    stride = x.shape[2] // pool.shape[2]
+    return x if stride == 1 else x[:, :, ::stride]
+
+
 def _gather_seq(x, axis, n):
     """A sequence-split [b, s/n, ...] block -> the whole sequence [b, s, ...] on every seq device."""
     return jax.lax.all_gather(x, axis, axis=1, tiled=True) if n > 1 else x
@@ -71,6 +78,7 @@ def write_pages(pools, k, v, table, positions, valid):
     new = (k, v)[:len(pools)]
 
     def body(pools, new, table, positions, valid):
+        new = tuple(_cached_heads(x, p) for p, x in zip(pools, new))  # before the gather: fewer bytes
         return tuple(_write_local(p, _gather_seq(x, axis, n) if split else x, table, positions, valid, axis, n)
                      for p, x in zip(pools, new))
     if lay is None or lay.mesh.size == 1:
@@ -91,6 +99,7 @@ def _attend_local(q, k, v, pools, table, positions, valid, sinks=None, *, axis, 
     A table of at most BLOCK_TOKENS tokens is read in one piece; a wider one block by block (online softmax),
     from the first block a valid position's window reaches (the first page without a window) to the last page
     a valid position of the call reaches."""
+    k, v = _cached_heads(k, pools[0]), _cached_heads(v, pools[0])
     pools = tuple(_write_local(p, x, table, positions, valid, axis, n) for p, x in zip(pools, (k, v)))
     pk, pv = pools[0], pools[-1]
     page = pk.shape[1]

@@ -2,7 +2,8 @@
 program.
 
 Pipeline (GPipe schedule, for prefill and decode alike): a group's stacked repeats are split over `stage` (each
-device holds R/P consecutive repeats and their KV cache; the groups go through the stages in turn), the batch
+device holds R/P consecutive repeats and their KV cache; the groups go through the stages in turn; a group whose
+repeats do not divide by P is padded with repeats the stages skip, model/groups.Form), the batch
 is cut into M microbatches (microbatch m holds rows m, m+M, m+2M, ...), and the program runs M+P-1 ticks. At tick t stage s works on microbatch
 t-s when 0 <= t-s < M (otherwise it idles: the P-1 fill and drain ticks of the bubble, (P-1)/(M+P-1) of
 the time); then every stage hands its activations to the next with one `ppermute`. Stage 0 takes
@@ -19,31 +20,45 @@ from jax.sharding import PartitionSpec as P
 from jaxpar.layout.rules import active
 
 
-def run_layers(layer, state, x, rows, cache):
+def run_layers(layer, state, x, rows, cache, repeats: int):
     """Apply a group's repeats to x [B, S, D].
 
     layer(h, unit_state, unit_cache, rows) -> (h, unit_cache, stats) applies one repeat of the group's unit;
-    state: the group's parameters (leading layers axis, one entry per repeat); rows: per-row inputs (leading
-    batch axis, model/layers.Rows); cache: the group's KV pools (leading layers axis) or None. Returns
-    (x, cache, stats) with stats stacked over repeats.
+    state: the group's parameters (leading layers axis, one entry per slot); rows: per-row inputs (leading
+    batch axis, model/layers.Rows); cache: the group's KV pools (leading layers axis) or None; repeats: the
+    real ones, the first of the slots (the rest pad the group to a multiple of the pipeline stages and are
+    skipped). Returns (x, cache, stats) with stats stacked over slots (zero for the padding).
 
     One repeat (the split form, model/groups.py) is applied directly to its parameters, so its weights are
     read where they lie; several are scanned, or pipelined under a `layers` axis."""
     lay = active()
+    slots = jax.tree.leaves(state)[0].shape[0]
+    if slots > repeats:
+        layer = _skipping(layer)
     if lay is not None and lay.size("layers") > 1:
-        return _pipeline(layer, state, x, rows, cache, lay)
-    if jax.tree.leaves(state)[0].shape[0] == 1:
+        return _pipeline(layer, state, x, rows, cache, lay, repeats, slots > repeats)
+    if slots == 1:
         first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
         x, cache, stats = layer(x, first(state), None if cache is None else first(cache), rows)
         again = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
         return x, (None if cache is None else again(cache)), again(stats)
 
     def body(h, xs):
-        unit_state, unit_cache = xs
-        h, unit_cache, stats = layer(h, unit_state, unit_cache, rows)
+        unit_state, unit_cache, real = xs
+        h, unit_cache, stats = layer(h, unit_state, unit_cache, rows, *((real,) if slots > repeats else ()))
         return h, (unit_cache, stats)
-    x, (cache, stats) = jax.lax.scan(body, x, (state, cache))
+    x, (cache, stats) = jax.lax.scan(body, x, (state, cache, jnp.arange(slots) < repeats))
     return x, cache, stats
+
+
+def _skipping(layer):
+    """layer, taking one more argument: whether the slot holds a real repeat. A padding slot passes its input
+    through and reports zero statistics (its pools are its own, so what it writes there is never read)."""
+    def run(h, unit_state, unit_cache, rows, real):
+        out, unit_cache, stats = layer(h, unit_state, unit_cache, rows)
+        return (jnp.where(real, out, h), unit_cache,
+                jax.tree.map(lambda a: jnp.where(real, a, jnp.zeros_like(a)), stats))
+    return run
 
 
 def _microbatches(tree, m):
@@ -51,22 +66,26 @@ def _microbatches(tree, m):
     return jax.tree.map(lambda a: a.reshape((a.shape[0] // m, m) + a.shape[1:]), tree)
 
 
-def _pipeline(layer, state, x, rows, cache, lay):
+def _pipeline(layer, state, x, rows, cache, lay, repeats: int, padded: bool):
     axis = lay.axes("layers")
     p = lay.size("layers")
     m = lay.microbatches
+    per_stage = jax.tree.leaves(state)[0].shape[0] // p
 
     def local(state, x, rows, cache):
         s = jax.lax.axis_index(axis)
         xs, rs = _microbatches(x, m), _microbatches(rows, m)
 
+        real = s * per_stage + jnp.arange(per_stage) < repeats  # this stage's slots that hold real repeats
+
         def stack(h, mb, cache_mb, valid):
             def body(h, xs):
-                layer_state, layer_cache = xs
+                layer_state, layer_cache, real_slot = xs
                 h, layer_cache, stats = layer(h, layer_state, layer_cache,
-                                              dataclasses.replace(mb, valid=mb.valid & valid))
+                                              dataclasses.replace(mb, valid=mb.valid & valid),
+                                              *((real_slot,) if padded else ()))
                 return h, (layer_cache, stats)
-            return jax.lax.scan(body, h, (state, cache_mb))
+            return jax.lax.scan(body, h, (state, cache_mb, real))
 
         def tick(carry, t):
             buf, outs, cs = carry
