@@ -56,22 +56,7 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype=None, seed: 
         if checkpoint is not None:
             raise JaxparError("give either --hf or --checkpoint, not both")
         return _load_hf(hf, mesh_cfg, model, dtype, devices, unroll, serving_cfg)
-    if checkpoint is None and model is None:
-        default = DEFAULT_MOE_MODEL if mesh_cfg.size("expert") > 1 else DEFAULT_MODEL
-        checkpoint = os.path.join(shipped_model_dir(default), "checkpoint")
-    elif checkpoint is None and isinstance(model, str) and not os.path.exists(model):
-        d = shipped_model_dir(model)
-        if d and os.path.isdir(os.path.join(d, "checkpoint")):
-            checkpoint = os.path.join(d, "checkpoint")
-    if checkpoint is not None:
-        cfg = ckpt.read_config(checkpoint)
-        if model is not None:
-            other = model if isinstance(model, ModelConfig) else load_config(model)
-            if other.replace(dtype=cfg.dtype) != cfg:
-                raise CheckpointError(f"{checkpoint}: the checkpoint's config.yaml differs from the model config "
-                                      f"given ({_diff(cfg, other)})")
-    else:
-        cfg = model if isinstance(model, ModelConfig) else load_config(model)
+    cfg, checkpoint = model_config(mesh_cfg, model, checkpoint)
     cfg = with_dtype(cfg, dtype)
     ml = plan_layout(mesh_cfg, cfg, devices)
     if checkpoint is not None:
@@ -83,6 +68,29 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype=None, seed: 
         from jaxpar.hf.tokenizer import load_tokenizer  # a checkpoint converted from Hugging Face
         tokenizer = load_tokenizer(checkpoint, cfg)
     return Engine(cfg, ml, params, tokenizer, unroll, serving_cfg)
+
+
+def model_config(mesh_cfg: MeshConfig, model=None, checkpoint: str | None = None) -> tuple:
+    """(the model config, the checkpoint directory or None) that `load` resolves from its `model` and
+    `checkpoint` arguments (see load); `hf` is read by hf/config.py instead."""
+    from jaxpar.engine import checkpoint as ckpt
+
+    if checkpoint is None and model is None:
+        default = DEFAULT_MOE_MODEL if mesh_cfg.size("expert") > 1 else DEFAULT_MODEL
+        checkpoint = os.path.join(shipped_model_dir(default), "checkpoint")
+    elif checkpoint is None and isinstance(model, str) and not os.path.exists(model):
+        d = shipped_model_dir(model)
+        if d and os.path.isdir(os.path.join(d, "checkpoint")):
+            checkpoint = os.path.join(d, "checkpoint")
+    if checkpoint is None:
+        return (model if isinstance(model, ModelConfig) else load_config(model)), None
+    cfg = ckpt.read_config(checkpoint)
+    if model is not None:
+        other = model if isinstance(model, ModelConfig) else load_config(model)
+        if other.replace(dtype=cfg.dtype) != cfg:
+            raise CheckpointError(f"{checkpoint}: the checkpoint's config.yaml differs from the model config "
+                                  f"given ({_diff(cfg, other)})")
+    return cfg, checkpoint
 
 
 def with_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:

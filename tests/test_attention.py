@@ -105,7 +105,8 @@ def reference():
 @pytest.mark.parametrize("mesh", ["single", "dp2_tp4", "pp2"])  # pp2_tp4: its collectives below
 def test_long_prompts_give_the_dense_answer(mesh, reference):
     """512-token logits, 600-token logits (padded to 768 inside the kernel) and a 300-token prompt's greedy
-    tokens (a 512-token bucket) equal dense attention's."""
+    tokens (a 512-token bucket) equal dense attention's (on pp2 the logits: the blockwise kernel inside the
+    pipeline's stages; its decode is the one tests/test_pipeline.py checks)."""
     tokens, prompts, (logits, generated) = reference
     eng = engine(mesh, model=LONG)
     assert np.abs(eng.logits(tokens) - logits).max() <= 1e-4
@@ -116,7 +117,8 @@ def test_long_prompts_give_the_dense_answer(mesh, reference):
             m.setattr(A, "BLOCK_MIN", 10 ** 9)
             dense = jaxpar.load(mesh=mesh_path("single"), model=LONG).logits(long)
         assert np.abs(blockwise - dense).max() <= 1e-4
-    assert eng.generate_tokens(prompts, max_new_tokens=8, stop_at_eos=False) == generated
+    if mesh != "pp2":
+        assert eng.generate_tokens(prompts, max_new_tokens=8, stop_at_eos=False) == generated
 
 
 @pytest.mark.parametrize("mesh", ["tp4", "pp2_tp4"])

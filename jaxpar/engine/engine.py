@@ -12,7 +12,6 @@ import numpy as np
 from jaxpar.config import ModelConfig
 from jaxpar.errors import GenerationError
 from jaxpar.engine import params as P
-from jaxpar.engine.buckets import batch_bucket, seq_bucket
 from jaxpar.engine.programs import Programs, to_host
 from jaxpar.engine.state import cache_sizes
 from jaxpar.layout.plan import ModelLayout
@@ -37,7 +36,7 @@ def unroll_by_default(layout) -> bool:
     layer's weights out of the stacked array (about three times the bytes a decode step would read). Scanned on
     GPU/TPU (one loop body per group whatever the depth, so compile time does not grow with it) and under
     pipeline stages (stages hold stacked layers)."""
-    return layout.size("layers") == 1 and layout.mesh.devices.flat[0].platform == "cpu"
+    return layout.size("layers") == 1 and layout.platform == "cpu"
 
 
 def run_form(layout, unroll) -> Form:
@@ -256,11 +255,10 @@ def summarise_expert_stats(per_step: list[dict]) -> dict:
 
 
 def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
-    """Compile the programs a `generate` call of `batch` prompts of `prompt_len` tokens and max_new_tokens runs:
-    the first prompt chunk (every prompt whole, as one chunk) and the decode loop (one trip of its body per
-    decode step), on a decode state of exactly that many slots and cache positions. Returns shapes, timings and
-    the compiled executables (for jaxpar.inspect and benchmarks)."""
-    import jax
+    """Compile the programs a `generate` call of `batch` prompts of `prompt_len` tokens and max_new_tokens runs
+    (engine/steps.py): the first prompt chunk and the decode loop (one trip of its body per decode step).
+    Returns shapes, timings and the compiled executables (for jaxpar.inspect and benchmarks)."""
+    from jaxpar.engine.steps import step_shapes
 
     ctx = engine.config.max_position_embeddings
     check_sampling(max_new_tokens)
@@ -268,29 +266,13 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
         raise GenerationError(f"--prompt-len must be between 1 and the context window of {ctx}, got {prompt_len}")
     if batch < 1:
         raise GenerationError(f"--batch must be >= 1, got {batch}")
-    lay = engine.layout
-    b = batch_bucket(batch, engine.batch_multiple)
-    s = seq_bucket(prompt_len, ctx, lay.seq_multiple)
-    t = seq_bucket(prompt_len + max_new_tokens, ctx, lay.seq_multiple)
-    page = engine.serving.page_size
-    # one prefill of the whole prompt: the window rings (a model mixing sliding and full layers) hold it
-    sizes = cache_sizes(lay, b, t, page, None, shared_window(engine.config), engine.serving.ahead,
-                        ring_window(engine.config), ring_ahead=max(engine.serving.ahead, s))
-    progs = Programs(engine.config, lay, engine.kv_repeat, engine.form, sizes)
-    sched = Scheduler(sizes, dataclasses.replace(engine.serving, max_model_len=t), lay, engine.eos_ids)
-    host = sched.padding_batch(b // sizes.batch_shards, s, sched.table_bucket(sizes.pages_for(s)))
-    batch_struct = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), host,
-                                progs.batch_sh)
-    state = progs.state_struct()
-    flag = jax.ShapeDtypeStruct((), np.bool_, sharding=progs.rep_sh)
-    out = {"batch": b, "prompt_len": s, "cache_len": t, "page_size": page}
+    st = step_shapes(engine.config, engine.layout, engine.kv_repeat, engine.form, engine.serving, engine.eos_ids,
+                     batch, prompt_len, max_new_tokens)
+    out = {"batch": st.batch, "prompt_len": st.prompt_len, "cache_len": st.cache_len, "page_size": st.page_size}
     t0 = time.perf_counter()
-    out["prefill"] = progs.prefill_first.lower(engine.run_params, state, batch_struct, flag).compile()
+    out["prefill"] = st.programs.prefill_first.lower(*st.prefill(engine.run_params)).compile()
     t1 = time.perf_counter()
-    table = jax.ShapeDtypeStruct((b, sizes.max_pages), np.int32, sharding=lay.sharding(("batch", None)))
-    release = jax.ShapeDtypeStruct((b,), np.bool_, sharding=progs.row_sh)
-    out["decode"] = progs.generate.lower(engine.run_params, state, table, release, flag,
-                                         engine.serving.decode_steps).compile()
+    out["decode"] = st.programs.generate.lower(*st.decode(engine.run_params)).compile()
     out["compile_s"] = {"prefill": t1 - t0, "decode": time.perf_counter() - t1}
-    out["kv_cache_bytes_per_device"] = P.bytes_per_device(state.cache)
+    out["kv_cache_bytes_per_device"] = P.bytes_per_device(st.state.cache)
     return out

@@ -64,9 +64,12 @@ class InLayout:
         with activate(self.layout):
             return self.fn(*args)
 
-    def lower(self, *args):
+    def lower(self, *args, platform: str | None = None):
+        """Lowered for this machine's devices, or for `platform` (its layout then holds an AbstractMesh)."""
         with activate(self.layout):
-            return self.fn.lower(*args)
+            if platform is None:
+                return self.fn.lower(*args)
+            return self.fn.trace(*args).lower(lowering_platforms=(platform,))
 
 
 def _is_names(x) -> bool:

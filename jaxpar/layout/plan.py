@@ -6,12 +6,12 @@ import functools
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from jaxpar.config import ModelConfig
 from jaxpar.errors import LayoutError
 from jaxpar.layout.mesh_file import MeshConfig
-from jaxpar.layout.rules import Axes, Layout, make_rules, recording_names
+from jaxpar.layout.rules import Axes, Layout, make_rules, platform_of, recording_names
 from jaxpar.model.groups import Form, layer_groups, layer_kinds
 
 
@@ -129,13 +129,32 @@ def cache_kv_heads(cfg: ModelConfig, kv_repeat: int, layout) -> int:
 def plan_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, devices=None) -> ModelLayout:
     devices = list(devices if devices is not None else jax.devices())
     mesh_cfg = mesh_cfg.resolved(len(devices))
-    rep = check_layout(mesh_cfg, cfg)
-    names = list(mesh_cfg.axes) or ["data"]
-    shape = [mesh_cfg.axes[a] for a in mesh_cfg.axes] or [1]
-    mesh = Mesh(np.array(devices[:mesh_cfg.device_count]).reshape(shape), tuple(names),
+    names, shape = _mesh_shape(mesh_cfg)
+    mesh = Mesh(np.array(devices[:mesh_cfg.device_count]).reshape(shape), names,
                 axis_types=(AxisType.Auto,) * len(names))
+    return _model_layout(mesh, mesh_cfg, cfg, platform_of(devices[0]))
+
+
+def abstract_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, platform: str, devices: int | None = None) -> ModelLayout:
+    """The layout on `platform` over devices that need not exist (an AbstractMesh of the mesh's size, or of
+    `devices` for a mesh with a -1 axis): programs built on it lower for that platform, never run here."""
+    if devices is None and -1 in mesh_cfg.axes.values():
+        raise LayoutError(f"{mesh_cfg.source}: axes: a -1 axis needs a device count to lower for {platform} "
+                          f"(--devices N)")
+    mesh_cfg = mesh_cfg.resolved(mesh_cfg.device_count if devices is None else devices)
+    names, shape = _mesh_shape(mesh_cfg)
+    mesh = AbstractMesh(tuple(shape), names, axis_types=(AxisType.Auto,) * len(names))
+    return _model_layout(mesh, mesh_cfg, cfg, platform)
+
+
+def _mesh_shape(mesh_cfg: MeshConfig) -> tuple:
+    return tuple(mesh_cfg.axes) or ("data",), [mesh_cfg.axes[a] for a in mesh_cfg.axes] or [1]
+
+
+def _model_layout(mesh, mesh_cfg: MeshConfig, cfg: ModelConfig, platform: str) -> ModelLayout:
+    rep = check_layout(mesh_cfg, cfg)
     return ModelLayout(Layout(mesh, make_rules(mesh_cfg.rules), mesh_cfg.attention, mesh_cfg.capacity_factor,
-                              mesh_cfg.microbatches), mesh_cfg, rep)
+                              mesh_cfg.microbatches, platform), mesh_cfg, rep)
 
 
 def _check_residual(ax: Axes, cfg: ModelConfig) -> None:

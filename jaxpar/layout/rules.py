@@ -79,12 +79,14 @@ class Resolved:
 
 @dataclasses.dataclass(frozen=True)
 class Layout(Resolved):
-    """A mesh plus the resolved logical->mesh table, and how attention runs over a `seq` axis."""
+    """A mesh plus the resolved logical->mesh table, and how attention runs over a `seq` axis. The mesh is a
+    Mesh of devices, or an AbstractMesh of a platform's devices that need not be here (lowering only)."""
     mesh: Mesh
     rules: dict
     attention: str = "dense"
     capacity_factor: float = 0.0  # expert buffer capacity (0 = dropless)
     microbatches: int = 1  # pipeline microbatches (when layers are split over stages)
+    platform: str = "cpu"  # what the programs are lowered for: cpu, cuda or tpu (PLATFORMS)
 
     def axis_size(self, mesh_axis: str) -> int:
         return self.mesh.shape.get(mesh_axis, 1)
@@ -99,13 +101,23 @@ class Layout(Resolved):
     def sharding(self, names) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(names))
 
-    def shard_map(self, f, in_specs, out_specs):
+    def shard_map(self, f, in_specs, out_specs, check_vma: bool = True):
         """jax.shard_map over this layout's mesh, manual over every axis not already manual: inside the
-        pipeline (manual over `stage`) the kernels nest, over the remaining axes of the context mesh."""
+        pipeline (manual over `stage`) the kernels nest, over the remaining axes of the context mesh.
+        check_vma=False for bodies whose outputs JAX cannot type by mesh axis (Pallas kernels)."""
         ctx = jax.sharding.get_abstract_mesh()
         manual = {a for a, t in zip(ctx.axis_names, ctx.axis_types) if t == AxisType.Manual}
         return jax.shard_map(f, mesh=ctx if manual else self.mesh, in_specs=in_specs, out_specs=out_specs,
-                             axis_names=frozenset(a for a in self.mesh.axis_names if a not in manual))
+                             axis_names=frozenset(a for a in self.mesh.axis_names if a not in manual),
+                             check_vma=check_vma)
+
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def platform_of(device) -> str:
+    """The lowering platform of a JAX device (an NVIDIA GPU reports "gpu")."""
+    return "cuda" if device.platform == "gpu" else device.platform
 
 
 def make_rules(overrides: dict | None = None) -> dict:

@@ -12,7 +12,7 @@ from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
 from jaxpar.model.attend import AttentionSpec
 from jaxpar.model.groups import LayerKind
-from jaxpar.model.rope import apply_rope
+from jaxpar.model.rope import apply_rope, yarn_softmax_scale
 from jaxpar.parallel.attention import prefill_attention
 from jaxpar.parallel.paged import paged_attention, write_pages
 from jaxpar.parallel.experts import NAMES, Gate, expert_ffn, top_k_per_token
@@ -71,6 +71,18 @@ def norm(cfg: ModelConfig, dim: int, names: tuple, rngs: nnx.Rngs) -> RMSNorm:
 ACT = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
+def attention_spec(cfg: ModelConfig, sliding: bool) -> AttentionSpec:
+    """What a layer's attention computes (model/attend.py): its window when it slides, the config's soft-cap
+    and query scale; MLA's latent cache with its YaRN-corrected scale."""
+    window = cfg.sliding_window if sliding else None
+    if cfg.mla:
+        rope = cfg.qk_rope_head_dim
+        return AttentionSpec(window=window, latent=True,
+                             scale=yarn_softmax_scale(cfg.rope_scaling, (cfg.qk_nope_head_dim + rope) ** -0.5))
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+    return AttentionSpec(window=window, softcap=cfg.attn_logit_softcapping, scale=scale)
+
+
 class Attention(nnx.Module):
     """Column-parallel Q/K/V (heads sharded), row-parallel O: one all-reduce after O under tensor parallelism."""
 
@@ -91,9 +103,7 @@ class Attention(nnx.Module):
             self.bo = param(rngs, (d,), ("embed",), dt, zeros)
         self.rope = "sliding" if sliding else "full"
         self.table = "ring_table" if sliding else "table"  # a mixed model's sliding layers cache in per-slot rings
-        scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
-        self.spec = AttentionSpec(window=cfg.sliding_window if sliding else None,
-                                  softcap=cfg.attn_logit_softcapping, scale=scale)
+        self.spec = attention_spec(cfg, sliding)
         self.has_sinks = cfg.attention_sinks
         if self.has_sinks:  # gpt-oss: one learned logit per head joins every softmax (model/attend.py)
             self.sinks = param(rngs, (h,), ("heads",), dt)

@@ -22,9 +22,8 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
-from jaxpar.model.attend import AttentionSpec
-from jaxpar.model.layers import Rows, norm, param
-from jaxpar.model.rope import apply_rope, yarn_softmax_scale
+from jaxpar.model.layers import Rows, attention_spec, norm, param
+from jaxpar.model.rope import apply_rope
 from jaxpar.parallel.attention import prefill_attention
 from jaxpar.parallel.paged import paged_attention, write_pages
 from jaxpar.parallel.seq_parallel import row_parallel
@@ -50,8 +49,7 @@ class LatentAttention(nnx.Module):
         self.wo = param(rngs, (h, vd, d), ("heads", None, "embed"), dt)
         self.rope = "sliding" if sliding else "full"
         self.table = "ring_table" if sliding else "table"  # a mixed model's sliding layers cache in per-slot rings
-        self.spec = AttentionSpec(window=cfg.sliding_window if sliding else None, latent=True,
-                                  scale=yarn_softmax_scale(cfg.rope_scaling, (nope + rope) ** -0.5))
+        self.spec = attention_spec(cfg, sliding)
 
     def __call__(self, x, rows: Rows, cache=None):
         """As Attention.__call__; cache: the layer's one latent pool (k,)."""

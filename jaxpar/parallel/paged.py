@@ -88,6 +88,13 @@ def write_pages(pools, k, v, table, positions, valid):
                          out_specs=(pool,) * len(pools))(tuple(pools), new, table, positions, valid)
 
 
+def decode_kernel(lay) -> str:
+    """What attention over the paged cache (decode, a prompt's later chunks) runs under `lay`, for reports:
+    the pages gathered by XLA, then attention in one piece or block by block, merged over `seq` (FlashDecoding)
+    when the pages spread over it."""
+    return "paged-gather" + ("+seq-merge" if lay is not None and lay.size("cache_seq") > 1 else "")
+
+
 # Keys per step when a row's pages are read block by block: the score array stays [b, H, s, BLOCK_TOKENS], and
 # the loop stops at the last page any row of the call has filled, so a wide page table costs nothing unused.
 BLOCK_TOKENS = 256
