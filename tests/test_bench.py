@@ -92,3 +92,26 @@ def test_serving_benchmark(tmp_path):
     assert r["engine"]["output_tokens_per_s"] > 0 and r["http_over_engine"] > 0
     assert r["static"]["output_tokens_per_s"] > 0
     assert (out / "serve.png").exists()
+
+
+def test_accelerator_check_runs_here_when_allowed(tmp_path, capsys):
+    """The device check refuses a CPU (it measures an accelerator) unless told to run anyway; then, with a
+    tiny model, it measures and writes what it says: decode bandwidth and prefill FLOP utilisation against
+    the hardware preset, and one shipped mesh's sweep point with its bytes equal to the planner's."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main(["accelerator", "--out", str(tmp_path / "no")])
+    assert "no GPU or TPU here" in capsys.readouterr().err
+    out = tmp_path / "a"
+    bench.main(["accelerator", "--allow-cpu", "--model", "tiny-add", "--dtype", "float32", "--prompt-len", "32",
+                "--decode-prompt", "8", "--new-tokens", "8", "--decode-steps", "4", "--mesh", "tp2",
+                "--skip-serving", "--out", str(out)])
+    r = json.loads((out / "accelerator.json").read_text())
+    assert r["platform"] == "cpu" and r["hardware"] == "h100-nvlink" and r["dtype"] == "float32"
+    d, p = r["decode"], r["prefill"]
+    assert d["tpot_ms"] > 0 and 0 < d["mbu"] and d["weights_bytes"] == 3212 * 1024 + 512
+    assert p["ttft_ms"] > 0 and 0 < p["mfu"] and p["flops"] > 2 * 32 * 700_000
+    assert [m["mesh"] for m in r["meshes"]] == ["tp2"]
+    assert all(m["prefill_bytes_moved"] == m["prefill_bytes_predicted"] for m in r["meshes"])
+    assert "| decode MBU |" in (out / "accelerator.md").read_text()
