@@ -147,16 +147,15 @@ def test_paged_attention_over_a_wide_table_is_dense_attention(mesh, spec):
     assert nb * page >= 7 * BLOCK_TOKENS and nb % (BLOCK_TOKENS // page)  # several blocks, the last one partial
     r = np.random.RandomState(7)
     b = 4
-    pools = tuple(jnp.asarray(r.randn(b * nb, page, kv, d), jnp.float32) for _ in range(2))
+    pool = jnp.asarray(r.randn(b * nb, page, 2 * kv, d), jnp.float32)  # keys and values interleaved by head
     table = jnp.asarray(r.permutation(b * nb).reshape(b, nb), jnp.int32)
     lay = None if mesh == "single" else engine(mesh).layout.for_decode()
     if lay is not None:  # each seq device's pool holds its own pages: page j of a row lives on device j % n
         n = lay.size("cache_seq")
-        pools_in = tuple(jnp.concatenate([p[table[:, i::n]].reshape(b * nb // n, page, kv, d) for i in range(n)])
-                         for p in pools)
+        pool_in = jnp.concatenate([pool[table[:, i::n]].reshape(b * nb // n, page, 2 * kv, d) for i in range(n)])
         table_in = jnp.asarray(np.arange(nb)[None, :] // n + np.arange(b)[:, None] * (nb // n), jnp.int32)
     else:
-        pools_in, table_in = pools, table
+        pool_in, table_in = pool, table
     for ends, s in (([1870, 300, 10, 0], 1), ([1870, 300, 10, 0], 40), ([0, 0, 10, 0], 1), ([1870, 1500, 0, 0], 3)):
         ends = np.array(ends)  # new tokens start here; 0 marks a padding row
         q = jnp.asarray(r.randn(b, s, h, d), jnp.float32)
@@ -164,12 +163,13 @@ def test_paged_attention_over_a_wide_table_is_dense_attention(mesh, spec):
         positions = jnp.asarray(ends[:, None] + np.arange(s)[None, :], jnp.int32)
         valid = jnp.asarray(np.broadcast_to((ends > 0)[:, None], (b, s)))
         # the reference: the new K/V written into a contiguous copy of each row's pages, then dense attention
-        ck, cv = (p[table].reshape(b, nb * page, kv, d) for p in pools)
+        rows_kv = pool[table].reshape(b, nb * page, 2 * kv, d)
+        ck, cv = rows_kv[:, :, 0::2], rows_kv[:, :, 1::2]
         rows = np.arange(b)[:, None]
         ck, cv = ck.at[rows, positions].set(k), cv.at[rows, positions].set(v)
         key_pos = np.broadcast_to(np.arange(nb * page), (b, nb * page))
         want = dense_reference(q, ck, cv, positions, key_pos, spec)[ends > 0]
         with activate(lay) if lay is not None else contextlib.nullcontext():
             # a fresh function each time: jit's trace cache does not know the active layout
-            got, _ = jax.jit(lambda *a: paged_attention(*a, spec))(q, k, v, pools_in, table_in, positions, valid)
+            got, _ = jax.jit(lambda *a: paged_attention(*a, spec))(q, k, v, pool_in, table_in, positions, valid)
         np.testing.assert_allclose(np.asarray(got)[ends > 0], want, atol=2e-5, rtol=0)

@@ -109,10 +109,11 @@ def test_ring_prefill_moves_kv_blocks_around_the_ring_only(mesh, n):
     c = r["prefill"]["collectives"]
     assert c["collective-permute"]["count"] == layers * (n - 1) * 2
     assert c["collective-permute"]["bytes"] == layers * (n - 1) * 2 * _kv_block_bytes(eng, r, n)
-    # attention gathers no K/V; the paged cache gathers each layer's K and V once for its page writes (each
-    # device writes the pages it owns), and sampling gathers the vocab-split logits (with tensor)
+    # attention gathers no K/V; the paged cache gathers each layer's K and V (interleaved, one array) once for
+    # its page writes (each device writes the pages it owns), and sampling gathers the vocab-split logits (with
+    # tensor)
     gathers = 1 if eng.layout.size("vocab") > 1 else 0
-    assert c["all-gather"]["count"] == 2 * layers + gathers and c["all-to-all"]["count"] == 0
+    assert c["all-gather"]["count"] == layers + gathers and c["all-to-all"]["count"] == 0
     logits = gathers * r["batch"] // eng.layout.size("batch") * eng.config.vocab_size * 4
     assert c["all-gather"]["bytes"] == 2 * layers * n * _kv_block_bytes(eng, r, n) + logits
 
@@ -136,7 +137,7 @@ def test_ulysses_does_two_all_to_alls_per_layer():
     qkv, out = tokens * (cfg.num_attention_heads + 2 * kv) * cfg.head_size * 4, tokens * cfg.num_attention_heads * cfg.head_size * 4
     assert c["all-to-all"]["bytes"] == layers * (qkv + out)
     assert c["collective-permute"]["count"] == 0
-    assert c["all-gather"]["count"] == 2 * layers  # the paged cache's K and V, gathered for the page writes
+    assert c["all-gather"]["count"] == layers  # the paged cache's K and V (interleaved), gathered for the page writes
 
 
 @pytest.mark.parametrize("mesh,n", [("sp4", 4), ("sp8", 8), ("sp4_ulysses", 4), ("dp2_sp2_tp2", 2)])

@@ -117,10 +117,11 @@ def _attention(cfg, ax: Axes, kv_repeat, step: Step, rows, s_loc, runs, e) -> li
     n = ax.size("seq")
     if not seq:
         return out
-    # the paged KV cache: each seq device writes the pages it owns, so the chunk's K and V are gathered
-    t = cfg.cache_tensors  # K and V, or MLA's one latent
+    # the paged KV cache: each seq device writes the pages it owns, so the chunk's entries (K and V
+    # interleaved, or MLA's one latent) are gathered in one piece
+    t = cfg.cache_tensors
     cached = cache_kv_heads(cfg, kv_repeat, ax) // ax.size("kv_heads")  # one copy of each kv head (Ulysses)
-    out.append(Comm("all-gather", seq, runs * t, rows * s_loc * n * cached * hd * e,
+    out.append(Comm("all-gather", seq, runs, rows * s_loc * n * t * cached * hd * e,
                     "paged KV cache: the chunk's K and V gathered for the page writes"))
     kind = ax.mesh_cfg.attention
     if kind == "ring":

@@ -220,7 +220,7 @@ def run_mesh(mesh: str, cfg, args, work, counter) -> dict:
 
 def attention_cost(cfg, contexts, repeats: int = 20) -> list:
     """One layer's decode attention per token at batch ATTENTION_BATCH, on one device with no mesh active:
-    paged_attention over pools (each row's pages scattered, as after churn) against attend on a contiguous
+    paged_attention over a pool (each row's pages scattered, as after churn) against attend on a contiguous
     [B, T, KV, D] cache. Both write the new token's K/V first; caches donated, so writes are in place."""
     import jax
     import jax.numpy as jnp
@@ -231,8 +231,8 @@ def attention_cost(cfg, contexts, repeats: int = 20) -> list:
     rng = np.random.default_rng(0)
     rows = []
 
-    def paged(pools, q, k, v, table, pos, valid):
-        return paged_attention(q, k, v, pools, table, pos, valid, CAUSAL)
+    def paged(pool, q, k, v, table, pos, valid):
+        return paged_attention(q, k, v, pool, table, pos, valid, CAUSAL)
 
     def contiguous(cache, q, k, v, table, pos, valid):
         rows_ = jnp.arange(b)
@@ -244,12 +244,13 @@ def attention_cost(cfg, contexts, repeats: int = 20) -> list:
         nb = -(-t // PAGE)
         x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
         q, k, v = x(b, 1, h, d), x(b, 1, kv, d), x(b, 1, kv, d)
-        pools = (x(b * nb, PAGE, kv, d), x(b * nb, PAGE, kv, d))
+        pool = x(b * nb, PAGE, 2 * kv, d)  # keys and values interleaved by head
         table = jnp.asarray(rng.permutation(b * nb).reshape(b, nb), jnp.int32)
-        cache = tuple(p[table].reshape(b, nb * PAGE, kv, d) for p in pools)  # the same keys, laid out in a row
+        rows_kv = pool[table].reshape(b, nb * PAGE, 2 * kv, d)
+        cache = (rows_kv[:, :, 0::2], rows_kv[:, :, 1::2])  # the same keys and values, laid out in a row
         pos, valid = jnp.full((b, 1), t - 1, jnp.int32), jnp.ones((b, 1), bool)
         row, outs = {"context": t, "batch": b}, []
-        for name, fn, state in (("paged", paged, pools), ("contiguous", contiguous, cache)):
+        for name, fn, state in (("paged", paged, pool), ("contiguous", contiguous, cache)):
             f = jax.jit(fn, donate_argnums=0)
             out, state = f(state, q, k, v, table, pos, valid)
             outs.append(out)

@@ -14,10 +14,10 @@ import re
 
 from jaxpar.engine import params as P
 from jaxpar.engine.steps import step_shapes
-from jaxpar.layout.plan import abstract_layout
+from jaxpar.layout.plan import abstract_layout, cache_kv_heads
 from jaxpar.model.groups import Form, layer_kinds
 from jaxpar.model.layers import attention_spec
-from jaxpar.parallel import prefill_kernels
+from jaxpar.parallel import decode_kernels, prefill_kernels
 from jaxpar.parallel.attention import prefill_kernel
 from jaxpar.parallel.paged import decode_kernel
 
@@ -46,10 +46,25 @@ def prefill_attention_report(cfg, lay, s: int) -> str:
     out = []
     for sliding in sorted({k.sliding for k in layer_kinds(cfg)}):
         spec = attention_spec(cfg, sliding)
-        name = prefill_kernel(lay, s, cfg.head_size, spec, cfg.attention_sinks)
-        why = prefill_kernels.unfit(lay.platform, s, cfg.head_size, spec, cfg.attention_sinks)
+        name, why = prefill_kernel(lay, s, cfg.head_size, spec, cfg.attention_sinks, cfg.dtype)
         if name in ("blockwise", "dense") and why:
             name += f" (not {prefill_kernels.KERNELS[lay.platform]}: {why})"
+        if name not in out:
+            out.append(name)
+    return " + ".join(out)
+
+
+def paged_attention_report(cfg, lay, kv_repeat: int) -> str:
+    """The attention over the paged cache (decode, later chunks) of each kind of layer the model has, with the
+    reason when pages whole on each device cannot take the platform's kernel."""
+    heads = cfg.num_attention_heads // lay.size("heads")
+    kv = 1 if cfg.mla else cache_kv_heads(cfg, kv_repeat, lay) // lay.size("kv_heads")
+    out = []
+    for sliding in sorted({k.sliding for k in layer_kinds(cfg)}):
+        spec = attention_spec(cfg, sliding)
+        name, why = decode_kernel(lay, spec, cfg.attention_sinks, heads, kv, cfg.head_size, cfg.dtype)
+        if why:
+            name += f" (not {decode_kernels.KERNELS[lay.platform]}: {why})"
         if name not in out:
             out.append(name)
     return " + ".join(out)
@@ -74,8 +89,8 @@ def lower_for(platform: str, mesh_cfg, cfg, batch: int = 1, prompt_len: int = 16
            "batch": st.batch, "prompt_len": st.prompt_len, "cache_len": st.cache_len, "programs": {}}
     for name, prog, args, attention in (
             ("prefill", progs.prefill_first, st.prefill(params), prefill_attention_report(cfg, lay, st.prompt_len)),
-            ("chunked_prefill", progs.prefill_paged, st.chunk(params), decode_kernel(dec)),
-            ("decode", progs.generate, st.decode(params), decode_kernel(dec))):
+            ("chunked_prefill", progs.prefill_paged, st.chunk(params), paged_attention_report(cfg, dec, ml.kv_repeat)),
+            ("decode", progs.generate, st.decode(params), paged_attention_report(cfg, dec, ml.kv_repeat))):
         text = prog.lower(*args, platform=platform).as_text()
         out["programs"][name] = {"attention": attention, "custom_calls": custom_calls(text),
                                  "collectives": collectives(text), "stablehlo_chars": len(text)}

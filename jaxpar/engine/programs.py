@@ -69,7 +69,8 @@ class InLayout:
         with activate(self.layout):
             if platform is None:
                 return self.fn.lower(*args)
-            return self.fn.trace(*args).lower(lowering_platforms=(platform,))
+            with jax.sharding.use_abstract_mesh(self.layout.mesh):  # Pallas TPU lowering reads its device kind
+                return self.fn.trace(*args).lower(lowering_platforms=(platform,))
 
 
 def _is_names(x) -> bool:
@@ -90,7 +91,7 @@ class Programs:
         self.groups = layer_groups(cfg, form)
         lay, dec = layout, layout.for_decode()
         self.param_sh = P.shardings(cfg, lay, kv_repeat, form=form)
-        pool_names = tuple(((POOL_NAMES,) * cfg.cache_tensors,) * len(g.unit) for g in self.groups)
+        pool_names = tuple((POOL_NAMES,) * len(g.unit) for g in self.groups)
         self.state_sh = _names_to(lay, state_names(pool_names))
         self.batch_sh = _names_to(lay, batch_names())
         self.paged_batch_sh = _names_to(dec, batch_names())  # later chunks: the sequence is not split
@@ -125,11 +126,11 @@ class Programs:
         cfg, n = self.cfg, self.sizes.slots
         dt, rings = jnp.dtype(cfg.dtype), self.sizes.ring_pages > 0
 
-        def pools(repeats, kind):
+        def pool(repeats, kind):
             shape = pool_shape(cfg, cache_kv_heads(cfg, self.kv_repeat, self.layout), self.sizes,
                                ring=rings and kind.sliding)
-            return tuple(jnp.zeros((repeats,) + shape, dt) for _ in range(cfg.cache_tensors))
-        cache = tuple(tuple(pools(g.slots, kind) for kind in g.unit) for g in self.groups)
+            return jnp.zeros((repeats,) + shape, dt)
+        cache = tuple(tuple(pool(g.slots, kind) for kind in g.unit) for g in self.groups)
         i32 = jnp.zeros(n, jnp.int32)
         return DecodeState(cache=cache, tokens=i32, lengths=i32, generated=i32, done=jnp.ones(n, bool),
                            request=jax.tree.map(jnp.asarray, host_rows(n)))

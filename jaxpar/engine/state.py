@@ -32,8 +32,8 @@ class RequestRows:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
-    cache: Any  # KV pools per layer group and unit position: (k, v) [repeats, pages, page_size, kv_heads,
-    # head_dim], or MLA's (latent,)
+    cache: Any  # KV pools per layer group and unit position: [repeats, pages, page_size, 2 * kv_heads, head_dim]
+    # (keys and values interleaved by head, parallel/paged.py), or MLA's latent [..., 1, latent_dim]
     tokens: Any  # [S] int32: each slot's last sampled token (not yet written to the cache)
     lengths: Any  # [S] int32: tokens in the slot's cache (the next token's position)
     generated: Any  # [S] int32: tokens emitted so far (also the sampling step of the next one)
@@ -161,7 +161,7 @@ def ring_pages(max_model_len: int, page_size: int, window: int, ahead: int, n: i
 def pool_shape(cfg, kv_heads: int, sizes: CacheSizes, ring: bool = False) -> tuple:
     """A layer's pool: the shared pages, or (ring: a sliding layer of a mixed model) the slots' window rings."""
     pages = sizes.ring_pool_pages if ring else sizes.pool_pages
-    return (pages, sizes.page_size, kv_heads, cfg.head_size)
+    return (pages, sizes.page_size, cfg.cache_tensors * kv_heads, cfg.head_size)
 
 
 def bytes_per_token(cfg, kv_repeat: int, layout) -> int:

@@ -6,7 +6,7 @@ import functools
 
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType, Mesh
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, Mesh
 
 from jaxpar.config import ModelConfig
 from jaxpar.errors import LayoutError
@@ -143,8 +143,14 @@ def abstract_layout(mesh_cfg: MeshConfig, cfg: ModelConfig, platform: str, devic
                           f"(--devices N)")
     mesh_cfg = mesh_cfg.resolved(mesh_cfg.device_count if devices is None else devices)
     names, shape = _mesh_shape(mesh_cfg)
-    mesh = AbstractMesh(tuple(shape), names, axis_types=(AxisType.Auto,) * len(names))
+    mesh = AbstractMesh(tuple(shape), names, axis_types=(AxisType.Auto,) * len(names),
+                        abstract_device=ABSTRACT_DEVICES.get(platform))
     return _model_layout(mesh, mesh_cfg, cfg, platform)
+
+
+# The device kind Pallas TPU kernels are lowered for when no TPU is here (their lowering rules ask the chip
+# generation); the programs do not otherwise depend on it.
+ABSTRACT_DEVICES = {"tpu": AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")}
 
 
 def _mesh_shape(mesh_cfg: MeshConfig) -> tuple:

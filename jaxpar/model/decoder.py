@@ -65,8 +65,8 @@ class Decoder(nnx.Module):
     def __call__(self, tokens, positions, valid=None, cache=None, pages=None, paged=False, router_aux=False):
         """tokens, positions [B, S] -> (hidden [B, S, embed] before the final norm, the cache, statistics).
 
-        cache None: a plain causal forward. cache: per group, per unit position, the (k, v) pools (MLA: the one
-        latent pool) [slots, pages, page_size, kv_heads, head_dim] (parallel/paged.py); pages and paged: see
+        cache None: a plain causal forward. cache: per group, per unit position, the layer's pool [slots, pages,
+        page_size, 2 * kv_heads, head_dim] (keys and values interleaved; MLA: its latent) (parallel/paged.py); pages and paged: see
         `Rows`. Under a `seq` axis a prompt's sequence is in the zigzag order (parallel/zigzag.py) and positions
         say which position each index holds. valid [B, S] marks real tokens (default all). stats: the mixture-of-experts
         layers' statistics, one row per MoE layer in layer order ({} for a dense model)."""

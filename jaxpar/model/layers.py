@@ -113,7 +113,7 @@ class Attention(nnx.Module):
             self.k_norm = norm(cfg, hd, ("head_dim",), rngs)
 
     def __call__(self, x, rows: Rows, cache=None):
-        """cache None: a plain causal forward. cache: this layer's (k, v) pools (its shared pages, or for a
+        """cache None: a plain causal forward. cache: this layer's pool (its shared pages, or for a
         sliding layer of a mixed model its per-slot window rings: `table`); rows.paged False: the first
         chunk of prompts (the prefill kernels, then their K/V written to pages); True: tokens that attend over
         what the pages already hold (decode, later chunks of a prompt)."""

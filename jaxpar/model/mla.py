@@ -52,7 +52,7 @@ class LatentAttention(nnx.Module):
         self.spec = attention_spec(cfg, sliding)
 
     def __call__(self, x, rows: Rows, cache=None):
-        """As Attention.__call__; cache: the layer's one latent pool (k,)."""
+        """As Attention.__call__; cache: the layer's latent pool (its values are its keys)."""
         cos, sin = rows.rope[self.rope]
         if self.q_lora:
             q = jnp.einsum("bsr,rhk->bshk", self.q_norm(jnp.einsum("bsd,dr->bsr", x, self.wq_a[...])),
@@ -68,11 +68,11 @@ class LatentAttention(nnx.Module):
         pages = rows.pages
         table = None if pages is None else pages.get(self.table, pages["table"])
         if rows.paged:
-            out, cache = paged_attention(q, k, k, cache, table, rows.positions, rows.valid, self.spec)
+            out, cache = paged_attention(q, k, None, cache, table, rows.positions, rows.valid, self.spec)
         else:
             out = prefill_attention(q, k, k, rows.positions, self.spec)
             if cache is not None:
-                cache = write_pages(cache, k, k, table, pages["positions"], pages["valid"])
+                cache = write_pages(cache, k, None, table, pages["positions"], pages["valid"])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         o = jnp.einsum("bshc,hcv->bshv", out[..., :self.lat], self.w_uv[...])  # W_uv absorbed into the output
         y = row_parallel("bshv,hvd->bsd", o, self.wo[...], ("batch", "seq", "heads", None), ("heads", None, "embed"))

@@ -1,8 +1,8 @@
 """Which prefill attention runs, chosen by the active layout (the model never looks at the mesh itself), in
 one place (`prefill_kernel`):
 
-- no `seq` axis, on TPU or CUDA: the platform's fused kernel (prefill_kernels.py: splash attention, Pallas GPU
-  flash attention) when the spec, head dim and prompt fit it;
+- no `seq` axis, on TPU or CUDA: the platform's fused kernel (prefill_kernels.py: splash attention; cuDNN or
+  the Pallas GPU flash attention) when the spec, head dim and prompt fit it;
 - no `seq` axis otherwise: blockwise causal attention for prompts of BLOCK_MIN tokens or more (never the whole
   score matrix; key blocks past the diagonal skipped), dense attention for shorter ones;
 - `seq` axis, `attention: ring | ulysses`: the shard_map kernels of ring_attention.py / ulysses.py;
@@ -46,27 +46,29 @@ def _seq(logical):
     return lay.axes(logical), lay.size(logical), lay
 
 
-def prefill_kernel(lay, s: int, head_dim: int, spec: AttentionSpec, sinks: bool) -> str:
+def prefill_kernel(lay, s: int, head_dim: int, spec: AttentionSpec, sinks: bool, dtype) -> tuple:
     """Which attention a prompt chunk of s tokens runs under the layout `lay` (None: one CPU device); the one
-    place this is decided (`prefill_attention` branches on it, `inspect --platform` reports it):
+    place this is decided (`prefill_attention` branches on it, `inspect --platform` reports it) -> (name, why
+    the platform's Pallas kernel does not take the chunk, or None):
     "ring" / "ulysses": the seq axis' kernel; "dense-seq": XLA's attention on the split sequence (the mesh file's
-    `attention: dense`); "splash" (TPU) / "pallas-flash" (CUDA): no seq axis, and the platform's kernel takes
-    this chunk (prefill_kernels.unfit); "blockwise": s >= BLOCK_MIN; "dense" otherwise."""
+    `attention: dense`); "splash" (TPU) / "cudnn" or "pallas-flash" (CUDA): no seq axis, and a fused kernel
+    takes this chunk (prefill_kernels.choose); "blockwise": s >= BLOCK_MIN; "dense" otherwise."""
     platform = "cpu" if lay is None else lay.platform
     if lay is not None and lay.size("seq") > 1:
-        return "dense-seq" if lay.attention == "dense" else lay.attention
-    if prefill_kernels.unfit(platform, s, head_dim, spec, sinks) is None:
-        return prefill_kernels.KERNELS[platform]
-    return "blockwise" if block_size(s, platform) else "dense"
+        return ("dense-seq" if lay.attention == "dense" else lay.attention), None
+    if platform not in prefill_kernels.KERNELS:
+        return ("blockwise" if block_size(s, platform) else "dense"), None
+    kernel, why = prefill_kernels.choose(platform, s, head_dim, spec, sinks, dtype)
+    return kernel or ("blockwise" if block_size(s, platform) else "dense"), why
 
 
 def prefill_attention(q, k, v, positions, spec: AttentionSpec, sinks=None):
     """Causal attention over the prompt, as `spec` says (sliding window, soft-capping, scale), with attention
     sinks [H] when given. q [B,S,H,D]; k, v [B,S,KV,D]; positions [B,S]."""
     axes, n, lay = _seq("seq")
-    kernel = prefill_kernel(lay, q.shape[1], q.shape[-1], spec, sinks is not None)
-    if kernel in prefill_kernels.KERNELS.values():  # no seq axis: index i holds position i
-        body = functools.partial(prefill_kernels.local, lay.platform, spec=spec)
+    kernel, _ = prefill_kernel(lay, q.shape[1], q.shape[-1], spec, sinks is not None, q.dtype)
+    if kernel in prefill_kernels.NAMES:  # no seq axis: index i holds position i
+        body = functools.partial(prefill_kernels.local, kernel, spec=spec)
         if lay.mesh.size == 1:
             return body(q, k, v)
         return lay.shard_map(body, in_specs=(lay.spec(Q), lay.spec(KV), lay.spec(KV)), out_specs=lay.spec(Q),

@@ -1,8 +1,10 @@
 """The paged KV cache: each layer's keys and values live in a pool of fixed-size pages, and a page table says
 which pages hold a request's tokens (position p is slot p % page of the request's logical page p // page).
 
-Layout of a pool: [pages, page_size, kv_heads, head_dim], the pages split over the batch axes (each data or
-expert shard owns the pages of its own slots) and over the `seq` axes (a request's logical page j lives on
+Layout of a layer's pool: [pages, page_size, 2 * kv_heads, head_dim], keys and values interleaved by head (key
+of kv head h at 2h, its value at 2h + 1: the layout TPU's ragged paged attention kernel reads, and one write
+per token instead of two), or MLA's latent [pages, page_size, 1, latent_dim] whose values are its keys. The
+pages are split over the batch axes (each data or expert shard owns the pages of its own slots) and over the `seq` axes (a request's logical page j lives on
 seq device j % n, so its tokens spread evenly over the seq devices whatever its length). Page-table entries are
 indices into the local pool of the device that owns the page, so every gather and write below runs inside a
 shard_map on local arrays: no collective is needed to find a page.
@@ -12,8 +14,10 @@ shard_map on local arrays: no collective is needed to find a page.
   keeps the positions whose pages it owns); their positions come whole from the caller (computed per row,
   not gathered).
 - `paged_attention`: S new tokens per row (S = 1 in decode; a later chunk of a prompt otherwise) are written,
-  then attend over every cached position up to their own. Over `seq`, each device attends over its own pages
-  and the partial results merge with one max and one (packed) sum all-reduce (FlashDecoding across devices).
+  then attend over every cached position up to their own: on TPU through the ragged paged attention kernel
+  when it takes the layer (decode_kernels.py), otherwise over pages gathered by XLA. Over `seq`, each device
+  attends over its own pages and the partial results merge with one max and one (packed) sum all-reduce
+  (FlashDecoding across devices).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxpar.layout.rules import active
 from jaxpar.model.attend import AttentionSpec, accumulate, attend, empty_partial, with_sinks
+from jaxpar.parallel import decode_kernels
 
 POOL = ("pages", None, "kv_heads", "head_dim")
 Q = ("batch", "seq", "heads", "head_dim")
@@ -56,11 +61,21 @@ def _write_local(pool, new, table, positions, valid, axis, n):
         new.reshape((b * s,) + new.shape[2:]).astype(pool.dtype), mode="drop")
 
 
-def _cached_heads(x, pool):
-    """New keys or values [b, s, KV, D] -> the kv heads the pool holds: under Ulysses the model's kv heads come
-    repeated (consecutively) for its all-to-all, and the pool keeps one copy of each (engine/state.cache_kv_heads)."""
-    stride = x.shape[2] // pool.shape[2]
-    return x if stride == 1 else x[:, :, ::stride]
+def cache_entries(k, v, pool):
+    """New keys and values [b, s, KV, D] as `pool` holds them: [b, s, 2 * KV', D], interleaved by head, or
+    MLA's latent keys (v None) as they are. Under Ulysses the model's kv heads come repeated (consecutively)
+    for its all-to-all, and the pool keeps one copy of each (layout/plan.cache_kv_heads): KV' = KV / repeats."""
+    heads = pool.shape[2] // (1 if v is None else 2)
+    k = k[:, :, ::k.shape[2] // heads]
+    if v is None:
+        return k
+    v = v[:, :, ::v.shape[2] // heads]
+    return jnp.stack([k, v], axis=3).reshape(k.shape[:2] + (2 * heads, k.shape[-1]))
+
+
+def keys_values(x, latent: bool):
+    """Entries read from a pool [..., heads, D] -> (keys, values)."""
+    return (x, x) if latent else (x[..., 0::2, :], x[..., 1::2, :])
 
 
 def _gather_seq(x, axis, n):
@@ -68,31 +83,40 @@ def _gather_seq(x, axis, n):
     return jax.lax.all_gather(x, axis, axis=1, tiled=True) if n > 1 else x
 
 
-def write_pages(pools, k, v, table, positions, valid):
-    """After prefill attention: the prompt chunk's K and V [B, S, KV, D] into the layer's pools (k, v), or its
-    latent k into the one pool (k,) of a latent cache. positions, valid [B, S_all]: of the whole chunk in the
-    sequence's order (not split over seq)."""
+def write_pages(pool, k, v, table, positions, valid):
+    """After prefill attention: the prompt chunk's keys and values [B, S, KV, D] into the layer's pool (MLA: v
+    None, k its latent). positions, valid [B, S_all]: of the whole chunk in the sequence's order (not split
+    over seq)."""
     axis, n = _seq_axes()
     lay = active()
     split = lay is not None and lay.size("seq") > 1  # the chunk itself is split over seq (prefill)
-    new = (k, v)[:len(pools)]
+    new = (k,) if v is None else (k, v)
 
-    def body(pools, new, table, positions, valid):
-        new = tuple(_cached_heads(x, p) for p, x in zip(pools, new))  # before the gather: fewer bytes
-        return tuple(_write_local(p, _gather_seq(x, axis, n) if split else x, table, positions, valid, axis, n)
-                     for p, x in zip(pools, new))
+    def body(pool, table, positions, valid, *new):
+        entries = cache_entries(new[0], new[-1] if len(new) == 2 else None, pool)  # before the gather: fewer bytes
+        return _write_local(pool, _gather_seq(entries, axis, n) if split else entries, table, positions, valid,
+                            axis, n)
     if lay is None or lay.mesh.size == 1:
-        return body(pools, new, table, positions, valid)
-    pool, kv, rows = lay.spec(POOL), lay.spec(KV), lay.spec(("batch", None))
-    return lay.shard_map(body, in_specs=((pool,) * len(pools), (kv,) * len(pools), lay.spec(TABLE), rows, rows),
-                         out_specs=(pool,) * len(pools))(tuple(pools), new, table, positions, valid)
+        return body(pool, table, positions, valid, *new)
+    rows = lay.spec(("batch", None))
+    return lay.shard_map(body, in_specs=(lay.spec(POOL), lay.spec(TABLE), rows, rows) + (lay.spec(KV),) * len(new),
+                         out_specs=lay.spec(POOL))(pool, table, positions, valid, *new)
 
 
-def decode_kernel(lay) -> str:
-    """What attention over the paged cache (decode, a prompt's later chunks) runs under `lay`, for reports:
-    the pages gathered by XLA, then attention in one piece or block by block, merged over `seq` (FlashDecoding)
-    when the pages spread over it."""
-    return "paged-gather" + ("+seq-merge" if lay is not None and lay.size("cache_seq") > 1 else "")
+def decode_kernel(lay, spec: AttentionSpec, sinks: bool, heads: int, kv_heads: int, head_dim: int,
+                  dtype) -> tuple:
+    """Which attention over the paged cache (decode, a prompt's later chunks) runs under `lay` for a layer with
+    this spec and `heads` query / `kv_heads` cached kv heads per device; the one place this is decided
+    (`paged_attention` branches on it, `inspect --platform` reports it) -> (name, why the platform's kernel does
+    not take the layer, or None): the platform's kernel (decode_kernels.py) when the pages are whole on each
+    device and it takes the layer; otherwise "paged-gather": the pages gathered by XLA, then attention in one
+    piece or block by block, merged over `seq` (FlashDecoding) when the pages spread over it ("+seq-merge")."""
+    if lay is not None and lay.size("cache_seq") > 1:
+        return "paged-gather+seq-merge", None
+    if lay is None or lay.platform not in decode_kernels.KERNELS:
+        return "paged-gather", None
+    why = decode_kernels.unfit(lay.platform, head_dim, heads, kv_heads, spec, sinks, dtype)
+    return ("paged-gather" if why else decode_kernels.KERNELS[lay.platform]), why
 
 
 # Keys per step when a row's pages are read block by block: the score array stays [b, H, s, BLOCK_TOKENS], and
@@ -100,16 +124,17 @@ def decode_kernel(lay) -> str:
 BLOCK_TOKENS = 256
 
 
-def _attend_local(q, k, v, pools, table, positions, valid, sinks=None, *, axis, n, spec: AttentionSpec):
-    """Per device: write the new tokens, then attend over this device's pages (every page when n = 1); pools:
-    (k, v), or a latent cache's (k,) whose values are its keys.
-    A table of at most BLOCK_TOKENS tokens is read in one piece; a wider one block by block (online softmax),
-    from the first block a valid position's window reaches (the first page without a window) to the last page
-    a valid position of the call reaches."""
-    k, v = _cached_heads(k, pools[0]), _cached_heads(v, pools[0])
-    pools = tuple(_write_local(p, x, table, positions, valid, axis, n) for p, x in zip(pools, (k, v)))
-    pk, pv = pools[0], pools[-1]
-    page = pk.shape[1]
+def _attend_local(q, k, v, pool, table, positions, valid, sinks=None, *, axis, n, spec: AttentionSpec,
+                  kernel: bool):
+    """Per device: write the new tokens, then attend over this device's pages (every page when n = 1); v None:
+    a latent cache whose values are its keys. kernel: the platform's (decode_kernels.py), pages whole here.
+    Otherwise a table of at most BLOCK_TOKENS tokens is read in one piece; a wider one block by block (online
+    softmax), from the first block a valid position's window reaches (the first page without a window) to the
+    last page a valid position of the call reaches."""
+    pool = _write_local(pool, cache_entries(k, v, pool), table, positions, valid, axis, n)
+    if kernel:
+        return decode_kernels.ragged_paged(q, pool, table, positions, valid, spec), pool
+    page = pool.shape[1]
     b, nb = table.shape
     local = nb // n  # this device's logical pages: j = i, i + n, i + 2n, ...
     first = jax.lax.axis_index(axis) if n > 1 else 0
@@ -118,17 +143,17 @@ def _attend_local(q, k, v, pools, table, positions, valid, sinks=None, *, axis, 
     def block_inputs(cols):
         key_pos = (cols[:, None] * page + jnp.arange(page)[None, :]).reshape(-1)  # [T]
         pages = jnp.take(table, cols, axis=1, mode="fill", fill_value=0)  # [b, len(cols)]
-        keys = pk[pages].reshape(b, -1, *pk.shape[2:]).astype(q.dtype)
-        vals = keys if spec.latent else pv[pages].reshape(b, -1, *pv.shape[2:]).astype(q.dtype)
+        keys, vals = keys_values(pool[pages].reshape(b, -1, *pool.shape[2:]).astype(q.dtype), spec.latent)
         in_table = jnp.repeat(cols < nb, page)[None, None, :]
         mask = spec.visible(positions[:, :, None], key_pos[None, None, :]) & in_table
         return keys, vals, mask  # as the spec says over the cached positions, none past the table
 
+    kv_heads = pool.shape[2] // (1 if spec.latent else 2)
     if local <= per_block:
         keys, vals, mask = block_inputs(first + n * jnp.arange(local))
         if n == 1:
-            return attend(q, keys, vals, mask, spec, sinks), pools
-        acc = accumulate(empty_partial(q, keys.shape[2]), q, keys, vals, mask, spec)
+            return attend(q, keys, vals, mask, spec, sinks), pool
+        acc = accumulate(empty_partial(q, kv_heads), q, keys, vals, mask, spec)
     else:
         last_page = jnp.max(jnp.where(valid, positions, 0)) // page
         filled = jnp.maximum(last_page - first, -1) // n + 1  # this device's pages up to last_page
@@ -144,7 +169,7 @@ def _attend_local(q, k, v, pools, table, positions, valid, sinks=None, *, axis, 
             keys, vals, mask = block_inputs(first + n * (j * per_block + jnp.arange(per_block)))
             return accumulate(acc, q, keys, vals, mask, spec)
         # the first block outside the loop: the carry then has the types (and varying mesh axes) of the result
-        acc = jax.lax.fori_loop(start + 1, blocks, step, step(start, empty_partial(q, k.shape[2])))
+        acc = jax.lax.fori_loop(start + 1, blocks, step, step(start, empty_partial(q, kv_heads)))
     o, m, l = acc
     if n > 1:  # merge the devices' partial results
         m_all = jax.lax.pmax(m, axis)
@@ -159,23 +184,29 @@ def _attend_local(q, k, v, pools, table, positions, valid, sinks=None, *, axis, 
         o, m, l = with_sinks((o, m, l), sinks)
     out = o / jnp.maximum(jnp.moveaxis(l, -1, 1)[..., None], jnp.finfo(jnp.float32).tiny)
     bb, s, kv, g, d = out.shape
-    return out.astype(q.dtype).reshape(bb, s, kv * g, d), pools
+    return out.astype(q.dtype).reshape(bb, s, kv * g, d), pool
 
 
-def paged_attention(q, k, v, pools, table, positions, valid, spec: AttentionSpec, sinks=None):
-    """New tokens q [B,S,H,D], k, v [B,S,KV,D] at positions [B,S] (valid [B,S]) of rows whose pages are
-    `table` [B, nb]: write their K/V into the pools, attend over the cached positions `spec` makes visible
-    (with attention sinks [H] when given). The sequence of q is not split (decode rules); the pools' pages are.
-    -> (out [B,S,H,D], pools)."""
+def paged_attention(q, k, v, pool, table, positions, valid, spec: AttentionSpec, sinks=None):
+    """New tokens q [B,S,H,D], k, v [B,S,KV,D] (MLA: v None, k its latent) at positions [B,S] (valid [B,S]) of
+    rows whose pages are `table` [B, nb]: write their keys and values into the layer's pool, attend over the
+    cached positions `spec` makes visible (with attention sinks [H] when given). The sequence of q is not split
+    (decode rules); the pool's pages are. -> (out [B,S,H,D], pool)."""
     axis, n = _seq_axes()
     lay = active()
-    body = functools.partial(_attend_local, axis=axis, n=n, spec=spec)
-    pools = tuple(pools)
-    args = (q, k, v, pools, table, positions, valid) + (() if sinks is None else (sinks,))
-    if lay is None or lay.mesh.size == 1:
-        return body(*args)
-    pool, rows = lay.spec(POOL), lay.spec(ROWS)
-    specs = (lay.spec(Q), lay.spec(KV), lay.spec(KV), (pool,) * len(pools), lay.spec(TABLE), rows, rows)
-    return lay.shard_map(body, in_specs=specs + (() if sinks is None else (lay.spec(("heads",)),)),
-                         out_specs=(lay.spec(Q), (pool,) * len(pools)))(*args)
+    heads, kv_heads = q.shape[2], pool.shape[2] // (1 if spec.latent else 2)
+    if lay is not None:
+        heads, kv_heads = heads // lay.size("heads"), kv_heads // lay.size("kv_heads")
+    name, _ = decode_kernel(lay, spec, sinks is not None, heads, kv_heads, q.shape[-1], q.dtype)
+    kernel = name in decode_kernels.KERNELS.values()
+    body = functools.partial(_attend_local, axis=axis, n=n, spec=spec, kernel=kernel)
+    new = (k,) if v is None else (k, v)
 
+    def local(q, pool, table, positions, valid, sinks, *new):
+        return body(q, new[0], new[-1] if len(new) == 2 else None, pool, table, positions, valid, sinks)
+    if lay is None or lay.mesh.size == 1:
+        return local(q, pool, table, positions, valid, sinks, *new)
+    rows = lay.spec(ROWS)
+    specs = (lay.spec(Q), lay.spec(POOL), lay.spec(TABLE), rows, rows, None if sinks is None else lay.spec(("heads",)))
+    return lay.shard_map(local, in_specs=specs + (lay.spec(KV),) * len(new),
+                         out_specs=(lay.spec(Q), lay.spec(POOL)), check_vma=not kernel)(q, pool, table, positions, valid, sinks, *new)
