@@ -79,6 +79,8 @@ def print_platform(r: dict) -> None:
         ops = ", ".join(f"{op} x{n}" for op, n in p["collectives"].items()) or "none"
         print(f"  {name:<16} attention: {p['attention']:<24} kernels (custom calls): {calls}; collectives in the "
               f"module: {ops}")
+        if p.get("experts", "none") != "none":  # how the MoE layers reach their experts (parallel/experts.py)
+            print(f"  {'':<16} experts: {p['experts']}")
 
 
 def main(argv=None):

@@ -42,6 +42,12 @@ def test_every_shipped_mesh_lowers_for_the_platform(platform):
             assert written["collective-permute"] >= 2, name  # K and V blocks around the ring
         if seq and mesh_cfg.attention == "ulysses":
             assert written["all-to-all"] == 2, name
+        for prog in progs.values():  # shipped expert meshes are dropless: ragged exchange, no capacity buffers
+            if mesh_cfg.size("expert") > 1:
+                assert prog["experts"] == "ragged-all-to-all" and "all-to-all" not in prog["collectives"], name
+                assert prog["custom_calls"]["ragged_all_to_all"] == 2, name  # there and back, one scanned layer
+            else:
+                assert prog["experts"] == "none" and "ragged_all_to_all" not in prog["custom_calls"], name
         if mesh_cfg.size("stage") > 1:
             assert written["collective-permute"] >= 1, name  # activations to the next stage
             assert r["layers"] == f"scanned, {mesh_cfg.size('stage')} pipeline stages"

@@ -55,8 +55,10 @@ def schedule(cfg: ModelConfig, ax: Axes, step: Step, moe_only: bool = False) -> 
     return ticks, n // stages * ticks, step.batch // ax.size("batch") // micro
 
 
-def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, dtype_bytes: int) -> list:
-    """The collectives of one prefill (step.decode False) or decode step."""
+def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, dtype_bytes: int,
+                     platform: str = "cpu") -> list:
+    """The collectives of one prefill (step.decode False) or decode step on `platform` (cpu, cuda, tpu: a
+    dropless expert layout dispatches with ragged all-to-alls on cuda and tpu, parallel/experts.dispatch)."""
     ax = Axes(mesh_cfg, decode=step.decode)
     e, h = dtype_bytes, cfg.hidden_size
     b_loc = step.batch // ax.size("batch")
@@ -88,7 +90,7 @@ def step_collectives(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, ste
         else:
             add("all-reduce", split, count, act, f"{name} (tensor parallel)")
     if n_moe:
-        out += _experts(cfg, ax, mesh_cfg, rows, s_loc, moe_runs, e)
+        out += _experts(cfg, ax, mesh_cfg, rows, s_loc, moe_runs, e, platform)
     if stages > 1:  # each layer group runs its own pipeline through the stages
         groups = len(layer_groups(cfg))
         add("collective-permute", ax.axes("layers"), ticks * groups, act, "pipeline: activations to the next stage")
@@ -138,8 +140,14 @@ def _attention(cfg, ax: Axes, kv_repeat, step: Step, rows, s_loc, runs, e) -> li
     return out
 
 
-def _experts(cfg, ax: Axes, mesh_cfg: MeshConfig, rows, s_loc, runs, e) -> list:
-    from jaxpar.parallel.experts import capacity
+def _experts(cfg, ax: Axes, mesh_cfg: MeshConfig, rows, s_loc, runs, e, platform: str = "cpu") -> list:
+    """The expert kernel's collectives. all-to-all (capacity buffers): each all-to-all's result is the whole
+    [E, cap, D] buffer, padding included. ragged (dropless on cuda/tpu): a device sends its t*k routed rows
+    and, assuming balanced routing (every device receives as many rows as it sends), receives t*k rows, so a
+    run's bytes are t*k*D (of which (ep-1)/ep cross the link: comm_seconds' all-to-all term); skewed routing
+    sends more to the hot experts' devices (up to the receive buffer, ep*t*min(k, E_l) rows). Before the
+    exchange the [E] int32 counts of every device are all-gathered."""
+    from jaxpar.parallel.experts import capacity, choose
     n_exp, h = cfg.num_local_experts, cfg.hidden_size
     stats = (n_exp + 1) * F32  # tokens per expert + dropped, summed over the devices holding tokens
     token_axes = ax.axes("batch") + ax.axes("seq")
@@ -155,9 +163,16 @@ def _experts(cfg, ax: Axes, mesh_cfg: MeshConfig, rows, s_loc, runs, e) -> list:
     if ax.size("experts") == 1:  # every expert on every token: nothing is dropped, only the load is summed
         return ([Comm("all-reduce", token_axes, runs, n_exp * F32, "expert load statistics")] if token_axes
                 else []) + gather
-    cap = capacity(rows * s_loc, cfg.num_experts_per_tok, n_exp, mesh_cfg.capacity_factor)
-    buf = n_exp * cap * h
-    out = [Comm("all-to-all", ax.axes("experts"), 2 * runs, buf * e, "expert dispatch and return")]
+    t, k, ep = rows * s_loc, cfg.num_experts_per_tok, ax.size("experts")
+    if choose(ep, mesh_cfg.capacity_factor, platform) == "ragged":
+        out = [Comm("all-gather", ax.axes("experts"), runs, ep * n_exp * 4, "expert counts of every device"),
+               Comm("all-to-all", ax.axes("experts"), 2 * runs, t * k * h * e,
+                    "expert dispatch and return (ragged: the routed rows, balanced routing)")]
+        buf = ep * t * min(k, n_exp // ep) * h  # the static receive buffer the tensor split sums over
+    else:
+        cap = capacity(t, k, n_exp, mesh_cfg.capacity_factor)
+        buf = n_exp * cap * h
+        out = [Comm("all-to-all", ax.axes("experts"), 2 * runs, buf * e, "expert dispatch and return")]
     if ax.axes("mlp"):
         out.append(Comm("all-reduce", ax.axes("mlp"), runs, buf * F32, "expert FFN (tensor parallel, float32)"))
     out.append(Comm("all-reduce", token_axes, runs, stats, "expert load statistics"))

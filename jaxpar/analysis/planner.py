@@ -28,6 +28,9 @@ class Request:
     dtype: str  # weights: float32 | bf16 | fp8 | int8 | int4
     kv_dtype: str  # KV cache and activations
     headroom: float  # fraction of device memory kept free (runtime, fragmentation)
+    # whose programs the collectives model: cpu (what the tests compile: expert capacity buffers), cuda or tpu
+    # (a dropless expert layout sends only the routed rows: parallel/experts.dispatch)
+    platform: str = "cpu"
 
 
 def mesh_name(mesh_cfg: MeshConfig) -> str:
@@ -128,7 +131,7 @@ def evaluate(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, hw: Hardwar
            "workspace_bytes_per_device": int(work), "memory_bytes_per_device": int(need),
            "memory_budget_bytes": int(budget), "fits": need <= budget}
     for key, step in (("prefill", pre), ("decode", dec)):
-        comms = C.step_collectives(cfg, mesh_cfg, kv_repeat, step, ab)
+        comms = C.step_collectives(cfg, mesh_cfg, kv_repeat, step, ab, req.platform)
         t = step_seconds(cfg, mesh_cfg, kv_repeat, step, hw, req, comms)
         out[key] = {"collectives": C.summarise(comms), "compute_ms": t["compute_s"] * 1e3,
                     "comm_ms": t["comm_s"] * 1e3, "bound": t["bound"],

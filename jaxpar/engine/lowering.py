@@ -18,6 +18,7 @@ from jaxpar.layout.plan import abstract_layout, cache_kv_heads
 from jaxpar.model.groups import Form, layer_kinds
 from jaxpar.model.layers import attention_spec
 from jaxpar.parallel import decode_kernels, prefill_kernels
+from jaxpar.parallel import experts
 from jaxpar.parallel.attention import prefill_kernel
 from jaxpar.parallel.paged import decode_kernel
 
@@ -94,4 +95,5 @@ def lower_for(platform: str, mesh_cfg, cfg, batch: int = 1, prompt_len: int = 16
         text = prog.lower(*args, platform=platform).as_text()
         out["programs"][name] = {"attention": attention, "custom_calls": custom_calls(text),
                                  "collectives": collectives(text), "stablehlo_chars": len(text)}
+        out["programs"][name]["experts"] = experts.report(cfg, lay)  # how MoE layers reach their experts
     return out

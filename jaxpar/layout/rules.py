@@ -87,6 +87,7 @@ class Layout(Resolved):
     capacity_factor: float = 0.0  # expert buffer capacity (0 = dropless)
     microbatches: int = 1  # pipeline microbatches (when layers are split over stages)
     platform: str = "cpu"  # what the programs are lowered for: cpu, cuda or tpu (PLATFORMS)
+    expert_dispatch: str = "auto"  # "auto" (parallel/experts.dispatch chooses), or a forced dispatch (tests)
 
     def axis_size(self, mesh_axis: str) -> int:
         return self.mesh.shape.get(mesh_axis, 1)

@@ -14,6 +14,9 @@ Each expert is a gated FFN: SwiGLU, or gpt-oss's clamped variant with biases (`G
 Capacity per (device, expert) is ceil(capacity_factor * tokens * k / experts), or the worst case (all the
 device's tokens) when capacity_factor is 0 (dropless). Padding tokens (`valid` False) are never routed.
 Both paths also return load statistics: assignments per expert and dropped assignments (over all devices).
+
+On TPU and GPU a dropless layout takes a third path instead of the capacity buffers (`dispatch`):
+ragged_experts.py sends only the routed rows with ragged_all_to_all and runs the experts with ragged_dot.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.layout.rules import active, constrain
+from jaxpar.parallel import ragged_experts
 from jaxpar.parallel.seq_parallel import row_parallel
 
 
@@ -67,19 +71,61 @@ NAMES = {"w_gate": ("experts", "embed", "mlp"), "w_up": ("experts", "embed", "ml
          "b_down": ("experts", "embed")}
 
 
+DISPATCHES = ("dense", "all-to-all", "ragged")
+RAGGED_PLATFORMS = ("tpu", "cuda")  # XLA:CPU does not compile ragged_all_to_all
+
+
+def dispatch(lay) -> str:
+    """How a layout's MoE layers reach their experts (the one place this is decided; the planner and
+    `inspect` report it too): "dense" without an expert axis; "ragged" (ragged_experts.py: only the routed
+    rows on the wire) when dropless on a platform that compiles ragged_all_to_all; else "all-to-all" (the
+    capacity buffers). `lay.expert_dispatch` other than "auto" forces one (tests run "ragged" on CPU devices,
+    through an emulated exchange); ragged is dropless only, so a capacity factor refuses it."""
+    if lay is None:
+        return "dense"
+    return choose(lay.size("experts"), lay.capacity_factor, lay.platform, lay.expert_dispatch)
+
+
+def choose(experts: int, capacity_factor: float, platform: str, forced: str = "auto") -> str:
+    """`dispatch` from the numbers alone (the planner has a mesh file, not a layout)."""
+    if experts == 1:
+        return "dense"
+    if forced == "auto":
+        return "ragged" if capacity_factor == 0 and platform in RAGGED_PLATFORMS else "all-to-all"
+    if forced not in DISPATCHES[1:] or (forced == "ragged" and capacity_factor > 0):
+        raise ValueError(f"expert_dispatch {forced!r}: one of auto, all-to-all, ragged (ragged needs "
+                         f"capacity_factor 0, got {capacity_factor})")
+    return forced
+
+
+REPORT = {"dense": "dense", "all-to-all": "all-to-all", "ragged": "ragged-all-to-all"}
+
+
+def report(cfg, lay) -> str:
+    """The `experts` field of inspect's reports: "none" for a model without MoE layers, else the dispatch."""
+    return REPORT[dispatch(lay)] if cfg.num_local_experts else "none"
+
+
 def expert_ffn(x, idx, weights, valid, w: dict, gate: Gate = SWIGLU):
     """x [B,S,D]; idx [B,S,k] chosen experts; weights [B,S,k] float32; valid [B,S] bool; w: the experts'
     weights [E,D,F], [E,D,F], [E,F,D] (and biases [E,F], [E,F], [E,D]). -> (out [B,S,D], load [E] float32,
     dropped float32)."""
     lay = active()
-    if lay is None or lay.size("experts") == 1:
+    how = dispatch(lay)
+    if how == "dense":
         return _dense(x, idx, weights, valid, w, gate)
     tokens_axes = lay.axes("batch") + lay.axes("seq")
     tensor_axes = lay.axes("mlp")
     b, s = x.shape[0] // lay.size("batch"), x.shape[1] // lay.size("seq")
-    cap = capacity(b * s, idx.shape[-1], w["w_gate"].shape[0], lay.capacity_factor)
-    body = functools.partial(_dispatch_local, axis=lay.axes("experts"), ep=lay.size("experts"),
-                             tensor_axes=tensor_axes, token_axes=tokens_axes, cap=cap, gate=gate)
+    common = dict(axis=lay.axes("experts"), ep=lay.size("experts"), tensor_axes=tensor_axes,
+                  token_axes=tokens_axes, gate=gate)
+    if how == "ragged":
+        exchange = (jax.lax.ragged_all_to_all if lay.platform in RAGGED_PLATFORMS
+                    else ragged_experts.emulated_ragged_all_to_all)
+        body = functools.partial(ragged_experts.ragged_local, exchange=exchange, **common)
+    else:
+        cap = capacity(b * s, idx.shape[-1], w["w_gate"].shape[0], lay.capacity_factor)
+        body = functools.partial(_dispatch_local, cap=cap, **common)
     tok = lay.spec(("batch", "seq", "embed"))
     choice = lay.spec(("batch", "seq", None))
     out, stats = lay.shard_map(
