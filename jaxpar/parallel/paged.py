@@ -73,9 +73,16 @@ def cache_entries(k, v, pool):
     return jnp.stack([k, v], axis=3).reshape(k.shape[:2] + (2 * heads, k.shape[-1]))
 
 
-def keys_values(x, latent: bool):
-    """Entries read from a pool [..., heads, D] -> (keys, values)."""
-    return (x, x) if latent else (x[..., 0::2, :], x[..., 1::2, :])
+def read_pages(pool, pages, latent: bool):
+    """The keys and values of `pages` [b, n] (local page indices) -> ([b, n * page_size, KV, D],) * 2. Each is
+    gathered from its own strided view of the pool (XLA folds the view into the gather): gathering the pages
+    whole and then splitting keys from values would copy everything read twice."""
+    def gather(view):
+        return jnp.take(view, pages, axis=0).reshape((pages.shape[0], -1) + view.shape[2:])
+    if latent:
+        keys = gather(pool)
+        return keys, keys
+    return gather(pool[:, :, 0::2]), gather(pool[:, :, 1::2])
 
 
 def _gather_seq(x, axis, n):
@@ -143,7 +150,7 @@ def _attend_local(q, k, v, pool, table, positions, valid, sinks=None, *, axis, n
     def block_inputs(cols):
         key_pos = (cols[:, None] * page + jnp.arange(page)[None, :]).reshape(-1)  # [T]
         pages = jnp.take(table, cols, axis=1, mode="fill", fill_value=0)  # [b, len(cols)]
-        keys, vals = keys_values(pool[pages].reshape(b, -1, *pool.shape[2:]).astype(q.dtype), spec.latent)
+        keys, vals = (x.astype(q.dtype) for x in read_pages(pool, pages, spec.latent))
         in_table = jnp.repeat(cols < nb, page)[None, None, :]
         mask = spec.visible(positions[:, :, None], key_pos[None, None, :]) & in_table
         return keys, vals, mask  # as the spec says over the cached positions, none past the table
