@@ -58,7 +58,7 @@ def prefill_kernel(lay, s: int, head_dim: int, spec: AttentionSpec, sinks: bool,
         return ("dense-seq" if lay.attention == "dense" else lay.attention), None
     if platform not in prefill_kernels.KERNELS:
         return ("blockwise" if block_size(s, platform) else "dense"), None
-    kernel, why = prefill_kernels.choose(platform, s, head_dim, spec, sinks, dtype)
+    kernel, why = prefill_kernels.choose(platform, head_dim, spec, sinks, dtype)
     return kernel or ("blockwise" if block_size(s, platform) else "dense"), why
 
 

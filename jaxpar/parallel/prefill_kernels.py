@@ -12,7 +12,8 @@ heads and batch may be split, so a kernel runs per device inside shard_map):
   query heads first.
 
 The scale is applied to q first. Attention sinks and MLA's latent cache have no counterpart in any, and the
-Pallas tiles need the prompt (and on TPU the head dim) in multiples of BLOCK: `choose` picks the kernel and
+TPU tiles need the head dim in multiples of BLOCK (a chunk that is not a multiple of BLOCK is padded at its
+end: causal masks keep the padding out of every real query's view): `choose` picks the kernel and
 says what stops the platform's, and the caller then runs the XLA path (parallel/attention.py). On CPU the
 Pallas kernels run in interpret mode and the cuDNN call's arguments run through XLA's implementation (tests
 compare them with the XLA path there); cuDNN itself cannot be lowered without cuDNN present, so on this
@@ -68,19 +69,18 @@ def cudnn_unfit(head_dim: int, spec: AttentionSpec, sinks: bool, dtype) -> str |
     return None
 
 
-def choose(platform: str, s: int, head_dim: int, spec: AttentionSpec, sinks: bool, dtype,
-           cudnn: bool | None = None) -> tuple:
-    """The fused kernel a prompt chunk of s tokens runs on `platform` -> (name or None, why the platform's
-    Pallas kernel does not take it or None). cudnn: whether cuDNN is present (default: `cudnn_available()`)."""
-    why = unfit(platform, s, head_dim, spec, sinks)
+def choose(platform: str, head_dim: int, spec: AttentionSpec, sinks: bool, dtype, cudnn: bool | None = None) -> tuple:
+    """The fused kernel a prompt chunk runs on `platform` -> (name or None, why the platform's Pallas kernel
+    does not take it or None). cudnn: whether cuDNN is present (default: `cudnn_available()`)."""
+    why = unfit(platform, head_dim, spec, sinks)
     if platform == "cuda" and (cudnn_available() if cudnn is None else cudnn) and \
             cudnn_unfit(head_dim, spec, sinks, dtype) is None:
         return "cudnn", why
     return (KERNELS[platform] if why is None else None), why
 
 
-def unfit(platform: str, s: int, head_dim: int, spec: AttentionSpec, sinks: bool) -> str | None:
-    """Why `platform`'s kernel cannot run a prompt chunk of s tokens with this head dim and spec (None: it can;
+def unfit(platform: str, head_dim: int, spec: AttentionSpec, sinks: bool) -> str | None:
+    """Why `platform`'s kernel cannot run a prompt chunk with this head dim and spec (None: it can;
     a platform without a kernel: "no kernel on <platform>")."""
     if platform not in KERNELS:
         return f"no kernel on {platform}"
@@ -94,8 +94,6 @@ def unfit(platform: str, s: int, head_dim: int, spec: AttentionSpec, sinks: bool
         return f"head_dim {head_dim} is not a multiple of {BLOCK}"
     if platform == "cuda" and head_dim > 256:
         return f"head_dim {head_dim} is above 256"
-    if s % BLOCK:
-        return f"a {s}-token chunk is not a multiple of {BLOCK}"
     return None
 
 
@@ -103,10 +101,13 @@ def local(kernel: str, q, k, v, *, spec: AttentionSpec, interpret: bool = False)
     """One device's prompt chunk on `kernel` (a name `choose` gives): q [B, S, H, D], k, v [B, S, KV, D], index
     i holding position i -> [B, S, H, D]. interpret: Pallas interpret mode, or XLA's implementation of the
     cuDNN call (CPU tests)."""
-    d = q.shape[-1]
+    d, s = q.shape[-1], q.shape[1]
     q = q * jnp.asarray(d ** -0.5 if spec.scale is None else spec.scale, q.dtype)
+    pad = -s % BLOCK  # keys past the chunk's end come after every real query: causal masks hide them
+    if pad and kernel != "cudnn":
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
     run = {"splash": _splash, "pallas-flash": _flash_gpu, "cudnn": _cudnn}[kernel]
-    return run(q, k, v, spec, interpret).astype(q.dtype)
+    return run(q, k, v, spec, interpret)[:, :s].astype(q.dtype)
 
 
 @functools.lru_cache(maxsize=32)
