@@ -78,7 +78,7 @@ def plan(args, hw, cfg, preset) -> dict:
     from jaxpar.layout.mesh_file import load_mesh_file
     from jaxpar.layout.plan import check_layout
     req = PL.Request(args.batch, args.context, args.new_tokens, args.dtype, args.kv_dtype, args.headroom,
-                     args.platform)
+                     args.platform or hw.platform)
     if args.mesh:
         pairs = []
         for m in args.mesh:
@@ -204,10 +204,10 @@ def main(argv=None):
                         "whole nodes; the layouts use the exact KV cache of --batch and --context instead")
     p.add_argument("--capacity-factor", type=float, default=0.0, help="expert capacity of enumerated EP layouts "
                                                                       "(default 0 = dropless)")
-    p.add_argument("--platform", choices=("cpu", "cuda", "tpu"), default="cpu",
-                   help="whose programs the collectives model (default cpu, what jaxpar.inspect compiles here: "
-                        "expert capacity buffers); cuda or tpu: dropless expert layouts send only the routed "
-                        "tokens (ragged all-to-all)")
+    p.add_argument("--platform", choices=("cpu", "cuda", "tpu"),
+                   help="whose programs the collectives model (default: the hardware's, cuda for GPUs, tpu for "
+                        "TPUs): on cuda and tpu dropless expert layouts send only the routed tokens (ragged "
+                        "all-to-all); cpu: the expert capacity buffers the CPU programs (jaxpar.inspect here) use")
     p.add_argument("--mesh", nargs="+", help="evaluate these mesh files instead of enumerating layouts")
     p.add_argument("--top", type=int, default=12, help="layouts shown in the table (default 12; --json has all)")
     p.add_argument("--write-mesh", metavar="FILE", help="write the recommended layout as a mesh file")

@@ -81,12 +81,14 @@ def test_predicted_collectives_on_other_layouts(name):
 @pytest.mark.parametrize("mesh", ["tp4", "sp4", "pp2_tp4", "ep8"])
 def test_planner_pads_as_the_engine_does(mesh, capsys):
     """jaxpar.plan's own shapes (batch, prompt and KV cache buckets) and memory per device are the
-    compiled program's: the full path from the command line, not only the communication function."""
+    compiled program's: the full path from the command line, not only the communication function. The
+    programs here are CPU programs (`--platform cpu`; the default is the hardware's, h100-nvlink's cuda, whose
+    dropless expert dispatch is ragged)."""
     eng = engine(mesh)
     r = inspect_engine(eng, batch=3, prompt_len=20, max_new_tokens=24)
     model = "tiny-add-moe" if "ep" in mesh else "tiny-add"
     p = run_plan(capsys, "--model", model, "--devices", "8", "--mesh", mesh, "--batch", "3", "--context", "20",
-                 "--new-tokens", "24", "--dtype", "float32")["layouts"][0]
+                 "--new-tokens", "24", "--dtype", "float32", "--platform", "cpu")["layouts"][0]
     assert (p["batch_padded"], p["context_padded"]) == (r["batch"], r["prompt_len"])
     assert p["weights_bytes_per_device"] == r["params_bytes_per_device"]
     assert p["kv_bytes_per_device"] == r["kv_cache_bytes_per_device"]

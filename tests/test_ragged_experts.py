@@ -214,3 +214,28 @@ def test_planner_ragged_bytes_are_k_over_e_of_the_capacity_buffers():
     counts = [c for c in ragged if c.op == "all-gather"]
     assert [(c.count, c.bytes) for c in counts] == [(layers, 8 * e * 4)]
     assert not [c for c in static if c.op == "all-gather"]
+
+
+def test_plan_models_the_hardware_platform_s_dispatch(capsys):
+    """`jaxpar.plan` models the programs of the hardware it plans for: a GPU or TPU preset's dropless ep8
+    layout sends the routed rows (ragged), k/E of the capacity buffers `--platform cpu` models; a hardware file
+    names its platform or is refused by name."""
+    from jaxpar import plan as plan_cli
+    from jaxpar.analysis.hardware import load_hardware
+    from jaxpar.errors import HardwareError
+
+    def a2a(*extra):
+        plan_cli.main(["--model", "tiny-add-moe", "--devices", "8", "--mesh", mesh_path("ep8"), "--batch", "64",
+                       "--json", *extra])
+        import json
+        return json.loads(capsys.readouterr().out)["layouts"][0]["decode"]["collectives"]["all-to-all"]["bytes"]
+
+    assert load_hardware("tpu-v5e").platform == "tpu" and load_hardware("h100-nvlink").platform == "cuda"
+    cpu = a2a("--platform", "cpu")
+    assert a2a("--hardware", "tpu-v5e") == a2a("--hardware", "h100-nvlink") == cpu * 2 // 8
+    from jaxpar.analysis.hardware import parse_hardware
+    entry = {"memory_gb": 16, "hbm_gb_per_s": 800, "tflops": {"bf16": 100},
+             "links": [{"name": "x", "group": 8, "gb_per_s": 50, "latency_us": 1}]}
+    assert parse_hardware(dict(entry, platform="cpu"), "my.yaml").platform == "cpu"
+    with pytest.raises(HardwareError, match=r"my.yaml: platform must be one of cuda, tpu, cpu, got 'gpu'"):
+        parse_hardware(dict(entry, platform="gpu"), "my.yaml")

@@ -16,7 +16,8 @@ import yaml
 from jaxpar.errors import HardwareError
 
 PRESETS_FILE = os.path.join(os.path.dirname(__file__), "hardware.yaml")
-DEVICE_KEYS = ("name", "memory_gb", "hbm_gb_per_s", "tflops", "links", "source")
+DEVICE_KEYS = ("name", "memory_gb", "hbm_gb_per_s", "tflops", "links", "platform", "source")
+PLATFORMS = ("cuda", "tpu", "cpu")  # whose programs run there (the collectives differ: parallel/experts.dispatch)
 LINK_KEYS = ("name", "group", "gb_per_s", "latency_us")
 
 
@@ -36,6 +37,7 @@ class Hardware:
     flops: dict  # dtype -> dense FLOP/s per device
     links: tuple  # Link, innermost first
     source: str = ""
+    platform: str = "cuda"
 
     def peak(self, dtype: str = "bf16") -> float:
         if dtype in self.flops:
@@ -129,9 +131,13 @@ def parse_hardware(d, source: str, name: str | None = None) -> Hardware:
         if parsed[i].group <= parsed[i - 1].group or parsed[i].group % parsed[i - 1].group:
             raise HardwareError(f"{source}: links[{i}].group={parsed[i].group} must be a larger multiple of "
                                 f"links[{i - 1}].group={parsed[i - 1].group} (levels go from innermost outwards)")
+    platform = d.get("platform", "cuda")
+    if platform not in PLATFORMS:
+        raise HardwareError(f"{source}: platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
     return Hardware(str(name or d.get("name") or os.path.basename(source)),
                     _num(d["memory_gb"], f"{source}: memory_gb") * 1e9,
-                    _num(d["hbm_gb_per_s"], f"{source}: hbm_gb_per_s") * 1e9, flops, parsed, str(d.get("source", "")))
+                    _num(d["hbm_gb_per_s"], f"{source}: hbm_gb_per_s") * 1e9, flops, parsed, str(d.get("source", "")),
+                    platform)
 
 
 @functools.lru_cache(maxsize=1)
