@@ -178,6 +178,7 @@ def print_human(r: dict, top: int) -> None:
 
 def main(argv=None):
     from jaxpar.analysis.hardware import network_names, preset_names
+    from jaxpar.layout.mesh_file import PLATFORMS
     p = cli.parser("plan", cli.describe(__doc__), devices=False)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="model config file, shipped name (tiny-add, llama3-70b, ...) or Hugging Face "
@@ -204,7 +205,7 @@ def main(argv=None):
                         "whole nodes; the layouts use the exact KV cache of --batch and --context instead")
     p.add_argument("--capacity-factor", type=float, default=0.0, help="expert capacity of enumerated EP layouts "
                                                                       "(default 0 = dropless)")
-    p.add_argument("--platform", choices=("cpu", "cuda", "tpu"),
+    p.add_argument("--platform", choices=PLATFORMS,
                    help="whose programs the collectives model (default: the hardware's, cuda for GPUs, tpu for "
                         "TPUs): on cuda and tpu dropless expert layouts send only the routed tokens (ragged "
                         "all-to-all); cpu: the expert capacity buffers the CPU programs (jaxpar.inspect here) use")

@@ -237,5 +237,5 @@ def test_plan_models_the_hardware_platform_s_dispatch(capsys):
     entry = {"memory_gb": 16, "hbm_gb_per_s": 800, "tflops": {"bf16": 100},
              "links": [{"name": "x", "group": 8, "gb_per_s": 50, "latency_us": 1}]}
     assert parse_hardware(dict(entry, platform="cpu"), "my.yaml").platform == "cpu"
-    with pytest.raises(HardwareError, match=r"my.yaml: platform must be one of cuda, tpu, cpu, got 'gpu'"):
+    with pytest.raises(HardwareError, match=r"my.yaml: platform must be one of cpu, cuda, tpu, got 'gpu'"):
         parse_hardware(dict(entry, platform="gpu"), "my.yaml")

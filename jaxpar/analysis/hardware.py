@@ -14,10 +14,10 @@ import os
 import yaml
 
 from jaxpar.errors import HardwareError
+from jaxpar.layout.mesh_file import PLATFORMS  # whose programs run there (the collectives differ: experts.dispatch)
 
 PRESETS_FILE = os.path.join(os.path.dirname(__file__), "hardware.yaml")
 DEVICE_KEYS = ("name", "memory_gb", "hbm_gb_per_s", "tflops", "links", "platform", "source")
-PLATFORMS = ("cuda", "tpu", "cpu")  # whose programs run there (the collectives differ: parallel/experts.dispatch)
 LINK_KEYS = ("name", "group", "gb_per_s", "latency_us")
 
 

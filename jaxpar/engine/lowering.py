@@ -41,18 +41,24 @@ def collectives(text: str) -> dict:
     return {op: n for op, n in counts.items() if n}
 
 
-def prefill_attention_report(cfg, lay, s: int) -> str:
-    """The prefill attention of each kind of layer the model has ("splash", "blockwise", ...), with the reason
-    when a prefill without a seq axis cannot take the platform's kernel."""
+def _per_layer_kind(cfg, label) -> str:
+    """label(spec) of each kind of layer the model has (full, sliding), each named once: "splash + blockwise"."""
     out = []
     for sliding in sorted({k.sliding for k in layer_kinds(cfg)}):
-        spec = attention_spec(cfg, sliding)
-        name, why = prefill_kernel(lay, s, cfg.head_size, spec, cfg.attention_sinks, cfg.dtype)
-        if name in ("blockwise", "dense") and why:
-            name += f" (not {prefill_kernels.KERNELS[lay.platform]}: {why})"
+        name = label(attention_spec(cfg, sliding))
         if name not in out:
             out.append(name)
     return " + ".join(out)
+
+
+def prefill_attention_report(cfg, lay, s: int) -> str:
+    """The prefill attention of each kind of layer the model has ("splash", "blockwise", ...), with the reason
+    when a prefill without a seq axis cannot take the platform's kernel."""
+    def label(spec):
+        name, why = prefill_kernel(lay, s, cfg.head_size, spec, cfg.attention_sinks, cfg.dtype)
+        fell_back = name in ("blockwise", "dense") and why
+        return name + (f" (not {prefill_kernels.KERNELS[lay.platform]}: {why})" if fell_back else "")
+    return _per_layer_kind(cfg, label)
 
 
 def paged_attention_report(cfg, lay, kv_repeat: int) -> str:
@@ -60,15 +66,11 @@ def paged_attention_report(cfg, lay, kv_repeat: int) -> str:
     reason when pages whole on each device cannot take the platform's kernel."""
     heads = cfg.num_attention_heads // lay.size("heads")
     kv = 1 if cfg.mla else cache_kv_heads(cfg, kv_repeat, lay) // lay.size("kv_heads")
-    out = []
-    for sliding in sorted({k.sliding for k in layer_kinds(cfg)}):
-        spec = attention_spec(cfg, sliding)
+
+    def label(spec):
         name, why = decode_kernel(lay, spec, cfg.attention_sinks, heads, kv, cfg.head_size, cfg.dtype)
-        if why:
-            name += f" (not {decode_kernels.KERNELS[lay.platform]}: {why})"
-        if name not in out:
-            out.append(name)
-    return " + ".join(out)
+        return name + (f" (not {decode_kernels.KERNELS[lay.platform]}: {why})" if why else "")
+    return _per_layer_kind(cfg, label)
 
 
 def lower_for(platform: str, mesh_cfg, cfg, batch: int = 1, prompt_len: int = 16, max_new_tokens: int = 16,

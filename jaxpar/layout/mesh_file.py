@@ -9,6 +9,9 @@ import yaml
 
 from jaxpar.errors import MeshFileError
 
+# what programs are built for: this machine's CPU devices, NVIDIA GPUs (lowered as "cuda") or TPUs
+PLATFORMS = ("cpu", "cuda", "tpu")
+
 AXES = ("data", "stage", "expert", "seq", "tensor")
 KEYS = ("axes", "attention", "microbatches", "capacity_factor", "rules")
 ATTENTION = ("dense", "ring", "ulysses")

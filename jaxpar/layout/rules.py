@@ -13,7 +13,7 @@ import math
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxpar.layout.mesh_file import MeshConfig
+from jaxpar.layout.mesh_file import PLATFORMS, MeshConfig  # noqa: F401 (PLATFORMS: Layout.platform's values)
 
 LOGICAL_AXES = ("batch", "seq", "residual_seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
                 "layers", "experts", "cache_seq")
@@ -111,9 +111,6 @@ class Layout(Resolved):
         return jax.shard_map(f, mesh=ctx if manual else self.mesh, in_specs=in_specs, out_specs=out_specs,
                              axis_names=frozenset(a for a in self.mesh.axis_names if a not in manual),
                              check_vma=check_vma)
-
-
-PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def platform_of(device) -> str:

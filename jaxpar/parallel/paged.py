@@ -97,17 +97,16 @@ def write_pages(pool, k, v, table, positions, valid):
     axis, n = _seq_axes()
     lay = active()
     split = lay is not None and lay.size("seq") > 1  # the chunk itself is split over seq (prefill)
-    new = (k,) if v is None else (k, v)
 
-    def body(pool, table, positions, valid, *new):
-        entries = cache_entries(new[0], new[-1] if len(new) == 2 else None, pool)  # before the gather: fewer bytes
+    def body(pool, k, v, table, positions, valid):
+        entries = cache_entries(k, v, pool)  # before the gather: fewer bytes
         return _write_local(pool, _gather_seq(entries, axis, n) if split else entries, table, positions, valid,
                             axis, n)
     if lay is None or lay.mesh.size == 1:
-        return body(pool, table, positions, valid, *new)
-    rows = lay.spec(("batch", None))
-    return lay.shard_map(body, in_specs=(lay.spec(POOL), lay.spec(TABLE), rows, rows) + (lay.spec(KV),) * len(new),
-                         out_specs=lay.spec(POOL))(pool, table, positions, valid, *new)
+        return body(pool, k, v, table, positions, valid)
+    kv, rows = lay.spec(KV), lay.spec(("batch", None))
+    return lay.shard_map(body, in_specs=(lay.spec(POOL), kv, None if v is None else kv, lay.spec(TABLE), rows, rows),
+                         out_specs=lay.spec(POOL))(pool, k, v, table, positions, valid)
 
 
 def decode_kernel(lay, spec: AttentionSpec, sinks: bool, heads: int, kv_heads: int, head_dim: int,
@@ -207,13 +206,10 @@ def paged_attention(q, k, v, pool, table, positions, valid, spec: AttentionSpec,
     name, _ = decode_kernel(lay, spec, sinks is not None, heads, kv_heads, q.shape[-1], q.dtype)
     kernel = name in decode_kernels.KERNELS.values()
     body = functools.partial(_attend_local, axis=axis, n=n, spec=spec, kernel=kernel)
-    new = (k,) if v is None else (k, v)
-
-    def local(q, pool, table, positions, valid, sinks, *new):
-        return body(q, new[0], new[-1] if len(new) == 2 else None, pool, table, positions, valid, sinks)
+    args = (q, k, v, pool, table, positions, valid, sinks)
     if lay is None or lay.mesh.size == 1:
-        return local(q, pool, table, positions, valid, sinks, *new)
-    rows = lay.spec(ROWS)
-    specs = (lay.spec(Q), lay.spec(POOL), lay.spec(TABLE), rows, rows, None if sinks is None else lay.spec(("heads",)))
-    return lay.shard_map(local, in_specs=specs + (lay.spec(KV),) * len(new),
-                         out_specs=(lay.spec(Q), lay.spec(POOL)), check_vma=not kernel)(q, pool, table, positions, valid, sinks, *new)
+        return body(*args)
+    kv, rows = lay.spec(KV), lay.spec(ROWS)  # an absent v or sinks (None) takes the spec None
+    specs = (lay.spec(Q), kv, None if v is None else kv, lay.spec(POOL), lay.spec(TABLE), rows, rows,
+             None if sinks is None else lay.spec(("heads",)))
+    return lay.shard_map(body, in_specs=specs, out_specs=(lay.spec(Q), lay.spec(POOL)), check_vma=not kernel)(*args)
