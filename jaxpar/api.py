@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from jaxpar.config import ModelConfig, load_config, shipped_model_dir
+from jaxpar.config import QUANT_FORMATS, ModelConfig, load_config, shipped_model_dir
 from jaxpar.errors import CheckpointError, JaxparError
 from jaxpar.layout.mesh_file import MeshConfig, load_mesh_file
 from jaxpar.layout.plan import plan_layout
@@ -12,11 +12,13 @@ from jaxpar.tokenizer import ByteTokenizer
 DEFAULT_MODEL = "tiny-add"
 DEFAULT_MOE_MODEL = "tiny-add-moe"  # the default on meshes with an expert axis
 DTYPES = ("float32", "bfloat16", "auto")
+# how a model is stored and computed on this deployment, not what it is: a checkpoint's config may differ in these
+DEPLOYMENT = ("dtype", "quantize", "quant_block", "kv_dtype")
 FAKE_HINT = "; on a CPU, --fake-devices N (or jaxpar.load(..., fake_devices=N)) simulates N devices"
 
 
 def load(mesh="single", model=None, checkpoint=None, hf=None, dtype=None, seed: int = 0, devices=None,
-         unroll=None, fake_devices: int | None = None, **serving):
+         unroll=None, fake_devices: int | None = None, quantize=None, kv_dtype=None, **serving):
     """Build an Engine: a model laid out on a mesh.
 
     mesh: a mesh file path, a shipped mesh name (`tp4`, found from any directory), or a MeshConfig.
@@ -29,6 +31,10 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype=None, seed: 
     its config says; a random model's config dtype). None: float32 on CPU devices (XLA:CPU runs bfloat16 matrix
     products several times slower, and a bfloat16 checkpoint then takes twice its size in memory), "auto" on
     GPU/TPU.
+    quantize: None (weights as the checkpoint stores them), "int8" or "fp8" (e4m3): weights stored in 8 bits
+    with float32 scales per output channel (model/quant.py), quantized as they are loaded. A quantized
+    checkpoint loads as it is.
+    kv_dtype: None (the KV cache in dtype), "int8" or "fp8": the cache in 8 bits with a scale per token and head.
     unroll: layers applied one after another with per-layer weights and cache (True), or scanned over the
     stacked layers (False); None: unrolled on CPU without a pipeline, scanned otherwise.
     serving: options of continuous batching and the paged KV cache (jaxpar.serving.scheduler.ServingConfig):
@@ -41,6 +47,10 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype=None, seed: 
 
     if dtype is not None and dtype not in DTYPES:
         raise JaxparError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for name, value in (("quantize", quantize), ("kv-dtype", kv_dtype)):
+        if value is not None and value not in QUANT_FORMATS:
+            raise JaxparError(f"--{name} must be one of {', '.join(QUANT_FORMATS)}, got {value!r}")
+    storage = dict(quantize=quantize, kv_dtype=kv_dtype)
     serving_cfg = serving_config(serving)
     if fake_devices is not None:
         use_fake_devices(fake_devices)
@@ -55,9 +65,9 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype=None, seed: 
     if hf is not None:
         if checkpoint is not None:
             raise JaxparError("give either --hf or --checkpoint, not both")
-        return _load_hf(hf, mesh_cfg, model, dtype, devices, unroll, serving_cfg)
+        return _load_hf(hf, mesh_cfg, model, dtype, devices, unroll, serving_cfg, storage)
     cfg, checkpoint = model_config(mesh_cfg, model, checkpoint)
-    cfg = with_dtype(cfg, dtype)
+    cfg = with_dtype(cfg, dtype, **storage, source=checkpoint)
     ml = plan_layout(mesh_cfg, cfg, devices)
     if checkpoint is not None:
         params = ckpt.restore(checkpoint, cfg, ml.layout, ml.kv_repeat, run_form(ml.layout, unroll))
@@ -87,15 +97,24 @@ def model_config(mesh_cfg: MeshConfig, model=None, checkpoint: str | None = None
     cfg = ckpt.read_config(checkpoint)
     if model is not None:
         other = model if isinstance(model, ModelConfig) else load_config(model)
-        if other.replace(dtype=cfg.dtype) != cfg:
+        if other.replace(**{k: getattr(cfg, k) for k in DEPLOYMENT}) != cfg:
             raise CheckpointError(f"{checkpoint}: the checkpoint's config.yaml differs from the model config "
                                   f"given ({_diff(cfg, other)})")
     return cfg, checkpoint
 
 
-def with_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:
-    """The config computing in `dtype`; "auto" keeps the dtype the checkpoint's config names."""
-    return cfg if dtype == "auto" else cfg.replace(dtype=dtype)
+def with_dtype(cfg: ModelConfig, dtype: str, quantize: str | None = None, kv_dtype: str | None = None,
+               source: str | None = None) -> ModelConfig:
+    """The config computing in `dtype` ("auto" keeps the dtype the checkpoint's config names), its weights
+    quantized as `quantize` says (None: as the checkpoint stores them) and its KV cache in `kv_dtype`."""
+    if dtype != "auto":
+        cfg = cfg.replace(dtype=dtype)
+    if quantize is not None:
+        if cfg.quantize not in (None, quantize):
+            raise CheckpointError(f"{source}: the checkpoint's weights are {cfg.quantize}; they load as they are "
+                                  f"(no --quantize, or --quantize {cfg.quantize}), not requantized to {quantize}")
+        cfg = cfg.replace(quantize=quantize)
+    return cfg if kv_dtype is None else cfg.replace(kv_dtype=kv_dtype)
 
 
 def use_fake_devices(n) -> None:
@@ -117,7 +136,7 @@ def use_fake_devices(n) -> None:
 
 def _diff(a: ModelConfig, b: ModelConfig) -> str:
     da, db = a.to_dict(), b.to_dict()
-    keys = [k for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k) and k != "dtype"]
+    keys = [k for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k) and k not in DEPLOYMENT]
     return ", ".join(f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in keys[:4])
 
 
@@ -133,7 +152,7 @@ def serving_config(options: dict):
     return ServingConfig(**options)
 
 
-def _load_hf(directory, mesh_cfg, model, dtype, devices, unroll=None, serving_cfg=None):
+def _load_hf(directory, mesh_cfg, model, dtype, devices, unroll=None, serving_cfg=None, storage=None):
     from jaxpar.engine.engine import Engine, run_form
     from jaxpar.hf.config import read_hf_config
     from jaxpar.hf.tokenizer import load_tokenizer
@@ -141,7 +160,7 @@ def _load_hf(directory, mesh_cfg, model, dtype, devices, unroll=None, serving_cf
 
     if model is not None:
         raise JaxparError("give either --hf or --model, not both (the model config comes from config.json)")
-    cfg = with_dtype(read_hf_config(str(directory)), dtype)
+    cfg = with_dtype(read_hf_config(str(directory)), dtype, **(storage or {}), source=str(directory))
     ml = plan_layout(mesh_cfg, cfg, devices)
     tokenizer = load_tokenizer(str(directory), cfg)
     params = weights.load(str(directory), cfg, ml.layout, ml.kv_repeat, run_form(ml.layout, unroll))

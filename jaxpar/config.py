@@ -12,6 +12,7 @@ import yaml
 from jaxpar.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANT_FORMATS = ("int8", "fp8")  # model/quant.py
 ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -82,6 +83,12 @@ class ModelConfig:
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
     dtype: str = "float32"
+    # how weights and the KV cache are stored (model/quant.py): None keeps dtype; "int8" | "fp8" weights with
+    # float32 scales per output channel, or per block of quant_block inputs (FP8 checkpoints' 128x128 blocks);
+    # kv_dtype "int8" | "fp8": the KV cache with a scale per token and head
+    quantize: str | None = None
+    quant_block: int | None = None
+    kv_dtype: str | None = None
 
     @property
     def mla(self) -> bool:
@@ -197,6 +204,14 @@ def validate_config(cfg: ModelConfig, source: str) -> None:
             raise ConfigError(f"{source}: field {name} must be a positive number, got {v!r}")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"{source}: field dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    for name in ("quantize", "kv_dtype"):
+        if getattr(cfg, name) not in (None,) + QUANT_FORMATS:
+            raise ConfigError(f"{source}: field {name} must be one of {', '.join(QUANT_FORMATS)} (or absent), got "
+                              f"{getattr(cfg, name)!r}")
+    if cfg.quant_block is not None and (cfg.quantize is None or isinstance(cfg.quant_block, bool)
+                                        or not isinstance(cfg.quant_block, int) or cfg.quant_block < 1):
+        raise ConfigError(f"{source}: field quant_block must be a positive integer with quantize set, got "
+                          f"quant_block={cfg.quant_block!r}, quantize={cfg.quantize!r}")
     _validate_mla(cfg, source)
     if cfg.scoring_func not in ("softmax", "sigmoid"):
         raise ConfigError(f"{source}: field scoring_func {cfg.scoring_func!r} is not supported (softmax, sigmoid)")

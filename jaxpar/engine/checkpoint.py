@@ -16,6 +16,7 @@ from jaxpar.config import ModelConfig, config_from_dict
 from jaxpar.errors import CheckpointError, ConfigError
 from jaxpar.layout.rules import Layout
 from jaxpar.engine import params as P
+from jaxpar.engine.quantize import LeafQuantizer
 from jaxpar.model.groups import CANONICAL, Form
 
 
@@ -61,8 +62,12 @@ def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1
     if not have_names:
         raise CheckpointError(f"{directory}: checkpoint holds no parameters (empty or unfinished params/)")
     stacked = CANONICAL if form.split else form
-    target = P.flatten(P.abstract_params(cfg, layout, 1, replicate_kv=kv_repeat > 1, form=stacked))
-    stored = P.flatten(P.shapes(cfg, 1))
+    # a float checkpoint loaded quantized: each parameter is quantized as it is read (engine/quantize.py)
+    own = read_config(directory)
+    source = cfg.replace(quantize=own.quantize, quant_block=own.quant_block)
+    quantizer = LeafQuantizer(cfg, layout, 1, stacked, replicate_kv=kv_repeat > 1)
+    target = P.flatten(P.abstract_params(source, layout, 1, replicate_kv=kv_repeat > 1, form=stacked))
+    stored = P.flatten(P.shapes(source, 1))
     missing = sorted(set(target) - set(have_names))
     extra = sorted(set(have_names) - set(target))
     if missing or extra:
@@ -91,10 +96,9 @@ def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1
         except Exception as e:  # noqa: BLE001 - corrupt or truncated files surface as many exception types
             raise CheckpointError(f"{directory}: cannot read parameter {name}: "
                                   f"{str(e).splitlines()[0][:300]}") from None
-        if form.split and kv_repeat == 1:
-            flat.update(P.split_leaf(name, leaf, cfg, layout))
-            del leaf
-        else:
-            flat[name] = leaf
+        pieces = quantizer(name, leaf) if source.quantize != cfg.quantize else {name: leaf}
+        del leaf
+        for piece, leaf in pieces.items():
+            flat.update(P.split_leaf(piece, leaf, cfg, layout) if form.split and kv_repeat == 1 else {piece: leaf})
     params = P.expand_kv(P.unflatten(flat), cfg, layout, kv_repeat, stacked)
     return P.regroup(params, cfg, layout, kv_repeat, form) if form.split and kv_repeat > 1 else params

@@ -101,9 +101,12 @@ def canonical_kv(params: dict, cfg: ModelConfig, layout: Layout, kv_repeat: int)
 
 def init_params(cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, seed: int = 0) -> dict:
     """Random parameters, created directly in their shards (canonical kv heads, then expanded)."""
-    def make():
+    from jaxpar.engine.quantize import float_config, quantize_flat
+
+    def make():  # a quantized model is drawn in float, then quantized (the same weights, rounded)
         with nnx.use_eager_sharding(False):
-            return nnx.to_pure_dict(nnx.state(Decoder(cfg, nnx.Rngs(seed), 1)))
+            state = nnx.to_pure_dict(nnx.state(Decoder(float_config(cfg), nnx.Rngs(seed), 1)))
+        return unflatten(quantize_flat(flatten(state), cfg)) if cfg.quantize else state
     canon = jax.jit(make, out_shardings=shardings(cfg, layout, 1, replicate_kv=kv_repeat > 1))()
     return expand_kv(canon, cfg, layout, kv_repeat)
 

@@ -16,6 +16,7 @@ import numpy as np
 from jaxpar.config import ModelConfig
 from jaxpar.errors import CheckpointError
 from jaxpar.engine import params as P
+from jaxpar.engine.quantize import LeafQuantizer, float_config
 from jaxpar.hf.mxfp4 import MXFP4, HeadRows, Strided
 from jaxpar.hf.safetensors import WeightFiles
 from jaxpar.model.groups import CANONICAL, Form, layer_groups, moe_layers
@@ -269,8 +270,10 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int, form: Form = 
     (model/groups.Form: split, or padded for pipeline stages): read straight into the form the programs run."""
     files = WeightFiles(directory)
     check(files, cfg, directory)
-    shardings = P.flatten(P.shardings(cfg, layout, kv_repeat, form=form))
-    shapes = P.flatten(P.shapes(cfg, kv_repeat, form))
+    source = float_config(cfg)  # read in float, each weight quantized on the devices as soon as it is read
+    shardings = P.flatten(P.shardings(source, layout, kv_repeat, form=form))
+    shapes = P.flatten(P.shapes(source, kv_repeat, form))
+    quantizer = LeafQuantizer(cfg, layout, kv_repeat, form)
     todo = plan(cfg, expert_style(files, cfg), rope_interleaved(directory, cfg), form)
     progress = Progress(len(todo))
     out: dict = {}
@@ -279,6 +282,6 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int, form: Form = 
                  else view(_array(files, n)) for n in _names(template, layers, cfg.num_local_experts)]
         read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, np.dtype(shapes[path].dtype),
                              shapes[path].shape)
-        out[path] = jax.make_array_from_callback(shapes[path].shape, shardings[path], read)
+        out.update(quantizer(path, jax.make_array_from_callback(shapes[path].shape, shardings[path], read)))
         progress.step()
     return P.unflatten(out)

@@ -12,7 +12,8 @@ from flax import nnx
 from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
 from jaxpar.model.groups import CANONICAL, Form, Group, layer_groups
-from jaxpar.model.layers import Block, Rows, norm, param
+from jaxpar.model import quant
+from jaxpar.model.layers import Block, Rows, norm, weight
 from jaxpar.model.rope import attention_factor, inv_frequencies, rope_tables
 from jaxpar.parallel.embedding import embed_lookup
 from jaxpar.parallel.pipeline import run_layers
@@ -54,13 +55,12 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.kv_repeat = kv_repeat
         self.layer_groups = layer_groups(cfg, form)
-        dt = cfg.dtype
-        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
+        weight(self, "embed", rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, reduced=(1,))
         for g, group in enumerate(self.layer_groups):
             setattr(self, f"group{g}", GroupLayers(cfg, group, cfg.kv_heads * kv_repeat, rngs))
         self.norm = norm(cfg, cfg.hidden_size, ("embed",), rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
+            weight(self, "lm_head", rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
 
     def __call__(self, tokens, positions, valid=None, cache=None, pages=None, paged=False, router_aux=False):
         """tokens, positions [B, S] -> (hidden [B, S, embed] before the final norm, the cache, statistics).
@@ -71,7 +71,7 @@ class Decoder(nnx.Module):
         say which position each index holds. valid [B, S] marks real tokens (default all). stats: the mixture-of-experts
         layers' statistics, one row per MoE layer in layer order ({} for a dense model)."""
         cfg = self.cfg
-        x = embed_lookup(self.embed[...], tokens)
+        x = embed_lookup(quant.get(self, "embed"), tokens, cfg.dtype)
         if cfg.scale_embeddings:  # Gemma: by sqrt(hidden_size), rounded to the parameters' dtype
             x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
         x = constrain(x, ("batch", "residual_seq", "embed"))
@@ -112,9 +112,9 @@ class Decoder(nnx.Module):
         """Final norm and LM head; logits are vocab-sharded, float32."""
         h = self.norm(h)
         if self.cfg.tie_word_embeddings:
-            out = jnp.einsum("bsd,vd->bsv", h, self.embed[...], preferred_element_type=jnp.float32)
+            out = quant.einsum("bsd,vd->bsv", h, quant.get(self, "embed"), preferred_element_type=jnp.float32)
         else:
-            out = jnp.einsum("bsd,dv->bsv", h, self.lm_head[...], preferred_element_type=jnp.float32)
+            out = quant.einsum("bsd,dv->bsv", h, quant.get(self, "lm_head"), preferred_element_type=jnp.float32)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             out = cap * jnp.tanh(out / cap)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
+from jaxpar.model import quant
 from jaxpar.model.attend import AttentionSpec
 from jaxpar.model.groups import LayerKind
 from jaxpar.model.rope import apply_rope, yarn_softmax_scale
@@ -43,6 +44,11 @@ class Rows:
 
 def param(rngs, shape, names, dtype, init=INIT):
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def weight(module, name, rngs, shape, names, cfg: ModelConfig, reduced=(0,)):
+    """A matrix of the model (module.<name>), stored as cfg.quantize says: reduced = its input axes."""
+    quant.weight(module, name, rngs, shape, names, cfg, reduced, INIT)
 
 
 class RMSNorm(nnx.Module):
@@ -88,10 +94,10 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, kv_heads: int, sliding: bool, rngs: nnx.Rngs):
         d, h, hd, dt = cfg.hidden_size, cfg.num_attention_heads, cfg.head_size, cfg.dtype
-        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt)
-        self.wk = param(rngs, (d, kv_heads, hd), ("embed", "kv_heads", "head_dim"), dt)
-        self.wv = param(rngs, (d, kv_heads, hd), ("embed", "kv_heads", "head_dim"), dt)
-        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt)
+        weight(self, "wq", rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
+        weight(self, "wk", rngs, (d, kv_heads, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        weight(self, "wv", rngs, (d, kv_heads, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        weight(self, "wo", rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg, reduced=(0, 1))
         zeros = nnx.initializers.zeros
         self.bias = cfg.attention_bias
         if self.bias:
@@ -118,9 +124,9 @@ class Attention(nnx.Module):
         chunk of prompts (the prefill kernels, then their K/V written to pages); True: tokens that attend over
         what the pages already hold (decode, later chunks of a prompt)."""
         cos, sin = rows.rope[self.rope]
-        q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...])
-        k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...])
-        v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...])
+        q = quant.einsum("bsd,dhk->bshk", x, quant.get(self, "wq"))
+        k = quant.einsum("bsd,dhk->bshk", x, quant.get(self, "wk"))
+        v = quant.einsum("bsd,dhk->bshk", x, quant.get(self, "wv"))
         if self.bias:
             q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
         if self.qk_norm:
@@ -139,7 +145,7 @@ class Attention(nnx.Module):
             if cache is not None:
                 cache = write_pages(cache, k, v, table, pages["positions"], pages["valid"])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
-        y = row_parallel("bshk,hkd->bsd", out, self.wo[...], ("batch", "seq", "heads", "head_dim"),
+        y = row_parallel("bshk,hkd->bsd", out, quant.get(self, "wo"), ("batch", "seq", "heads", "head_dim"),
                          ("heads", "head_dim", "embed"))
         if self.out_bias:
             y = y + self.bo[...]
@@ -153,15 +159,16 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, ffn: int | None = None):
         d, f, dt = cfg.hidden_size, ffn or cfg.intermediate_size, cfg.dtype
         self.act = cfg.hidden_act
-        self.w_gate = param(rngs, (d, f), ("embed", "mlp"), dt)
-        self.w_up = param(rngs, (d, f), ("embed", "mlp"), dt)
-        self.w_down = param(rngs, (f, d), ("mlp", "embed"), dt)
+        weight(self, "w_gate", rngs, (d, f), ("embed", "mlp"), cfg)
+        weight(self, "w_up", rngs, (d, f), ("embed", "mlp"), cfg)
+        weight(self, "w_down", rngs, (f, d), ("mlp", "embed"), cfg)
 
     def __call__(self, x):
-        g = jnp.einsum("bsd,df->bsf", x, self.w_gate[...])
-        u = jnp.einsum("bsd,df->bsf", x, self.w_up[...])
+        g = quant.einsum("bsd,df->bsf", x, quant.get(self, "w_gate"))
+        u = quant.einsum("bsd,df->bsf", x, quant.get(self, "w_up"))
         hmid = constrain(ACT[self.act](g) * u, ("batch", "seq", "mlp"))
-        return row_parallel("bsf,fd->bsd", hmid, self.w_down[...], ("batch", "seq", "mlp"), ("mlp", "embed"))
+        return row_parallel("bsf,fd->bsd", hmid, quant.get(self, "w_down"), ("batch", "seq", "mlp"),
+                            ("mlp", "embed"))
 
 
 class MoE(nnx.Module):
@@ -179,9 +186,9 @@ class MoE(nnx.Module):
         self.has_router_bias, self.has_bias = cfg.router_bias, cfg.expert_bias
         if self.has_router_bias:
             self.router_bias = param(rngs, (e,), (None,), dt)
-        self.w_gate = param(rngs, (e, d, f), NAMES["w_gate"], dt)
-        self.w_up = param(rngs, (e, d, f), NAMES["w_up"], dt)
-        self.w_down = param(rngs, (e, f, d), NAMES["w_down"], dt)
+        weight(self, "w_gate", rngs, (e, d, f), NAMES["w_gate"], cfg, reduced=(1,))
+        weight(self, "w_up", rngs, (e, d, f), NAMES["w_up"], cfg, reduced=(1,))
+        weight(self, "w_down", rngs, (e, f, d), NAMES["w_down"], cfg, reduced=(1,))
         if self.has_bias:  # gpt-oss
             self.b_gate = param(rngs, (e, f), NAMES["b_gate"], dt)
             self.b_up = param(rngs, (e, f), NAMES["b_up"], dt)
@@ -232,7 +239,7 @@ class MoE(nnx.Module):
         Switch-Transformer load-balancing loss E * sum_e(fraction routed to e * mean probability of e)."""
         idx, top, probs = self.route(x)
         names = ("w_gate", "w_up", "w_down") + (("b_gate", "b_up", "b_down") if self.has_bias else ())
-        out, load, dropped = expert_ffn(x, idx, top, valid, {k: getattr(self, k)[...] for k in names}, self.gate)
+        out, load, dropped = expert_ffn(x, idx, top, valid, {k: quant.get(self, k) for k in names}, self.gate)
         if self.shared_gated:
             out = out + jax.nn.sigmoid(jnp.einsum("bsd,do->bso", x, self.shared_gate[...])) * self.shared(x)
         elif self.has_shared:

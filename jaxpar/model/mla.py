@@ -22,7 +22,8 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.layout.rules import constrain
-from jaxpar.model.layers import Rows, attention_spec, norm, param
+from jaxpar.model import quant
+from jaxpar.model.layers import Rows, attention_spec, norm, weight
 from jaxpar.model.rope import apply_rope
 from jaxpar.parallel.attention import prefill_attention
 from jaxpar.parallel.paged import paged_attention, write_pages
@@ -31,22 +32,23 @@ from jaxpar.parallel.seq_parallel import row_parallel
 
 class LatentAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, kv_heads: int, sliding: bool, rngs: nnx.Rngs):
-        d, h, dt = cfg.hidden_size, cfg.num_attention_heads, cfg.dtype
+        d, h = cfg.hidden_size, cfg.num_attention_heads
         nope, rope, lat, vd = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
         self.nope, self.lat = nope, lat
         self.q_lora = cfg.q_lora_rank is not None
         if self.q_lora:
-            self.wq_a = param(rngs, (d, cfg.q_lora_rank), ("embed", None), dt)
+            weight(self, "wq_a", rngs, (d, cfg.q_lora_rank), ("embed", None), cfg)
             self.q_norm = norm(cfg, cfg.q_lora_rank, (None,), rngs)
-            self.wq_b = param(rngs, (cfg.q_lora_rank, h, nope + rope), (None, "heads", "head_dim"), dt)
+            weight(self, "wq_b", rngs, (cfg.q_lora_rank, h, nope + rope), (None, "heads", "head_dim"), cfg)
         else:
-            self.wq = param(rngs, (d, h, nope + rope), ("embed", "heads", "head_dim"), dt)
+            weight(self, "wq", rngs, (d, h, nope + rope), ("embed", "heads", "head_dim"), cfg)
         # the latent and the rope key, one "kv head" (repeated kv_heads times under a wide tensor split)
-        self.wkv_a = param(rngs, (d, kv_heads, lat + rope), ("embed", "kv_heads", "head_dim"), dt)
+        weight(self, "wkv_a", rngs, (d, kv_heads, lat + rope), ("embed", "kv_heads", "head_dim"), cfg)
         self.kv_norm = norm(cfg, lat, ("head_dim",), rngs)
-        self.w_uk = param(rngs, (h, nope, lat), ("heads", None, "head_dim"), dt)  # key up-projection per head
-        self.w_uv = param(rngs, (h, lat, vd), ("heads", "head_dim", None), dt)  # value up-projection per head
-        self.wo = param(rngs, (h, vd, d), ("heads", None, "embed"), dt)
+        # the up-projections per head (key, value): Hugging Face's kv_b_proj, whose input is the latent
+        weight(self, "w_uk", rngs, (h, nope, lat), ("heads", None, "head_dim"), cfg, reduced=(2,))
+        weight(self, "w_uv", rngs, (h, lat, vd), ("heads", "head_dim", None), cfg, reduced=(1,))
+        weight(self, "wo", rngs, (h, vd, d), ("heads", None, "embed"), cfg, reduced=(0, 1))
         self.rope = "sliding" if sliding else "full"
         self.table = "ring_table" if sliding else "table"  # a mixed model's sliding layers cache in per-slot rings
         self.spec = attention_spec(cfg, sliding)
@@ -55,13 +57,13 @@ class LatentAttention(nnx.Module):
         """As Attention.__call__; cache: the layer's latent pool (its values are its keys)."""
         cos, sin = rows.rope[self.rope]
         if self.q_lora:
-            q = jnp.einsum("bsr,rhk->bshk", self.q_norm(jnp.einsum("bsd,dr->bsr", x, self.wq_a[...])),
-                           self.wq_b[...])
+            q_a = self.q_norm(quant.einsum("bsd,dr->bsr", x, quant.get(self, "wq_a")))
+            q = quant.einsum("bsr,rhk->bshk", q_a, quant.get(self, "wq_b"))
         else:
-            q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...])
-        q_lat = jnp.einsum("bshn,hnc->bshc", q[..., :self.nope], self.w_uk[...])  # W_uk absorbed into the query
+            q = quant.einsum("bsd,dhk->bshk", x, quant.get(self, "wq"))
+        q_lat = quant.einsum("bshn,hnc->bshc", q[..., :self.nope], quant.get(self, "w_uk"))  # W_uk absorbed into the query
         q = jnp.concatenate([q_lat, apply_rope(q[..., self.nope:], cos, sin)], axis=-1)
-        kv = jnp.einsum("bsd,dhk->bshk", x, self.wkv_a[...])
+        kv = quant.einsum("bsd,dhk->bshk", x, quant.get(self, "wkv_a"))
         k = jnp.concatenate([self.kv_norm(kv[..., :self.lat]), apply_rope(kv[..., self.lat:], cos, sin)], axis=-1)
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
@@ -74,6 +76,8 @@ class LatentAttention(nnx.Module):
             if cache is not None:
                 cache = write_pages(cache, k, None, table, pages["positions"], pages["valid"])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
-        o = jnp.einsum("bshc,hcv->bshv", out[..., :self.lat], self.w_uv[...])  # W_uv absorbed into the output
-        y = row_parallel("bshv,hvd->bsd", o, self.wo[...], ("batch", "seq", "heads", None), ("heads", None, "embed"))
+        # W_uv absorbed into the output
+        o = quant.einsum("bshc,hcv->bshv", out[..., :self.lat], quant.get(self, "w_uv"))
+        y = row_parallel("bshv,hvd->bsd", o, quant.get(self, "wo"), ("batch", "seq", "heads", None),
+                         ("heads", None, "embed"))
         return constrain(y, ("batch", "residual_seq", "embed")), cache

@@ -7,21 +7,22 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.layout.rules import active
+from jaxpar.model import quant
 
 
-def embed_lookup(table, tokens):
-    """table [vocab, embed], tokens [B, S] int -> [B, S, embed]."""
+def embed_lookup(table, tokens, dtype):
+    """table [vocab, embed] (plain or quantized: model/quant.py), tokens [B, S] int -> [B, S, embed] in dtype."""
     lay = active()
     if lay is None or lay.size("vocab") == 1:
-        return jnp.take(table, tokens, axis=0)
+        return quant.take_rows(table, tokens, dtype)
     axes = lay.axes("vocab")
 
     def local(tbl, tok):
         n = tbl.shape[0]
         rel = tok - jax.lax.axis_index(axes) * n
         ok = (rel >= 0) & (rel < n)
-        rows = jnp.take(tbl, jnp.where(ok, rel, 0), axis=0)
+        rows = quant.take_rows(tbl, jnp.where(ok, rel, 0), dtype)
         return jax.lax.psum(jnp.where(ok[..., None], rows, jnp.zeros((), rows.dtype)), axes)
 
-    return lay.shard_map(local, in_specs=(lay.spec(("vocab", "embed")), lay.spec(("batch", "seq"))),
+    return lay.shard_map(local, in_specs=(quant.spec(lay, table, ("vocab", "embed")), lay.spec(("batch", "seq"))),
                          out_specs=lay.spec(("batch", "seq", "embed")))(table, tokens)

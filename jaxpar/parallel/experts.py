@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.layout.rules import active, constrain
+from jaxpar.model import quant
 from jaxpar.parallel import ragged_experts
 from jaxpar.parallel.seq_parallel import row_parallel
 
@@ -129,7 +130,7 @@ def expert_ffn(x, idx, weights, valid, w: dict, gate: Gate = SWIGLU):
     tok = lay.spec(("batch", "seq", "embed"))
     choice = lay.spec(("batch", "seq", None))
     out, stats = lay.shard_map(
-        body, in_specs=(tok, choice, choice, lay.spec(("batch", "seq")), {k: lay.spec(NAMES[k]) for k in w}),
+        body, in_specs=(tok, choice, choice, lay.spec(("batch", "seq")), {k: quant.spec(lay, w[k], NAMES[k]) for k in w}),
         out_specs=(tok, lay.spec(())))(x, idx, weights, valid, w)
     return out, stats[:-1], stats[-1]
 
@@ -138,8 +139,8 @@ def _dense(x, idx, weights, valid, w, gate: Gate):
     e = w["w_gate"].shape[0]
     onehot = jax.nn.one_hot(idx, e, dtype=jnp.float32) * valid[..., None, None]  # [B,S,k,E]
     combine = jnp.sum(onehot * weights[..., None], axis=-2)  # [B,S,E]
-    g = jnp.einsum("bsd,edf->bsef", x, w["w_gate"])
-    u = jnp.einsum("bsd,edf->bsef", x, w["w_up"])
+    g = quant.einsum("bsd,edf->bsef", x, w["w_gate"])
+    u = quant.einsum("bsd,edf->bsef", x, w["w_up"])
     if "b_gate" in w:
         g, u = g + w["b_gate"], u + w["b_up"]
     h = constrain(gate(g, u) * combine[..., None].astype(x.dtype), ("batch", "seq", None, "mlp"))
@@ -168,10 +169,10 @@ def _dispatch_local(x, idx, weights, valid, w, *, axis, ep, tensor_axes, token_a
     # to the experts' devices: [ep (source device), E_l, cap, D]
     recv = jax.lax.all_to_all(send.reshape(ep, e_local, cap, d), axis, 0, 0, tiled=True)
     xin = recv.transpose(1, 0, 2, 3).reshape(e_local, ep * cap, d)
-    g, u = jnp.einsum("ecd,edf->ecf", xin, w["w_gate"]), jnp.einsum("ecd,edf->ecf", xin, w["w_up"])
+    g, u = quant.einsum("ecd,edf->ecf", xin, w["w_gate"]), quant.einsum("ecd,edf->ecf", xin, w["w_up"])
     if "b_gate" in w:
         g, u = g + w["b_gate"][:, None], u + w["b_up"][:, None]
-    y = jnp.einsum("ecf,efd->ecd", gate(g, u), w["w_down"])
+    y = quant.einsum("ecf,efd->ecd", gate(g, u), w["w_down"])
     if tensor_axes:  # in float32: XLA:CPU cannot promote a bf16 all-reduce inside the pipeline's shard_map
         y = jax.lax.psum(y.astype(jnp.float32), tensor_axes).astype(x.dtype)
     if "b_down" in w:  # after the sum over the tensor split: added once

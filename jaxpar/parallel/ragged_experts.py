@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpar.model import quant
+
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
                                axis_name):
@@ -89,6 +91,7 @@ def ragged_local(x, idx, weights, valid, w, *, axis, ep, tensor_axes, token_axes
     group_sizes = every[:, me].sum(axis=0)  # [E_l]
     xin = buf[perm]
     which = jnp.minimum(local[perm], e_local - 1)  # each grouped row's expert (for the biases)
+    w = {k: v.dequantize(x.dtype) if isinstance(v, quant.Quantized) else v for k, v in w.items()}
     g = jax.lax.ragged_dot(xin, w["w_gate"], group_sizes)
     u = jax.lax.ragged_dot(xin, w["w_up"], group_sizes)
     if "b_gate" in w:

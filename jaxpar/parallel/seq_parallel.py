@@ -9,9 +9,9 @@ sequence again before the next column-parallel matmul."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from jaxpar.layout.rules import active, constrain
+from jaxpar.model import quant
 
 RESIDUAL = ("batch", "residual_seq", "embed")
 
@@ -27,10 +27,10 @@ def row_parallel(eq: str, x, w, x_names: tuple, w_names: tuple):
     over tensor (heads, mlp): with NVIDIA-style sequence parallelism the sum is a reduce-scatter."""
     lay = active()
     if lay is None or lay.mesh.size == 1 or not scatter_axes(lay):
-        return constrain(jnp.einsum(eq, x, w), RESIDUAL)
+        return constrain(quant.einsum(eq, x, w), RESIDUAL)
     axes = scatter_axes(lay)
 
     def local(x, w):
-        return jax.lax.psum_scatter(jnp.einsum(eq, x, w), axes, scatter_dimension=1, tiled=True)
-    return lay.shard_map(local, in_specs=(lay.spec(x_names), lay.spec(w_names)),
+        return jax.lax.psum_scatter(quant.einsum(eq, x, w), axes, scatter_dimension=1, tiled=True)
+    return lay.shard_map(local, in_specs=(lay.spec(x_names), quant.spec(lay, w, w_names)),
                          out_specs=lay.spec(RESIDUAL))(x, w)

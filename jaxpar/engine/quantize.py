@@ -1,0 +1,66 @@
+"""Float parameters -> the quantized form a config asks for (model/quant.py), one parameter at a time.
+
+Loaders (random init, Orbax, Hugging Face) produce each parameter in float, laid out on the devices, and
+hand it here: a weight with a scale in the quantized model becomes its values and scale, in their own
+shardings, before the next parameter is read, so a float copy of the whole model never exists."""
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from jaxpar.config import ModelConfig
+from jaxpar.engine import params as P
+from jaxpar.layout.rules import Layout
+from jaxpar.model import quant
+from jaxpar.model.groups import CANONICAL, Form
+
+
+def float_config(cfg: ModelConfig) -> ModelConfig:
+    """The same model with its weights unquantized (the form loaders read)."""
+    return cfg.replace(quantize=None, quant_block=None)
+
+
+def scale_shapes(cfg: ModelConfig, kv_repeat: int = 1, form: Form = CANONICAL) -> dict:
+    """Flat parameter path of each quantized weight -> its scale's shape."""
+    if cfg.quantize is None:
+        return {}
+    flat = P.flatten(P.shapes(cfg, kv_repeat, form))
+    return {k[:-len("_scale")]: v.shape for k, v in flat.items() if k.endswith("_scale")}
+
+
+def quantize_flat(flat: dict, cfg: ModelConfig, kv_repeat: int = 1, form: Form = CANONICAL) -> dict:
+    """{path: float array} -> the quantized model's {path: values, path_scale: scale} (traceable: for init)."""
+    scales = scale_shapes(cfg, kv_repeat, form)
+    out = {}
+    for name, a in flat.items():
+        if name in scales:
+            q = quant.quantize(a, cfg.quantize, scales[name])
+            out[name], out[name + "_scale"] = q.values, q.scale
+        else:
+            out[name] = a
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantize(a, fmt, shape_of_scale, values_sharding, scale_sharding):
+    q = quant.quantize(a, fmt, shape_of_scale)
+    return (jax.lax.with_sharding_constraint(q.values, values_sharding),
+            jax.lax.with_sharding_constraint(q.scale, scale_sharding))
+
+
+class LeafQuantizer:
+    """Quantizes parameters one at a time as loaders produce them, each into its sharding on `layout`."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, form: Form = CANONICAL,
+                 replicate_kv: bool = False):
+        self.fmt = cfg.quantize
+        self.scales = scale_shapes(cfg, kv_repeat, form)
+        self.shardings = P.flatten(P.shardings(cfg, layout, kv_repeat, replicate_kv, form)) if self.scales else {}
+
+    def __call__(self, name: str, a) -> dict:
+        if name not in self.scales:
+            return {name: a}
+        values, scale = _quantize(a, self.fmt, self.scales[name], self.shardings[name],
+                                  self.shardings[name + "_scale"])
+        return {name: values, name + "_scale": scale}
