@@ -25,6 +25,7 @@ from jaxpar.engine.state import (DecodeState, PrefillBatch, batch_names, host_ro
 from jaxpar.layout.plan import cache_kv_heads
 from jaxpar.layout.rules import activate, active, constrain
 from jaxpar.model.groups import Form, layer_groups
+from jaxpar.model.quant import Quantized, storage_dtype
 from jaxpar.parallel import zigzag
 
 POOL_NAMES = ("layers", "pages", None, "kv_heads", "head_dim")
@@ -91,7 +92,8 @@ class Programs:
         self.groups = layer_groups(cfg, form)
         lay, dec = layout, layout.for_decode()
         self.param_sh = P.shardings(cfg, lay, kv_repeat, form=form)
-        pool_names = tuple((POOL_NAMES,) * len(g.unit) for g in self.groups)
+        one = POOL_NAMES if cfg.kv_dtype is None else Quantized(POOL_NAMES, POOL_NAMES[:-1] + (None,))
+        pool_names = tuple((one,) * len(g.unit) for g in self.groups)
         self.state_sh = _names_to(lay, state_names(pool_names))
         self.batch_sh = _names_to(lay, batch_names())
         self.paged_batch_sh = _names_to(dec, batch_names())  # later chunks: the sequence is not split
@@ -127,9 +129,12 @@ class Programs:
         dt, rings = jnp.dtype(cfg.dtype), self.sizes.ring_pages > 0
 
         def pool(repeats, kind):
-            shape = pool_shape(cfg, cache_kv_heads(cfg, self.kv_repeat, self.layout), self.sizes,
-                               ring=rings and kind.sliding)
-            return jnp.zeros((repeats,) + shape, dt)
+            shape = (repeats,) + pool_shape(cfg, cache_kv_heads(cfg, self.kv_repeat, self.layout), self.sizes,
+                                            ring=rings and kind.sliding)
+            if cfg.kv_dtype is None:
+                return jnp.zeros(shape, dt)
+            # an 8-bit cache: its values, and a scale (in the compute dtype) per token and head
+            return Quantized(jnp.zeros(shape, storage_dtype(cfg.kv_dtype)), jnp.ones(shape[:-1] + (1,), dt))
         cache = tuple(tuple(pool(g.slots, kind) for kind in g.unit) for g in self.groups)
         i32 = jnp.zeros(n, jnp.int32)
         return DecodeState(cache=cache, tokens=i32, lengths=i32, generated=i32, done=jnp.ones(n, bool),

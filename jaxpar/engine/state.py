@@ -172,7 +172,14 @@ def bytes_per_token(cfg, kv_repeat: int, layout) -> int:
     from jaxpar.layout.plan import cache_kv_heads
     kv = cache_kv_heads(cfg, kv_repeat, layout) // layout.size("kv_heads")
     layers = context_layers(cfg, layout.size("layers"))
-    return cfg.cache_tensors * layers * kv * cfg.head_size * jnp.dtype(cfg.dtype).itemsize
+    return cfg.cache_tensors * layers * kv * cache_vector_bytes(cfg)
+
+
+def cache_vector_bytes(cfg) -> int:
+    """Bytes the cache takes for one token's key (or value) of one head: head_size values in the compute dtype,
+    or in 8 bits plus their scale (in the compute dtype)."""
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    return cfg.head_size * itemsize if cfg.kv_dtype is None else cfg.head_size + itemsize
 
 
 def host_rows(n: int) -> RequestRows:

@@ -110,6 +110,7 @@ class Attention(nnx.Module):
         self.rope = "sliding" if sliding else "full"
         self.table = "ring_table" if sliding else "table"  # a mixed model's sliding layers cache in per-slot rings
         self.spec = attention_spec(cfg, sliding)
+        self.kv_dtype = cfg.kv_dtype
         self.has_sinks = cfg.attention_sinks
         if self.has_sinks:  # gpt-oss: one learned logit per head joins every softmax (model/attend.py)
             self.sinks = param(rngs, (h,), ("heads",), dt)
@@ -134,6 +135,8 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+        if self.kv_dtype:  # every attention path sees the keys and values as the 8-bit cache holds them
+            k, v = quant.roundtrip(k, self.kv_dtype), quant.roundtrip(v, self.kv_dtype)
         pages = rows.pages
         table = None if pages is None else pages.get(self.table, pages["table"])
         sinks = self.sinks[...] if self.has_sinks else None

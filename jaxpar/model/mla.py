@@ -52,6 +52,7 @@ class LatentAttention(nnx.Module):
         self.rope = "sliding" if sliding else "full"
         self.table = "ring_table" if sliding else "table"  # a mixed model's sliding layers cache in per-slot rings
         self.spec = attention_spec(cfg, sliding)
+        self.kv_dtype = cfg.kv_dtype
 
     def __call__(self, x, rows: Rows, cache=None):
         """As Attention.__call__; cache: the layer's latent pool (its values are its keys)."""
@@ -67,6 +68,8 @@ class LatentAttention(nnx.Module):
         k = jnp.concatenate([self.kv_norm(kv[..., :self.lat]), apply_rope(kv[..., self.lat:], cos, sin)], axis=-1)
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
+        if self.kv_dtype:  # attention sees the latent as the 8-bit cache holds it
+            k = quant.roundtrip(k, self.kv_dtype)
         pages = rows.pages
         table = None if pages is None else pages.get(self.table, pages["table"])
         if rows.paged:

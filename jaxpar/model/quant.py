@@ -73,7 +73,7 @@ def scale_shape(shape: tuple, reduced: tuple, block: int | None) -> tuple:
     return tuple(out)
 
 
-def quantize(w, fmt: str, shape_of_scale: tuple) -> Quantized:
+def quantize(w, fmt: str, shape_of_scale: tuple, scale_dtype=SCALE_DTYPE) -> Quantized:
     """Symmetric quantization: each block's largest magnitude maps to the format's largest value."""
     dtype, top = _TYPES[fmt]
     w32 = w.astype(jnp.float32)
@@ -81,10 +81,22 @@ def quantize(w, fmt: str, shape_of_scale: tuple) -> Quantized:
     for s, n in zip(shape_of_scale, w.shape):
         split += [s, n // s]
     amax = jnp.max(jnp.abs(w32.reshape(split)), axis=tuple(range(1, 2 * w.ndim, 2)))
-    scale = jnp.where(amax > 0, amax / top, 1.0).astype(SCALE_DTYPE)
-    q = w32 / expand(scale, w.shape)
+    scale = jnp.where(amax > 0, amax / top, 1.0).astype(scale_dtype)
+    q = w32 / expand(scale, w.shape).astype(jnp.float32)
     q = jnp.clip(jnp.round(q), -top, top) if fmt == "int8" else jnp.clip(q, -top, top)
     return Quantized(q.astype(dtype), scale)
+
+
+def quantize_vectors(x, fmt: str) -> Quantized:
+    """The KV cache's form: one scale (in x's dtype) per vector of the last axis (a token's key or value of
+    one head)."""
+    return quantize(x, fmt, x.shape[:-1] + (1,), x.dtype)
+
+
+def roundtrip(x, fmt: str):
+    """x as the KV cache gives it back: attention reads the same keys and values whatever the path, so how a
+    prompt is chunked or batched never changes a result."""
+    return quantize_vectors(x, fmt).dequantize(x.dtype)
 
 
 def einsum(eq: str, x, w, **kw):

@@ -27,10 +27,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.layout.rules import active
+from jaxpar.model import quant
 from jaxpar.model.attend import AttentionSpec, accumulate, attend, empty_partial, with_sinks
+from jaxpar.model.quant import Quantized
 from jaxpar.parallel import decode_kernels
 
 POOL = ("pages", None, "kv_heads", "head_dim")
+_FORMAT = {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.float8_e4m3fn): "fp8"}  # an 8-bit pool's storage type
 Q = ("batch", "seq", "heads", "head_dim")
 KV = ("batch", "seq", "kv_heads", "head_dim")
 ROWS = ("batch", "seq")
@@ -57,8 +60,13 @@ def _write_local(pool, new, table, positions, valid, axis, n):
         ok = ok & (logical % n == jax.lax.axis_index(axis))
     idx = jnp.where(ok, idx, pool.shape[0])  # out of range: dropped
     b, s = positions.shape
-    return pool.at[idx.reshape(b * s), (positions % page).reshape(b * s)].set(
-        new.reshape((b * s,) + new.shape[2:]).astype(pool.dtype), mode="drop")
+    rows, slots = idx.reshape(b * s), (positions % page).reshape(b * s)
+    new = new.reshape((b * s,) + new.shape[2:])
+    if isinstance(pool, Quantized):  # an 8-bit cache: values and their scale per token and head
+        q = quant.quantize_vectors(new, _FORMAT[pool.values.dtype])
+        return Quantized(pool.values.at[rows, slots].set(q.values, mode="drop"),
+                         pool.scale.at[rows, slots].set(q.scale.astype(pool.scale.dtype), mode="drop"))
+    return pool.at[rows, slots].set(new.astype(pool.dtype), mode="drop")
 
 
 def cache_entries(k, v, pool):
@@ -73,16 +81,19 @@ def cache_entries(k, v, pool):
     return jnp.stack([k, v], axis=3).reshape(k.shape[:2] + (2 * heads, k.shape[-1]))
 
 
-def read_pages(pool, pages, latent: bool):
-    """The keys and values of `pages` [b, n] (local page indices) -> ([b, n * page_size, KV, D],) * 2. Each is
-    gathered from its own strided view of the pool (XLA folds the view into the gather): gathering the pages
-    whole and then splitting keys from values would copy everything read twice."""
+def read_pages(pool, pages, latent: bool, dtype):
+    """The keys and values of `pages` [b, n] (local page indices) -> ([b, n * page_size, KV, D],) * 2 in dtype
+    (an 8-bit cache dequantized after the gather). Each is gathered from its own strided view of the pool (XLA
+    folds the view into the gather): gathering the pages whole and then splitting keys from values would copy
+    everything read twice."""
     def gather(view):
-        return jnp.take(view, pages, axis=0).reshape((pages.shape[0], -1) + view.shape[2:])
+        if isinstance(view, Quantized):
+            return Quantized(gather(view.values), gather(view.scale)).dequantize(dtype)
+        return jnp.take(view, pages, axis=0).reshape((pages.shape[0], -1) + view.shape[2:]).astype(dtype)
     if latent:
         keys = gather(pool)
         return keys, keys
-    return gather(pool[:, :, 0::2]), gather(pool[:, :, 1::2])
+    return gather(jax.tree.map(lambda a: a[:, :, 0::2], pool)), gather(jax.tree.map(lambda a: a[:, :, 1::2], pool))
 
 
 def _gather_seq(x, axis, n):
@@ -105,12 +116,13 @@ def write_pages(pool, k, v, table, positions, valid):
     if lay is None or lay.mesh.size == 1:
         return body(pool, k, v, table, positions, valid)
     kv, rows = lay.spec(KV), lay.spec(("batch", None))
-    return lay.shard_map(body, in_specs=(lay.spec(POOL), kv, None if v is None else kv, lay.spec(TABLE), rows, rows),
-                         out_specs=lay.spec(POOL))(pool, k, v, table, positions, valid)
+    pool_spec = quant.spec(lay, pool, POOL)
+    return lay.shard_map(body, in_specs=(pool_spec, kv, None if v is None else kv, lay.spec(TABLE), rows, rows),
+                         out_specs=pool_spec)(pool, k, v, table, positions, valid)
 
 
 def decode_kernel(lay, spec: AttentionSpec, sinks: bool, heads: int, kv_heads: int, head_dim: int,
-                  dtype) -> tuple:
+                  dtype, kv_scaled: bool = False) -> tuple:
     """Which attention over the paged cache (decode, a prompt's later chunks) runs under `lay` for a layer with
     this spec and `heads` query / `kv_heads` cached kv heads per device; the one place this is decided
     (`paged_attention` branches on it, `inspect --platform` reports it) -> (name, why the platform's kernel does
@@ -121,6 +133,8 @@ def decode_kernel(lay, spec: AttentionSpec, sinks: bool, heads: int, kv_heads: i
         return "paged-gather+seq-merge", None
     if lay is None or lay.platform not in decode_kernels.KERNELS:
         return "paged-gather", None
+    if kv_scaled:
+        return "paged-gather", "the 8-bit cache has a scale per token and head; the kernel takes one per tensor"
     why = decode_kernels.unfit(lay.platform, head_dim, heads, kv_heads, spec, sinks, dtype)
     return ("paged-gather" if why else decode_kernels.KERNELS[lay.platform]), why
 
@@ -149,7 +163,7 @@ def _attend_local(q, k, v, pool, table, positions, valid, sinks=None, *, axis, n
     def block_inputs(cols):
         key_pos = (cols[:, None] * page + jnp.arange(page)[None, :]).reshape(-1)  # [T]
         pages = jnp.take(table, cols, axis=1, mode="fill", fill_value=0)  # [b, len(cols)]
-        keys, vals = (x.astype(q.dtype) for x in read_pages(pool, pages, spec.latent))
+        keys, vals = read_pages(pool, pages, spec.latent, q.dtype)
         in_table = jnp.repeat(cols < nb, page)[None, None, :]
         mask = spec.visible(positions[:, :, None], key_pos[None, None, :]) & in_table
         return keys, vals, mask  # as the spec says over the cached positions, none past the table
@@ -203,13 +217,15 @@ def paged_attention(q, k, v, pool, table, positions, valid, spec: AttentionSpec,
     heads, kv_heads = q.shape[2], pool.shape[2] // (1 if spec.latent else 2)
     if lay is not None:
         heads, kv_heads = heads // lay.size("heads"), kv_heads // lay.size("kv_heads")
-    name, _ = decode_kernel(lay, spec, sinks is not None, heads, kv_heads, q.shape[-1], q.dtype)
+    name, _ = decode_kernel(lay, spec, sinks is not None, heads, kv_heads, q.shape[-1], q.dtype,
+                            isinstance(pool, Quantized))
     kernel = name in decode_kernels.KERNELS.values()
     body = functools.partial(_attend_local, axis=axis, n=n, spec=spec, kernel=kernel)
     args = (q, k, v, pool, table, positions, valid, sinks)
     if lay is None or lay.mesh.size == 1:
         return body(*args)
     kv, rows = lay.spec(KV), lay.spec(ROWS)  # an absent v or sinks (None) takes the spec None
-    specs = (lay.spec(Q), kv, None if v is None else kv, lay.spec(POOL), lay.spec(TABLE), rows, rows,
+    pool_spec = quant.spec(lay, pool, POOL)
+    specs = (lay.spec(Q), kv, None if v is None else kv, pool_spec, lay.spec(TABLE), rows, rows,
              None if sinks is None else lay.spec(("heads",)))
-    return lay.shard_map(body, in_specs=specs, out_specs=(lay.spec(Q), lay.spec(POOL)), check_vma=not kernel)(*args)
+    return lay.shard_map(body, in_specs=specs, out_specs=(lay.spec(Q), pool_spec), check_vma=not kernel)(*args)
