@@ -37,8 +37,9 @@ def _generate(*args, timeout=240):
 # test below, on pp2_tp4)
 @pytest.mark.parametrize("mesh", ["ep8", "dp2_tp4"])
 def test_two_processes_generate_what_one_process_does(mesh):
-    one = _generate("--fake-devices", "8", "--mesh", mesh, *PROMPTS)
-    assert one.returncode == 0, one.stderr
+    """Two processes of 4 devices print what one process of 8 does: the sums, one a line (one process's answer
+    on these meshes is the sums: test_experts.py for ep8, test_meshes.py for dp2_tp4; the CLI prints one answer
+    a line: test_engine.py)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "jaxpar.generate", "--fake-devices", "4", "--mesh", mesh, *PROMPTS,
            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--distributed-timeout", "60"]
@@ -47,7 +48,7 @@ def test_two_processes_generate_what_one_process_does(mesh):
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
-    assert outs[0][0] == one.stdout and one.stdout.splitlines() == ["579", "46", "1000"]
+    assert outs[0][0] == "579\n46\n1000\n"
     assert outs[1][0] == ""  # only process 0 prints
 
 
