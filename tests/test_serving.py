@@ -74,10 +74,13 @@ def solo_on_one_device(n: int, seed: int, moe: bool) -> list:
     return [alone(eng, p, sp) for p, sp in workload(n, seed)]
 
 
-@pytest.mark.parametrize("mesh", ["single", "dp2_tp4", "ep8", "sp4", "dp2_pp2_tp2"])
+# dp2_pp2_tp2 stands for the pipeline meshes and for the data and tensor splits it combines with its stages (a
+# slot's pages per data shard, vocab-split sampling): dp2_tp4's concurrent runs are checked against its own solo
+# tokens below (preemption, the async API) and its solo tokens against `single` in test_meshes.py
+@pytest.mark.parametrize("mesh", ["single", "ep8", "sp4", "dp2_pp2_tp2"])
 def test_concurrent_requests_get_their_solo_tokens(mesh):
-    """On every kind of mesh, each request of a concurrent run gets the tokens it gets alone on one device
-    (dp2_pp2_tp2 stands for the pipeline meshes: stages with tensor and data splits)."""
+    """On every kind of mesh (expert, sequence, pipeline with data and tensor), each request of a concurrent run
+    gets the tokens it gets alone on one device."""
     eng = serving_engine(mesh)
     work = workload(52, seed=1)
     want = solo_on_one_device(52, 1, eng.config.num_local_experts > 0)
@@ -107,17 +110,29 @@ def test_running_out_of_pages_preempts_and_loses_nothing(mesh):
     assert eng.scheduler.pool.in_use() == 0
 
 
-def greedy_without_cache(eng, prompts, n: int, width: int) -> list:
-    """Each prompt's next n greedy tokens from full forward passes over `width` padded positions (no cache at
-    all): positions after the sequence cannot change its logits."""
+_NO_CACHE: dict = {}
+
+
+def greedy_without_cache(cfg, n: int, width: int, single) -> tuple:
+    """Two prompts of 30 tokens and their next n greedy tokens from full forward passes on one device (`single()`
+    makes it) over `width` padded positions (no cache at all): positions after the sequence cannot change its
+    logits. Once per model: every mesh and pool of a test below must give these tokens."""
+    if (cfg, n, width) not in _NO_CACHE:
+        _NO_CACHE[cfg, n, width] = _greedy_without_cache(single(), n, width)
+    return _NO_CACHE[cfg, n, width]
+
+
+def _greedy_without_cache(eng, n: int, width: int) -> tuple:
     import numpy as np
+    rng = np.random.RandomState(0)
+    prompts = [list(rng.randint(0, 512, 30)) for _ in range(2)]
     want = []
     for p in prompts:
         seq = list(p)
         for _ in range(n):
             seq.append(int(np.argmax(eng.logits(np.array([seq + [0] * (width - len(seq))]))[0, len(seq) - 1])))
         want.append(seq[len(p):])
-    return want
+    return prompts, want
 
 
 @pytest.mark.parametrize("mesh,pool", [("single", 24), ("sp4", 24), ("single", 12)])
@@ -125,20 +140,17 @@ def test_a_sliding_window_model_gives_back_the_pages_behind_its_window(mesh, poo
     """Every layer attends within 24 positions. Two requests of 30 prompt tokens and 70 new ones (25 pages of 4
     tokens each) run together in a pool of 24 pages per shard without preemption: the pages behind a window go
     back to the pool as the requests advance and are handed to the other one. Each gets the greedy tokens of
-    full forward passes (no cache at all), and every page is free at the end. Without the window the same
+    full forward passes on one device (no cache at all), and every page is free at the end. Without the window the same
     requests are refused: each alone needs more pages than the pool holds. In a pool of 12 pages the two
     requests cannot hold their windows at once: the second waits for the first's pages, with the same tokens."""
     from jaxpar.config import load_config
     from jaxpar.errors import GenerationError
-    import numpy as np
     cfg = load_config("tiny-llama").replace(sliding_window=24)
     kw = dict(max_num_seqs=2, page_size=4, prefill_chunk=16, max_num_batched_tokens=32, decode_steps=4,
               num_pages=pool // (4 if mesh == "sp4" else 1))  # per seq device
     eng = engine(mesh, model=cfg, **kw)
     assert eng.scheduler.pages_needed(100) == 11  # the window's 23 positions + a 16-token chunk, as pages
-    rng = np.random.RandomState(0)
-    prompts = [list(rng.randint(0, 512, 30)) for _ in range(2)]
-    want = greedy_without_cache(eng, prompts, 70, 112)
+    prompts, want = greedy_without_cache(cfg, 70, 112, lambda: engine("single", model=cfg, **kw))
     assert eng.generate_tokens(prompts, max_new_tokens=70, stop_at_eos=False) == want
     assert eng.scheduler.pool.in_use() == 0 and (pool < 22 or eng.scheduler.preemptions == 0)
     with pytest.raises(GenerationError, match="needs 25 KV cache pages"):
@@ -151,9 +163,8 @@ def test_a_mixed_sliding_and_full_model_keeps_its_sliding_layers_in_window_rings
     of pages per slot (the window and the next 16-token chunk: 12 pages of 4 tokens with sp4's split, 11
     otherwise) that a request's pages reuse as it advances, while the full layers keep every page. Two requests
     of 30 prompt tokens and 70 new ones (25 pages each, so the rings wrap twice) get the greedy tokens of full
-    forward passes (no cache at all), through chunked prefill and decode, and the pools are the sizes said."""
+    forward passes on one device (no cache at all), through chunked prefill and decode, and the pools are the sizes said."""
     from jaxpar.config import load_config
-    import numpy as np
     s, f = "sliding_attention", "full_attention"
     cfg = load_config("tiny-llama").replace(sliding_window=24, layer_types=[s, f, s, f])
     kw = dict(max_num_seqs=2, page_size=4, prefill_chunk=16, max_num_batched_tokens=32, decode_steps=4)
@@ -163,9 +174,7 @@ def test_a_mixed_sliding_and_full_model_keeps_its_sliding_layers_in_window_rings
     pools = [p.shape for p in jax.tree.leaves(eng.programs.state_struct().cache)]
     full_pages = eng.sizes.pool_pages
     assert sorted({p[1] for p in pools}) == sorted({eng.sizes.slots * ring, full_pages})
-    rng = np.random.RandomState(0)
-    prompts = [list(rng.randint(0, 512, 30)) for _ in range(2)]
-    want = greedy_without_cache(eng, prompts, 70, 112)
+    prompts, want = greedy_without_cache(cfg, 70, 112, lambda: engine("single", model=cfg, **kw))
     assert eng.generate_tokens(prompts, max_new_tokens=70, stop_at_eos=False) == want
 
 
