@@ -43,9 +43,7 @@ def main(argv=None):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", help="model config or shipped name (default: tiny-add; tiny-add-moe on expert meshes)")
     g.add_argument("--checkpoint", help="jaxpar checkpoint directory")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "auto"),
-                   help="dtype of the weights, activations and KV cache; auto: the checkpoint's own "
-                        "(default: float32 on CPU, auto on GPU/TPU)")
+    cli.add_storage_args(p)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     p.add_argument("--contexts", type=int, nargs="+", default=[16, 48], help="prompt lengths (default 16 48)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt (default 16)")
@@ -69,7 +67,7 @@ def main(argv=None):
     from jaxpar.benchmarks.output import publish, write_csv
 
     def load(mesh):
-        return jaxpar.load(mesh=mesh, model=args.model, checkpoint=args.checkpoint, dtype=args.dtype)
+        return jaxpar.load(mesh=mesh, model=args.model, checkpoint=args.checkpoint, **cli.storage(args))
     results = {"devices": _device_summary(), "sweep": sweep.sweep(args, load)}
     table = sweep.markdown(results["sweep"], results["devices"])
     if args.dtype == "bfloat16" and "(cpu)" in results["devices"]:

@@ -66,13 +66,14 @@ def inspect_platform(args) -> dict:
     if not 1 <= args.prompt_len <= cfg.max_position_embeddings or args.batch < 1:
         raise JaxparError(f"--prompt-len must be between 1 and the context window of {cfg.max_position_embeddings} "
                           f"and --batch >= 1, got {args.prompt_len} and {args.batch}")
-    cfg = with_dtype(cfg, args.dtype or "bfloat16")
+    cfg = with_dtype(cfg, args.dtype or "bfloat16", args.quantize, args.kv_dtype, args.checkpoint or args.hf)
     return lower_for(args.platform, mesh_cfg, cfg, args.batch, args.prompt_len, args.max_new_tokens, args.devices)
 
 
 def print_platform(r: dict) -> None:
     mesh = " x ".join(f"{a}={s}" for a, s in r["mesh"].items()) or "single device"
-    print(f"lowered for {r['platform']}: mesh {mesh} ({r['devices']} devices), {r['dtype']}, layers {r['layers']}; "
+    print(f"lowered for {r['platform']}: mesh {mesh} ({r['devices']} devices), {r['dtype']} (weights "
+          f"{r['weights']}, KV cache {r['kv_cache']}), layers {r['layers']}; "
           f"batch {r['batch']}, prompt {r['prompt_len']}, cache {r['cache_len']} tokens")
     for name, p in r["programs"].items():
         calls = ", ".join(f"{t} x{n}" for t, n in p["custom_calls"].items()) or "none"

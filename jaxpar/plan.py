@@ -75,7 +75,7 @@ def size_by_params(args, hw) -> dict:  # hw: the preset (whole nodes), not the d
 def plan(args, hw, cfg, preset) -> dict:
     from jaxpar.analysis import planner as PL
     from jaxpar.analysis import sizing as S
-    from jaxpar.layout.mesh_file import load_mesh_file
+    from jaxpar.layout.mesh_file import load_mesh_file, parse_mesh
     from jaxpar.layout.plan import check_layout
     req = PL.Request(args.batch, args.context, args.new_tokens, args.dtype, args.kv_dtype, args.headroom,
                      args.platform or hw.platform)
@@ -92,12 +92,14 @@ def plan(args, hw, cfg, preset) -> dict:
     layouts = [PL.evaluate(cfg, mc, rep, hw, req) for mc, rep in pairs]
     layouts.sort(key=lambda x: (not x["fits"], x["est_request_ms"]))
     n_params = S.param_count(cfg)
-    weights = {d: n_params * b for d, b in S.DTYPE_BYTES.items()}
-    kv_tok = S.kv_bytes_per_token(cfg, S.DTYPE_BYTES[args.kv_dtype])
+    whole = parse_mesh({}, "single")
+    weights = {d: S.params_bytes_per_device(cfg, whole, 1, d, req.act_dtype) for d in S.DTYPE_BYTES}
+    kv_value = S.kv_value_bytes(cfg, args.kv_dtype, req.act_dtype)
+    kv_tok = S.kv_bytes_per_token(cfg, kv_value)
     held = S.tokens_held(cfg, args.context)
     sizing = {"params": n_params, "weights_bytes": weights, "kv_bytes_per_token": kv_tok,
               "kv_tokens_held": held,
-              "kv_bytes": args.batch * S.kv_bytes_per_sequence(cfg, args.context, S.DTYPE_BYTES[args.kv_dtype]),
+              "kv_bytes": args.batch * S.kv_bytes_per_sequence(cfg, args.context, kv_value),
               "kv_allowance": args.kv_allowance,
               "min_devices_by_allowance": PL.min_devices(weights[args.dtype] * args.kv_allowance, preset)}
     return {"model": cfg_summary(cfg), "hardware": hw_summary(hw), "devices": args.devices,
@@ -196,8 +198,11 @@ def main(argv=None):
                                               "or the model's context window if smaller)")
     p.add_argument("--new-tokens", type=int, default=256, help="decode steps in one request, for the "
                                                                "recommendation's objective (default 256)")
-    p.add_argument("--dtype", default="bf16", help=f"weight dtype: {', '.join(DTYPES)} (default bf16)")
-    p.add_argument("--kv-dtype", help="KV cache and activation dtype (default bf16; float32 with float32 weights)")
+    p.add_argument("--dtype", default="bf16", help=f"weight dtype: {', '.join(DTYPES)} (default bf16); int8 and fp8 "
+                                                   f"count their float32 scales, as jaxpar.load(quantize=...) stores them")
+    p.add_argument("--kv-dtype", help="KV cache dtype (default bf16; float32 with float32 weights); int8 and fp8 "
+                                      "count a scale per token and head; activations are float32 when the weights "
+                                      "or cache are, else bf16")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free (default 0.1)")
     p.add_argument("--kv-allowance", type=float, default=1.8,
                    help="the minimum-devices rule of thumb: memory needed = weights x this, the extra for the "

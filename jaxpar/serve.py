@@ -57,8 +57,8 @@ def model_name(args) -> str:
 
 def load(args):
     import jaxpar
-    eng = jaxpar.load(mesh=args.mesh, model=args.model, checkpoint=args.checkpoint, hf=args.hf, dtype=args.dtype,
-                      **serving_options(args))
+    eng = jaxpar.load(mesh=args.mesh, model=args.model, checkpoint=args.checkpoint, hf=args.hf,
+                      **cli.storage(args), **serving_options(args))
     from jaxpar.hf.tokenizer import NoTokenizer
     if isinstance(eng.tokenizer, NoTokenizer):
         from jaxpar.errors import JaxparError

@@ -26,11 +26,17 @@ class Request:
     context: int  # prompt tokens prefilled, and KV cache slots decode attends over
     new_tokens: int  # decode steps counted in a request's time (the recommendation's objective)
     dtype: str  # weights: float32 | bf16 | fp8 | int8 | int4
-    kv_dtype: str  # KV cache and activations
+    kv_dtype: str  # KV cache: float32 | bf16 | fp8 | int8
     headroom: float  # fraction of device memory kept free (runtime, fragmentation)
     # whose programs the collectives model: cpu (what the tests compile: expert capacity buffers), cuda or tpu
     # (a dropless expert layout sends only the routed rows: parallel/experts.dispatch)
     platform: str = "cpu"
+
+    @property
+    def act_dtype(self) -> str:
+        """What the engine computes in (activations, collectives, norms): float32 when the weights or the cache
+        are float32, else bf16."""
+        return "float32" if "float32" in (self.dtype, self.kv_dtype) else "bf16"
 
 
 def mesh_name(mesh_cfg: MeshConfig) -> str:
@@ -101,9 +107,15 @@ def padded_steps(cfg: ModelConfig, mesh_cfg: MeshConfig, req: Request) -> tuple:
     return C.Step(b, s, t, False), C.Step(b, 1, t, True)
 
 
+def weight_bytes(cfg, mesh_cfg, kv_repeat, req: Request) -> float:
+    """Bytes per parameter a step reads, scales included (8-bit weights: a little over 1)."""
+    n = S.params_per_device(cfg, mesh_cfg, kv_repeat)
+    return S.params_bytes_per_device(cfg, mesh_cfg, kv_repeat, req.dtype, req.act_dtype) / max(n, 1)
+
+
 def step_seconds(cfg, mesh_cfg, kv_repeat, step: C.Step, hw: Hardware, req: Request, comms) -> dict:
-    wb, ab = S.DTYPE_BYTES[req.dtype], S.DTYPE_BYTES[req.kv_dtype]
-    w = S.step_work(cfg, mesh_cfg, kv_repeat, step, wb, ab)
+    wb = weight_bytes(cfg, mesh_cfg, kv_repeat, req)
+    w = S.step_work(cfg, mesh_cfg, kv_repeat, step, wb, S.kv_value_bytes(cfg, req.kv_dtype, req.act_dtype))
     peak = hw.peak(req.dtype if req.dtype != "int4" else "bf16")
     layer = max(w["layer_flops"] / peak, w["layer_bytes"] / hw.hbm_bytes_per_s)
     head = max(w["head_flops"] / peak, w["head_bytes"] / hw.hbm_bytes_per_s)
@@ -116,10 +128,9 @@ def step_seconds(cfg, mesh_cfg, kv_repeat, step: C.Step, hw: Hardware, req: Requ
 def evaluate(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, hw: Hardware, req: Request) -> dict:
     """One layout: memory per device, fits, collectives and estimated step times."""
     pre, dec = padded_steps(cfg, mesh_cfg, req)
-    wb, ab = S.DTYPE_BYTES[req.dtype], S.DTYPE_BYTES[req.kv_dtype]
-    n_params = S.params_per_device(cfg, mesh_cfg, kv_repeat)
-    weights = n_params * wb
-    kv = S.kv_bytes_per_device(cfg, mesh_cfg, kv_repeat, pre.batch, pre.cache, ab)
+    ab, kb = S.DTYPE_BYTES[req.act_dtype], S.kv_value_bytes(cfg, req.kv_dtype, req.act_dtype)
+    weights = S.params_bytes_per_device(cfg, mesh_cfg, kv_repeat, req.dtype, req.act_dtype)
+    kv = S.kv_bytes_per_device(cfg, mesh_cfg, kv_repeat, pre.batch, pre.cache, kb)
     work = max(S.workspace_bytes(cfg, mesh_cfg, kv_repeat, pre, ab), S.workspace_bytes(cfg, mesh_cfg, kv_repeat,
                                                                                         dec, ab))
     need = weights + kv + work
@@ -127,7 +138,8 @@ def evaluate(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, hw: Hardwar
     out = {"name": mesh_name(mesh_cfg), "mesh": mesh_dict(mesh_cfg), "devices": mesh_cfg.device_count,
            "kv_repeat": kv_repeat, "batch_padded": pre.batch, "context_padded": pre.tokens,
            "weights_bytes_per_device": int(weights), "kv_bytes_per_device": int(kv),
-           "weights_bytes_per_device_by_dtype": {d: int(n_params * b) for d, b in S.DTYPE_BYTES.items()},
+           "weights_bytes_per_device_by_dtype": {
+               d: int(S.params_bytes_per_device(cfg, mesh_cfg, kv_repeat, d, req.act_dtype)) for d in S.DTYPE_BYTES},
            "workspace_bytes_per_device": int(work), "memory_bytes_per_device": int(need),
            "memory_budget_bytes": int(budget), "fits": need <= budget}
     for key, step in (("prefill", pre), ("decode", dec)):

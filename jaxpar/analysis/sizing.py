@@ -6,22 +6,24 @@ from __future__ import annotations
 import math
 
 from jaxpar.analysis.comm import Axes, Step, schedule
-from jaxpar.config import ModelConfig
+from jaxpar.config import QUANT_FORMATS, ModelConfig
 from jaxpar.layout.mesh_file import MeshConfig
 from jaxpar.layout.plan import cache_kv_heads
 from jaxpar.model.groups import Form, context_layers, layer_kinds, ring_layers, ring_window, shared_window
 
 DTYPE_BYTES = {"float32": 4, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 ALIASES = {"bfloat16": "bf16", "fp32": "float32", "f32": "float32"}
+RUN = {"float32": "float32", "bf16": "bfloat16"}  # the planner's names of the engine's compute dtypes
 
 
-def _leaves(cfg: ModelConfig, kv_repeat: int, within: str = "", stages: int = 1):
-    """(shape, logical names) of every parameter (whose path contains `within`), from the abstract model
-    (nothing allocated), its groups padded for `stages` pipeline stages."""
+def _leaves(cfg: ModelConfig, kv_repeat: int, within: str = "", stages: int = 1, itemsize: bool = False):
+    """(shape, logical names[, bytes per value]) of every parameter (whose path contains `within`), from the
+    abstract model (nothing allocated), its groups padded for `stages` pipeline stages."""
     from jaxpar.engine import params as P
     names = P.flatten(P.logical_names(cfg, kv_repeat, Form(stages=stages)))
     shapes = P.flatten(P.shapes(cfg, kv_repeat, Form(stages=stages)))
-    return [(tuple(shapes[k].shape), names[k]) for k in names if within in k]
+    return [(tuple(shapes[k].shape), names[k]) + ((shapes[k].dtype.itemsize,) if itemsize else ())
+            for k in names if within in k]
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -35,6 +37,26 @@ def params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int) ->
     ax = Axes(mesh_cfg)
     leaves = _leaves(cfg, kv_repeat, stages=ax.size("layers"))
     return sum(math.prod(s) // math.prod(ax.size(n) for n in names if n) for s, names in leaves)
+
+
+def params_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, dtype: str, act: str) -> float:
+    """Parameter bytes one device holds with weights in `dtype`: float formats (and int4, which the engine does
+    not run) count every parameter at that width; int8 and fp8 count what the engine stores (model/quant.py):
+    8-bit matrices, their float32 scales per output channel, and the rest (norms, biases, routers) in the
+    compute dtype `act`."""
+    if dtype not in QUANT_FORMATS:
+        return params_per_device(cfg, mesh_cfg, kv_repeat) * DTYPE_BYTES[dtype]
+    ax = Axes(mesh_cfg)
+    stored = cfg.replace(quantize=dtype, quant_block=None, dtype=RUN[act])
+    return sum(math.prod(s) // math.prod(ax.size(n) for n in names if n) * size
+               for s, names, size in _leaves(stored, kv_repeat, stages=ax.size("layers"), itemsize=True))
+
+
+def kv_value_bytes(cfg: ModelConfig, kv_dtype: str, act: str) -> float:
+    """Bytes per cached value: the KV dtype's, plus (int8, fp8) each vector's scale in the compute dtype spread
+    over its head_size values (engine/state.cache_vector_bytes)."""
+    scale = DTYPE_BYTES[act] / cfg.head_size if kv_dtype in QUANT_FORMATS else 0.0
+    return DTYPE_BYTES[kv_dtype] + scale
 
 
 def layer_params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, within: str = "") -> float:
@@ -105,7 +127,7 @@ def kv_bytes_per_sequence(cfg: ModelConfig, context: int, kv_bytes: float, page_
 
 
 def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step, weight_bytes: float,
-              act_bytes: float) -> dict:
+              kv_bytes: float) -> dict:
     """What one device does in one step, as jaxpar runs it: `layer_runs` executions of a layer (L/P per
     pipeline tick, M+P-1 ticks), each with `layer_flops` and `layer_bytes` of HBM traffic (its weights, and
     the KV cache it reads or writes) averaged over the model's layer kinds, plus the LM head once. MoE layers
@@ -121,7 +143,7 @@ def step_work(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int, step: Step
     flops = io = 0.0
     kinds = layer_kinds(cfg)
     for kind in kinds:
-        attn_flops, kv_io = _attention_work(cfg, mesh_cfg, ax, step, rows, tokens, heads, kv, act_bytes,
+        attn_flops, kv_io = _attention_work(cfg, mesh_cfg, ax, step, rows, tokens, heads, kv, kv_bytes,
                                             cfg.sliding_window if kind.sliding else None)
         flops += 2 * attn_w * tokens + attn_flops + _ffn_flops(cfg, mesh_cfg, ax, tokens, kind.moe)
         io += kv_io
@@ -151,7 +173,7 @@ def _ffn_flops(cfg: ModelConfig, mesh_cfg: MeshConfig, ax: Axes, tokens: int, mo
     return out
 
 
-def _attention_work(cfg, mesh_cfg, ax, step: Step, rows, tokens, heads, kv, act_bytes, window) -> tuple:
+def _attention_work(cfg, mesh_cfg, ax, step: Step, rows, tokens, heads, kv, kv_bytes, window) -> tuple:
     """(attention FLOPs, KV cache bytes read or written) of one layer execution."""
     hd = cfg.head_size
     n_cache = Axes(mesh_cfg).size("cache_seq")
@@ -159,14 +181,14 @@ def _attention_work(cfg, mesh_cfg, ax, step: Step, rows, tokens, heads, kv, act_
     if step.decode:  # every cached slot is read, or those of the window (a device's share of them; the planner's
         # rows all have one length: a call reads from the window of its shortest row)
         ctx = cache_loc if window is None else min(cache_loc, -(-window // n_cache))
-        kv_io = rows * ctx * kv * hd * cfg.cache_tensors * act_bytes
+        kv_io = rows * ctx * kv * hd * cfg.cache_tensors * kv_bytes
     else:  # causal: on average half the prompt (zigzag keeps devices balanced); blockwise prefill (no seq axis)
         # skips the key blocks before a window, ring and Ulysses compute them masked
         from jaxpar.parallel.attention import block_size
         ctx = step.tokens / 2
         if window is not None and ax.size("seq") == 1 and block_size(step.tokens):
             ctx = min(ctx, window)
-        kv_io = rows * (step.tokens // ax.size("seq")) * kv * hd * cfg.cache_tensors * act_bytes
+        kv_io = rows * (step.tokens // ax.size("seq")) * kv * hd * cfg.cache_tensors * kv_bytes
     return 4 * tokens * ctx * heads * hd, kv_io
 
 

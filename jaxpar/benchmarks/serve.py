@@ -299,8 +299,8 @@ def _in_process(args, work: list, result: dict) -> None:
     cli.start(args)
     import jaxpar
     opts = dict(serve.serving_options(args), max_queue=max(len(work), 4096))  # every request queued at once
-    eng = jaxpar.load(mesh=args.mesh, model=args.model, checkpoint=args.checkpoint, hf=args.hf, dtype=args.dtype,
-                      **opts)
+    eng = jaxpar.load(mesh=args.mesh, model=args.model, checkpoint=args.checkpoint, hf=args.hf,
+                      **cli.storage(args), **opts)
     eng.warmup()
     ids = [(p if isinstance(p, list) else eng.tokenizer.encode(p), o) for p, o in work]
     if args.vs_engine:

@@ -16,7 +16,7 @@ from jaxpar.config import ModelConfig, config_from_dict
 from jaxpar.errors import CheckpointError, ConfigError
 from jaxpar.layout.rules import Layout
 from jaxpar.engine import params as P
-from jaxpar.engine.quantize import LeafQuantizer
+from jaxpar.engine.quantize import LeafQuantizer, check_blocks
 from jaxpar.model.groups import CANONICAL, Form
 
 
@@ -62,6 +62,7 @@ def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1
     if not have_names:
         raise CheckpointError(f"{directory}: checkpoint holds no parameters (empty or unfinished params/)")
     stacked = CANONICAL if form.split else form
+    check_blocks(cfg, layout, kv_repeat, stacked, directory)
     # a float checkpoint loaded quantized: each parameter is quantized as it is read (engine/quantize.py)
     own = read_config(directory)
     source = cfg.replace(quantize=own.quantize, quant_block=own.quant_block)

@@ -68,7 +68,8 @@ def paged_attention_report(cfg, lay, kv_repeat: int) -> str:
     kv = 1 if cfg.mla else cache_kv_heads(cfg, kv_repeat, lay) // lay.size("kv_heads")
 
     def label(spec):
-        name, why = decode_kernel(lay, spec, cfg.attention_sinks, heads, kv, cfg.head_size, cfg.dtype)
+        name, why = decode_kernel(lay, spec, cfg.attention_sinks, heads, kv, cfg.head_size, cfg.dtype,
+                                  cfg.kv_dtype is not None)
         return name + (f" (not {decode_kernels.KERNELS[lay.platform]}: {why})" if why else "")
     return _per_layer_kind(cfg, label)
 
@@ -88,6 +89,7 @@ def lower_for(platform: str, mesh_cfg, cfg, batch: int = 1, prompt_len: int = 16
     progs = st.programs
     dec = lay.for_decode()
     out = {"platform": platform, "devices": lay.mesh.size, "mesh": dict(ml.mesh_cfg.axes), "dtype": cfg.dtype,
+           "weights": cfg.quantize or cfg.dtype, "kv_cache": cfg.kv_dtype or cfg.dtype,
            "layers": "scanned" + (f", {lay.size('layers')} pipeline stages" if lay.size("layers") > 1 else ""),
            "batch": st.batch, "prompt_len": st.prompt_len, "cache_len": st.cache_len, "programs": {}}
     for name, prog, args, attention in (

@@ -11,6 +11,7 @@ import jax
 
 from jaxpar.config import ModelConfig
 from jaxpar.engine import params as P
+from jaxpar.errors import CheckpointError
 from jaxpar.layout.rules import Layout
 from jaxpar.model import quant
 from jaxpar.model.groups import CANONICAL, Form
@@ -64,3 +65,20 @@ class LeafQuantizer:
         values, scale = _quantize(a, self.fmt, self.scales[name], self.shardings[name],
                                   self.shardings[name + "_scale"])
         return {name: values, name + "_scale": scale}
+
+
+def check_blocks(cfg: ModelConfig, layout: Layout, kv_repeat: int, form: Form, source: str) -> None:
+    """Block scales split with their weights only in whole blocks: a layout that would cut a block between
+    devices is refused, naming the weight (vLLM refuses the same)."""
+    if cfg.quant_block is None:
+        return
+    names = P.flatten(P.logical_names(cfg, kv_repeat, form))
+    shapes = P.flatten(P.shapes(cfg, kv_repeat, form))
+    for path, sshape in scale_shapes(cfg, kv_repeat, form).items():
+        for s, n, name in zip(sshape, shapes[path].shape, names[path + "_scale"]):
+            split = layout.size(name) if name else 1
+            if 1 < s < n and s % split:
+                mesh = " x ".join(f"{a}={layout.axis_size(a)}" for a in layout.axes(name))
+                raise CheckpointError(f"{source}: {path}: its scales hold {s} blocks of {cfg.quant_block} inputs "
+                                      f"along its {name} axis (length {n}), which {mesh} cannot split into whole "
+                                      f"blocks; choose a layout that splits {name} into a divisor of {s}")

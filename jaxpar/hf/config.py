@@ -181,6 +181,28 @@ def _deepseek(raw: dict, path: str) -> dict:
     return out
 
 
+def _fp8(quant, kind: str, path: str) -> dict:
+    """quantization_config -> the config's quantize and quant_block: FP8 checkpoints (quant_method fp8, e4m3
+    weights with a float32 `weight_scale_inv` per square block of weight_block_size) load as they are;
+    gpt-oss's MXFP4 experts are dequantized while loading (hf/mxfp4.py); anything else is refused."""
+    if quant is None:
+        return {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    if kind == "gpt_oss" and method == "mxfp4":
+        return {}
+    if method != "fp8":
+        raise ConfigError(f"{path}: quantization_config {method!r}: quantized checkpoints are not supported (FP8 "
+                          f"block-scaled ones are, and gpt-oss's MXFP4 experts, dequantized while loading)")
+    block = quant.get("weight_block_size")
+    if quant.get("fmt", "e4m3") != "e4m3" or quant.get("activation_scheme", "dynamic") != "dynamic" or not (
+            isinstance(block, list) and len(block) == 2 and block[0] == block[1] and isinstance(block[0], int)
+            and block[0] > 0):
+        raise ConfigError(f"{path}: quantization_config: FP8 checkpoints load with fmt e4m3, activation_scheme "
+                          f"dynamic and a square weight_block_size [B, B]; got fmt={quant.get('fmt')!r}, "
+                          f"activation_scheme={quant.get('activation_scheme')!r}, weight_block_size={block!r}")
+    return {"quantize": "fp8", "quant_block": block[0]}
+
+
 def read_hf_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, "config.json")
     if os.path.isfile(directory):
@@ -206,11 +228,7 @@ def read_hf_config(directory: str) -> ModelConfig:
             raise ConfigError(f"{path}: {dup}={raw[dup]} disagrees with {field}={raw[field]}")
         if raw.get(dup) is not None and raw.get(field) is None:
             raw = {**raw, field: raw[dup]}
-    quant = raw.get("quantization_config")
-    if quant is not None and not (kind == "gpt_oss" and isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"):
-        method = quant.get("quant_method") if isinstance(quant, dict) else quant
-        raise ConfigError(f"{path}: quantization_config {method!r}: quantized checkpoints are not supported (only "
-                          f"gpt-oss's MXFP4 experts, dequantized while loading)")
+    fp8 = _fp8(raw.get("quantization_config"), kind, path)
     from jaxpar.config import FIELDS, ALIASES
     unknown = sorted(k for k in raw if k not in FIELDS and k not in ALIASES and k not in READ and k not in IGNORED
                      and k not in REFUSED)
@@ -263,6 +281,7 @@ def read_hf_config(directory: str) -> ModelConfig:
     for name in ("head_dim", "num_key_value_heads"):
         if kw.get(name) is None:
             kw.pop(name, None)
+    kw.update(fp8)
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     kw["dtype"] = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
     return config_from_dict(kw, path)

@@ -11,12 +11,13 @@ import os
 import sys
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from jaxpar.config import ModelConfig
 from jaxpar.errors import CheckpointError
 from jaxpar.engine import params as P
-from jaxpar.engine.quantize import LeafQuantizer, float_config
+from jaxpar.engine.quantize import LeafQuantizer, check_blocks, float_config
 from jaxpar.hf.mxfp4 import MXFP4, HeadRows, Strided
 from jaxpar.hf.safetensors import WeightFiles
 from jaxpar.model.groups import CANONICAL, Form, layer_groups, moe_layers
@@ -44,9 +45,9 @@ def _mla(cfg: ModelConfig, interleaved: bool) -> dict:
     p = {"attn.wkv_a": (attn + "kv_a_proj_with_mqa.weight", (lat + rope, d), lambda t: HeadRows(t, 1, kv_order), 1),
          "attn.kv_norm.weight": (attn + "kv_a_layernorm.weight", (lat,), lambda t: t, None),
          "attn.w_uk": (attn + "kv_b_proj.weight", (h * (nope + vd), lat),
-                       lambda t: t.reshape(h, nope + vd, lat)[:, :nope, :], None),
+                       lambda t: t.reshape(h, nope + vd, -1)[:, :nope, :], None),  # -1: lat (or its blocks)
          "attn.w_uv": (attn + "kv_b_proj.weight", (h * (nope + vd), lat),
-                       lambda t: t.reshape(h, nope + vd, lat)[:, nope:, :].transpose(0, 2, 1), None),
+                       lambda t: t.reshape(h, nope + vd, -1)[:, nope:, :].transpose(0, 2, 1), None),
          "attn.wo": (attn + "o_proj.weight", (d, h * vd), lambda t: t.reshape(d, h, vd).transpose(1, 2, 0), None)}
     if cfg.q_lora_rank is None:
         p["attn.wq"] = (attn + "q_proj.weight", (h * (nope + rope), d), lambda t: HeadRows(t, h, q_order), None)
@@ -270,18 +271,58 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int, form: Form = 
     (model/groups.Form: split, or padded for pipeline stages): read straight into the form the programs run."""
     files = WeightFiles(directory)
     check(files, cfg, directory)
+    check_blocks(cfg, layout, kv_repeat, form, directory)
     source = float_config(cfg)  # read in float, each weight quantized on the devices as soon as it is read
     shardings = P.flatten(P.shardings(source, layout, kv_repeat, form=form))
     shapes = P.flatten(P.shapes(source, kv_repeat, form))
     quantizer = LeafQuantizer(cfg, layout, kv_repeat, form)
     todo = plan(cfg, expert_style(files, cfg), rope_interleaved(directory, cfg), form)
+    stored = P.flatten(P.shapes(cfg, kv_repeat, form))
+    stored_sh = P.flatten(P.shardings(cfg, layout, kv_repeat, form=form)) if cfg.quant_block else {}
     progress = Progress(len(todo))
     out: dict = {}
     for path, (template, _, view, kv_axis, layers) in todo.items():
-        views = [None if n is None else Experts([view(_array(files, x)) for x in n]) if isinstance(n, list)
-                 else view(_array(files, n)) for n in _names(template, layers, cfg.num_local_experts)]
-        read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, np.dtype(shapes[path].dtype),
-                             shapes[path].shape)
-        out.update(quantizer(path, jax.make_array_from_callback(shapes[path].shape, shardings[path], read)))
+        names = _names(template, layers, cfg.num_local_experts)
+
+        def make(array, view, struct, sharding):
+            views = [None if n is None else Experts([view(array(x)) for x in n]) if isinstance(n, list)
+                     else view(array(n)) for n in names]
+            read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, np.dtype(struct.dtype), struct.shape)
+            return jax.make_array_from_callback(struct.shape, sharding, read)
+        if path + "_scale" in stored and _is_fp8(files, names):  # an FP8 checkpoint's weight: read as it is
+            scale = stored[path + "_scale"]
+            out[path] = make(lambda n: _array(files, n), view, stored[path], stored_sh[path])
+            out[path + "_scale"] = make(lambda n: _block_scales(files, n, cfg.quant_block, directory),
+                                        _scale_view(path, view, scale.shape[-3:-1]), scale,
+                                        stored_sh[path + "_scale"])
+        else:
+            out.update(quantizer(path, make(lambda n: _array(files, n), view, shapes[path], shardings[path])))
         progress.step()
     return P.unflatten(out)
+
+
+def _is_fp8(files: WeightFiles, names) -> bool:
+    return any(files.array(n).dtype == ml_dtypes.float8_e4m3fn for n in _flat(names))
+
+
+def _block_scales(files: WeightFiles, name: str, block: int, source: str) -> np.ndarray:
+    """An FP8 weight's `weight_scale_inv` [ceil(out / B), in / B] with each row repeated for the B outputs it
+    covers: [out, in / B], which the weight's own view turns into jaxpar's layout of the scale (a scale per
+    output channel and input block: model/quant.py)."""
+    out_dim, in_dim = files.shape(name)
+    want = (-(-out_dim // block), in_dim // block)
+    if name + "_scale_inv" not in files:
+        raise CheckpointError(f"{source}: FP8 weight {name} has no {name}_scale_inv")
+    if in_dim % block or tuple(files.shape(name + "_scale_inv")) != want:
+        raise CheckpointError(f"{source}: {name}_scale_inv has shape {list(files.shape(name + '_scale_inv'))}; "
+                              f"a [{out_dim}, {in_dim}] weight in blocks of {block} needs {list(want)} (and an "
+                              f"input dimension that is a multiple of {block})")
+    return np.repeat(np.asarray(files.array(name + "_scale_inv"), np.float32), block, axis=0)[:out_dim]
+
+
+def _scale_view(path: str, view, blocks: tuple):
+    """The view of a weight's block scales: the weight's own, except for the output projection, whose view
+    splits the input dimension into heads (`blocks`: the scale's shape on those two axes)."""
+    if path.endswith("attn.wo"):
+        return lambda t: t.reshape((t.shape[0],) + tuple(blocks)).transpose(1, 2, 0)
+    return view

@@ -55,12 +55,14 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.kv_repeat = kv_repeat
         self.layer_groups = layer_groups(cfg, form)
-        weight(self, "embed", rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, reduced=(1,))
+        # an FP8 checkpoint (block scales) ships its embedding and LM head unquantized: they stay as shipped
+        tables = cfg if cfg.quant_block is None else cfg.replace(quantize=None, quant_block=None)
+        weight(self, "embed", rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), tables, reduced=(1,))
         for g, group in enumerate(self.layer_groups):
             setattr(self, f"group{g}", GroupLayers(cfg, group, cfg.kv_heads * kv_repeat, rngs))
         self.norm = norm(cfg, cfg.hidden_size, ("embed",), rngs)
         if not cfg.tie_word_embeddings:
-            weight(self, "lm_head", rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+            weight(self, "lm_head", rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), tables)
 
     def __call__(self, tokens, positions, valid=None, cache=None, pages=None, paged=False, router_aux=False):
         """tokens, positions [B, S] -> (hidden [B, S, embed] before the final norm, the cache, statistics).
