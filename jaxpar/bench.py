@@ -9,7 +9,7 @@ SHIPPED = ["single", "dp8", "tp2", "tp4", "tp8", "dp2_tp4", "sp4", "sp8", "sp4_u
            "pp2_tp4", "ep8", "dp2_ep4", "tp2_ep4"]  # expert meshes run tiny-add-moe (their default model)
 SUBCOMMANDS = {"seq": "sequence", "moe": "experts", "pp": "pipeline", "collectives": "collectives",
                "attention": "attention", "continuous": "continuous",
-               "serve": "serve", "accelerator": "accelerator"}
+               "serve": "serve", "accelerator": "accelerator", "quant": "quant"}
 
 
 def _device_summary() -> str:
@@ -36,7 +36,8 @@ def main(argv=None):
                    "throughput, latency against the admission interval, chunked prefill), `bench serve` (an "
                    "OpenAI-compatible server under Poisson arrivals: latency percentiles, throughput, goodput), "
                    "`bench accelerator` (the device check for a real GPU or TPU: decode bandwidth and prefill FLOP "
-                   "utilisation, the shipped meshes, serving); "
+                   "utilisation, the shipped meshes, serving), `bench quant` (int8 and fp8 weights and KV cache "
+                   "against float: products, decode speed, bytes and tokens per mesh, accuracy, real shapes); "
                    "`bench --vs-transformers` "
                    "(decode and prefill speed against Hugging Face transformers on this CPU).")
     p.add_argument("--mesh", nargs="+", default=SHIPPED, help="mesh files or shipped names (default: all shipped)")

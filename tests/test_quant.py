@@ -227,3 +227,27 @@ def test_fp8_block_checkpoint_gives_its_float_twins_logits(name, tmp_path):
     # a split that would cut a block between devices is refused by name (inputs of 64 = 2 blocks of 32)
     with pytest.raises(jaxpar.JaxparError, match="2 blocks of 32 inputs along its (heads|mlp) axis.*tensor=4"):
         jaxpar.load(mesh=mesh_path("tp4"), hf=str(tmp_path / name))
+
+
+def test_hugging_face_weights_quantize_as_they_stream_and_convert_keeps_them(tmp_path, capsys):
+    """Float safetensors -> int8 on the devices one tensor at a time; `convert --quantize int8` writes those
+    8-bit weights and their scales, and `--checkpoint` loads them as they are on another mesh."""
+    from jaxpar.convert import main as convert_main
+    from jaxpar.engine.params import flatten
+    cfg_cls, model_cls, kw = FP8_MODELS["llama"]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
+    model.save_pretrained(str(tmp_path / "hf"))
+    toks = np.random.RandomState(1).randint(3, 128, (2, 10))
+    with torch.no_grad():
+        ref = model(torch.tensor(toks)).logits.numpy()
+    streamed = jaxpar.load(mesh=mesh_path("tp2"), hf=str(tmp_path / "hf"), quantize="int8")
+    assert flatten(streamed.params)["group0.block0.mlp.w_down"].dtype == jnp.int8
+    got = streamed.logits(toks)
+    assert 0 < np.abs(got - ref).max() < 0.02 * np.abs(ref).max()  # rounded, and close
+    convert_main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck"), "--quantize", "int8"])
+    capsys.readouterr()
+    assert yaml_config(tmp_path / "ck")["quantize"] == "int8"
+    stored = jaxpar.load(mesh=mesh_path("single"), checkpoint=str(tmp_path / "ck"), devices=jax.devices()[:1])
+    assert flatten(stored.params)["group0.block0.mlp.w_down"].dtype == jnp.int8
+    np.testing.assert_allclose(stored.logits(toks), got, atol=1e-5)
