@@ -116,7 +116,8 @@ def weight_bytes(cfg, mesh_cfg, kv_repeat, req: Request) -> float:
 def step_seconds(cfg, mesh_cfg, kv_repeat, step: C.Step, hw: Hardware, req: Request, comms) -> dict:
     wb = weight_bytes(cfg, mesh_cfg, kv_repeat, req)
     w = S.step_work(cfg, mesh_cfg, kv_repeat, step, wb, S.kv_value_bytes(cfg, req.kv_dtype, req.act_dtype))
-    peak = hw.peak(req.dtype if req.dtype != "int4" else "bf16")
+    # 8-bit and 4-bit weights are dequantized before the product (model/quant.py): the compute dtype's peak
+    peak = hw.peak(req.act_dtype if req.dtype in ("int8", "fp8", "int4") else req.dtype)
     layer = max(w["layer_flops"] / peak, w["layer_bytes"] / hw.hbm_bytes_per_s)
     head = max(w["head_flops"] / peak, w["head_bytes"] / hw.hbm_bytes_per_s)
     compute = w["layer_runs"] * layer + head
