@@ -180,14 +180,13 @@ def test_prefill_memory_per_device_falls_with_n(monkeypatch):
     """A 1024-token prefill: ring attention's per-device peak falls with N from dense attention's on one
     device; one device's blockwise attention (the default there) needs a fraction of dense's."""
     from jaxpar.analysis.hlo import report
-    from jaxpar.engine.steps import step_shapes
+    from jaxpar.engine.engine import compile_steps
     from jaxpar.parallel import attention
 
     def peak(name, axes):
-        """The prefill program compile_steps compiles for one 1024-token prompt (its decode loop is not needed)."""
+        """The prefill program of one 1024-token prompt (its decode loop is not needed)."""
         eng = jaxpar.load(mesh=parse_mesh({"axes": axes, "attention": "ring"}, name), model=LONG)
-        st = step_shapes(eng.config, eng.layout, eng.kv_repeat, eng.form, eng.serving, eng.eos_ids, 1, 1024, 16)
-        return report(st.programs.prefill_first.lower(*st.prefill(eng.run_params)).compile())["memory"]["peak_bytes"]
+        return report(compile_steps(eng, 1, 1024, 16, decode=False)["prefill"])["memory"]["peak_bytes"]
     blockwise = peak("single", {})
     with monkeypatch.context() as m:
         m.setattr(attention, "BLOCK_MIN", 10 ** 9)

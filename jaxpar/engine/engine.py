@@ -254,10 +254,11 @@ def summarise_expert_stats(per_step: list[dict]) -> dict:
             "dropped_total": int(dropped.sum())}
 
 
-def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
+def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int, decode: bool = True) -> dict:
     """Compile the programs a `generate` call of `batch` prompts of `prompt_len` tokens and max_new_tokens runs
-    (engine/steps.py): the first prompt chunk and the decode loop (one trip of its body per decode step).
-    Returns shapes, timings and the compiled executables (for jaxpar.inspect and benchmarks)."""
+    (engine/steps.py): the first prompt chunk and (unless `decode` is False) the decode loop (one trip of its
+    body per decode step). Returns shapes, timings and the compiled executables (for jaxpar.inspect and
+    benchmarks)."""
     from jaxpar.engine.steps import step_shapes
 
     ctx = engine.config.max_position_embeddings
@@ -272,7 +273,7 @@ def compile_steps(engine: Engine, batch: int, prompt_len: int, max_new_tokens: i
     t0 = time.perf_counter()
     out["prefill"] = st.programs.prefill_first.lower(*st.prefill(engine.run_params)).compile()
     t1 = time.perf_counter()
-    out["decode"] = st.programs.generate.lower(*st.decode(engine.run_params)).compile()
+    out["decode"] = st.programs.generate.lower(*st.decode(engine.run_params)).compile() if decode else None
     out["compile_s"] = {"prefill": t1 - t0, "decode": time.perf_counter() - t1}
     out["kv_cache_bytes_per_device"] = P.bytes_per_device(st.state.cache)
     return out
