@@ -67,7 +67,7 @@ def load(mesh="single", model=None, checkpoint=None, hf=None, dtype=None, seed: 
             raise JaxparError("give either --hf or --checkpoint, not both")
         return _load_hf(hf, mesh_cfg, model, dtype, devices, unroll, serving_cfg, storage)
     cfg, checkpoint = model_config(mesh_cfg, model, checkpoint)
-    cfg = with_dtype(cfg, dtype, **storage, source=checkpoint)
+    cfg = with_storage(cfg, dtype, **storage, source=checkpoint)
     ml = plan_layout(mesh_cfg, cfg, devices)
     if checkpoint is not None:
         params = ckpt.restore(checkpoint, cfg, ml.layout, ml.kv_repeat, run_form(ml.layout, unroll))
@@ -103,7 +103,7 @@ def model_config(mesh_cfg: MeshConfig, model=None, checkpoint: str | None = None
     return cfg, checkpoint
 
 
-def with_dtype(cfg: ModelConfig, dtype: str, quantize: str | None = None, kv_dtype: str | None = None,
+def with_storage(cfg: ModelConfig, dtype: str, quantize: str | None = None, kv_dtype: str | None = None,
                source: str | None = None) -> ModelConfig:
     """The config computing in `dtype` ("auto" keeps the dtype the checkpoint's config names), its weights
     quantized as `quantize` says (None: as the checkpoint stores them) and its KV cache in `kv_dtype`."""
@@ -160,7 +160,7 @@ def _load_hf(directory, mesh_cfg, model, dtype, devices, unroll=None, serving_cf
 
     if model is not None:
         raise JaxparError("give either --hf or --model, not both (the model config comes from config.json)")
-    cfg = with_dtype(read_hf_config(str(directory)), dtype, **(storage or {}), source=str(directory))
+    cfg = with_storage(read_hf_config(str(directory)), dtype, **(storage or {}), source=str(directory))
     ml = plan_layout(mesh_cfg, cfg, devices)
     tokenizer = load_tokenizer(str(directory), cfg)
     params = weights.load(str(directory), cfg, ml.layout, ml.kv_repeat, run_form(ml.layout, unroll))

@@ -48,7 +48,7 @@ def print_human(r: dict) -> None:
 
 def inspect_platform(args) -> dict:
     """`--platform`: the model's config only (no weights are read), in bfloat16 unless --dtype says otherwise."""
-    from jaxpar.api import model_config, with_dtype
+    from jaxpar.api import model_config, with_storage
     from jaxpar.engine.engine import check_sampling
     from jaxpar.engine.lowering import lower_for
     from jaxpar.errors import JaxparError
@@ -66,7 +66,7 @@ def inspect_platform(args) -> dict:
     if not 1 <= args.prompt_len <= cfg.max_position_embeddings or args.batch < 1:
         raise JaxparError(f"--prompt-len must be between 1 and the context window of {cfg.max_position_embeddings} "
                           f"and --batch >= 1, got {args.prompt_len} and {args.batch}")
-    cfg = with_dtype(cfg, args.dtype or "bfloat16", args.quantize, args.kv_dtype, args.checkpoint or args.hf)
+    cfg = with_storage(cfg, args.dtype or "bfloat16", args.quantize, args.kv_dtype, args.checkpoint or args.hf)
     return lower_for(args.platform, mesh_cfg, cfg, args.batch, args.prompt_len, args.max_new_tokens, args.devices)
 
 

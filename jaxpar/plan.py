@@ -198,8 +198,9 @@ def main(argv=None):
                                               "or the model's context window if smaller)")
     p.add_argument("--new-tokens", type=int, default=256, help="decode steps in one request, for the "
                                                                "recommendation's objective (default 256)")
-    p.add_argument("--dtype", default="bf16", help=f"weight dtype: {', '.join(DTYPES)} (default bf16); int8 and fp8 "
-                                                   f"count their float32 scales, as jaxpar.load(quantize=...) stores them")
+    p.add_argument("--dtype", default="bf16", help=f"weight dtype: {', '.join(DTYPES)} (default bf16); int8 and "
+                                                   f"fp8 count their float32 scales, as jaxpar.load(quantize=...) "
+                                                   f"stores them")
     p.add_argument("--kv-dtype", help="KV cache dtype (default bf16; float32 with float32 weights); int8 and fp8 "
                                       "count a scale per token and head; activations are float32 when the weights "
                                       "or cache are, else bf16")

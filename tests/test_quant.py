@@ -11,11 +11,28 @@ import torch
 import transformers
 
 import jaxpar
-from conftest import engine, mesh_path
+from conftest import mesh_path
 from jaxpar.config import shipped_config_names
 from jaxpar.model import quant
 
 PROMPTS = ["12+34=", "7+8=", "99+1=", "5+55=", "250+250="]
+_ENGINES: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_engines():
+    """This file's engines are its own (not conftest's session cache): they are freed when it ends."""
+    yield
+    _ENGINES.clear()
+    import gc
+    gc.collect()
+
+
+def engine(mesh: str, **kw):
+    key = (mesh, tuple(sorted(kw.items())))
+    if key not in _ENGINES:
+        _ENGINES[key] = jaxpar.load(mesh=mesh_path(mesh), **kw)
+    return _ENGINES[key]
 
 
 def tokens(eng, n=8):
@@ -84,12 +101,18 @@ def test_tiny_add_keeps_its_accuracy_with_int8_weights_and_cache():
     assert accuracy(eng, heldout_problems()) >= 0.995
 
 
-def test_chunking_a_prompt_never_changes_what_the_8_bit_cache_gives():
-    """Attention reads keys and values as the cache holds them on every path, so a prompt prefilled in one
-    piece or in chunks (its later chunks attending over the cached pages) gives the same tokens."""
-    whole = engine("single", quantize="int8", kv_dtype="int8")
-    chunked = engine("single", quantize="int8", kv_dtype="int8", prefill_chunk=4, max_num_batched_tokens=4)
-    assert tokens(chunked) == tokens(whole)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunking_a_prompt_never_changes_what_the_8_bit_cache_gives(dtype):
+    """Keys and values are quantized once, and attention reads them as the cache holds them on every path,
+    so a prompt prefilled in one piece or in chunks (its later chunks attending over the cached pages) gives
+    the same tokens, greedy or sampled, in bfloat16 as in float32."""
+    whole = engine("single", quantize="int8", kv_dtype="int8", dtype=dtype)
+    chunked = engine("single", quantize="int8", kv_dtype="int8", dtype=dtype, prefill_chunk=4,
+                     max_num_batched_tokens=4)
+    assert tokens(chunked, 4) == tokens(whole, 4)
+    prompts = [whole.tokenizer.encode(p) for p in PROMPTS]
+    sampled = [e.generate_tokens(prompts, max_new_tokens=4, temperature=1.0, seed=3) for e in (whole, chunked)]
+    assert sampled[0] == sampled[1]
 
 
 def test_quantized_checkpoint_loads_as_it_is_on_any_mesh(tmp_path):
@@ -215,15 +238,18 @@ def test_fp8_block_checkpoint_gives_its_float_twins_logits(name, tmp_path):
     toks = np.random.RandomState(0).randint(3, 128, (2, 12))
     with torch.no_grad():
         ref = twin(torch.tensor(toks)).logits.numpy()
-    for mesh in ("single", "tp2"):
-        eng = jaxpar.load(mesh=mesh_path(mesh), hf=str(tmp_path / name),
-                          devices=jax.devices()[:1] if mesh == "single" else None)
+    from jaxpar.layout.mesh_file import parse_mesh
+    meshes = ["single", "tp2", "sp4"] + (["ep4"] if name == "deepseek_v3" else ["pp2"])  # its 2 layers: 1 group
+    for mesh in meshes:  # block scales split with their weights over tensor, stage, seq and expert axes
+        where = parse_mesh({"axes": {"expert": 4}}, "ep4") if mesh == "ep4" else mesh_path(mesh)
+        eng = jaxpar.load(mesh=where, hf=str(tmp_path / name), devices={"single": jax.devices()[:1],
+                                                                         "ep4": jax.devices()[:4]}.get(mesh))
         assert eng.config.quantize == "fp8" and eng.config.quant_block == BLOCK
         from jaxpar.engine.params import flatten
         flat = flatten(eng.params)
         assert flat["embed"].dtype == eng.params["norm"]["weight"].dtype  # shipped in float: kept so
         assert any(v.dtype == jnp.float8_e4m3fn for v in flat.values())
-        np.testing.assert_allclose(eng.logits(toks), ref, atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(eng.logits(toks), ref, atol=2e-4, rtol=1e-4, err_msg=mesh)
     # a split that would cut a block between devices is refused by name (inputs of 64 = 2 blocks of 32)
     with pytest.raises(jaxpar.JaxparError, match="2 blocks of 32 inputs along its (heads|mlp) axis.*tensor=4"):
         jaxpar.load(mesh=mesh_path("tp4"), hf=str(tmp_path / name))

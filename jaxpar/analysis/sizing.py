@@ -10,6 +10,7 @@ from jaxpar.config import QUANT_FORMATS, ModelConfig
 from jaxpar.layout.mesh_file import MeshConfig
 from jaxpar.layout.plan import cache_kv_heads
 from jaxpar.model.groups import Form, context_layers, layer_kinds, ring_layers, ring_window, shared_window
+from jaxpar.model.quant import float_config
 
 DTYPE_BYTES = {"float32": 4, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 ALIASES = {"bfloat16": "bf16", "fp32": "float32", "f32": "float32"}
@@ -27,7 +28,7 @@ def _leaves(cfg: ModelConfig, kv_repeat: int, within: str = "", stages: int = 1,
 
 
 def param_count(cfg: ModelConfig) -> int:
-    leaves = _leaves(cfg, 1)
+    leaves = _leaves(float_config(cfg), 1)  # parameters, not their scales
     return sum(math.prod(s) for s, _ in leaves)
 
 
@@ -35,7 +36,7 @@ def params_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: int) ->
     """Parameters one device holds (the layout divides every split dimension evenly; a pipeline's padding
     slots count)."""
     ax = Axes(mesh_cfg)
-    leaves = _leaves(cfg, kv_repeat, stages=ax.size("layers"))
+    leaves = _leaves(float_config(cfg), kv_repeat, stages=ax.size("layers"))
     return sum(math.prod(s) // math.prod(ax.size(n) for n in names if n) for s, names in leaves)
 
 
@@ -47,7 +48,9 @@ def params_bytes_per_device(cfg: ModelConfig, mesh_cfg: MeshConfig, kv_repeat: i
     if dtype not in QUANT_FORMATS:
         return params_per_device(cfg, mesh_cfg, kv_repeat) * DTYPE_BYTES[dtype]
     ax = Axes(mesh_cfg)
-    stored = cfg.replace(quantize=dtype, quant_block=None, dtype=RUN[act])
+    # a checkpoint's own block-scaled format (an FP8 release) as it loads; otherwise scales per channel
+    block = cfg.quant_block if cfg.quantize == dtype else None
+    stored = cfg.replace(quantize=dtype, quant_block=block, dtype=RUN[act])
     return sum(math.prod(s) // math.prod(ax.size(n) for n in names if n) * size
                for s, names, size in _leaves(stored, kv_repeat, stages=ax.size("layers"), itemsize=True))
 

@@ -140,7 +140,8 @@ def markdown(r: dict) -> str:
             "|---|---|---|---|"]
     out += [f"| {x['format']} | {x['mesh']} | {x['model']} | {x['exact_match']:.3f} |" for x in r["accuracy"]]
     out += ["", "**Real shapes** (weights of one copy of the model; scales, embedding and LM head included):", "",
-            "| model | float32 | bf16 | int8 | fp8 | int8 / float32 | int8 KV / bf16 KV |", "|---|---|---|---|---|---|---|"]
+            "| model | float32 | bf16 | int8 | fp8 | int8 / float32 | int8 KV / bf16 KV |",
+            "|---|---|---|---|---|---|---|"]
     out += [f"| {x['model']} | {x['float32_bytes'] / 1e9:.2f} GB | {x['bf16_bytes'] / 1e9:.2f} GB | "
             f"{x['int8_bytes'] / 1e9:.2f} GB | {x['fp8_bytes'] / 1e9:.2f} GB | {x['int8_vs_float32']:.4f} | "
             f"{x['kv_int8_vs_bf16']:.4f} |" for x in r["shapes"]]

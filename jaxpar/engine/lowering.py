@@ -13,6 +13,7 @@ import collections
 import re
 
 from jaxpar.engine import params as P
+from jaxpar.engine.quantize import check_blocks
 from jaxpar.engine.steps import step_shapes
 from jaxpar.layout.plan import abstract_layout, cache_kv_heads
 from jaxpar.model.groups import Form, layer_kinds
@@ -83,6 +84,7 @@ def lower_for(platform: str, mesh_cfg, cfg, batch: int = 1, prompt_len: int = 16
     ml = abstract_layout(mesh_cfg, cfg, platform, devices)
     lay = ml.layout
     form = Form(stages=lay.size("layers"))
+    check_blocks(cfg, lay, ml.kv_repeat, form, "--platform")
     params = P.abstract_params(cfg, lay, ml.kv_repeat, form=form)
     st = step_shapes(cfg, lay, ml.kv_repeat, form, serving or ServingConfig(), cfg.eos_ids, batch, prompt_len,
                      max_new_tokens)

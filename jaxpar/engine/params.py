@@ -101,7 +101,8 @@ def canonical_kv(params: dict, cfg: ModelConfig, layout: Layout, kv_repeat: int)
 
 def init_params(cfg: ModelConfig, layout: Layout, kv_repeat: int = 1, seed: int = 0) -> dict:
     """Random parameters, created directly in their shards (canonical kv heads, then expanded)."""
-    from jaxpar.engine.quantize import float_config, quantize_flat
+    from jaxpar.engine.quantize import quantize_flat
+    from jaxpar.model.quant import float_config
 
     def make():  # a quantized model is drawn in float, then quantized (the same weights, rounded)
         with nnx.use_eager_sharding(False):

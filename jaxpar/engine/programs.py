@@ -92,8 +92,8 @@ class Programs:
         self.groups = layer_groups(cfg, form)
         lay, dec = layout, layout.for_decode()
         self.param_sh = P.shardings(cfg, lay, kv_repeat, form=form)
-        one = POOL_NAMES if cfg.kv_dtype is None else Quantized(POOL_NAMES, POOL_NAMES[:-1] + (None,))
-        pool_names = tuple((one,) * len(g.unit) for g in self.groups)
+        pool_axes = POOL_NAMES if cfg.kv_dtype is None else Quantized(POOL_NAMES, POOL_NAMES[:-1] + (None,))
+        pool_names = tuple((pool_axes,) * len(g.unit) for g in self.groups)
         self.state_sh = _names_to(lay, state_names(pool_names))
         self.batch_sh = _names_to(lay, batch_names())
         self.paged_batch_sh = _names_to(dec, batch_names())  # later chunks: the sequence is not split

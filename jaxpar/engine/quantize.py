@@ -17,11 +17,6 @@ from jaxpar.model import quant
 from jaxpar.model.groups import CANONICAL, Form
 
 
-def float_config(cfg: ModelConfig) -> ModelConfig:
-    """The same model with its weights unquantized (the form loaders read)."""
-    return cfg.replace(quantize=None, quant_block=None)
-
-
 def scale_shapes(cfg: ModelConfig, kv_repeat: int = 1, form: Form = CANONICAL) -> dict:
     """Flat parameter path of each quantized weight -> its scale's shape."""
     if cfg.quantize is None:
@@ -43,9 +38,9 @@ def quantize_flat(flat: dict, cfg: ModelConfig, kv_repeat: int = 1, form: Form =
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _quantize(a, fmt, shape_of_scale, values_sharding, scale_sharding):
-    q = quant.quantize(a, fmt, shape_of_scale)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _quantize(a, fmt, shape_of_scale, values_sharding, scale_sharding, stacked: bool):
+    q = (quant.quantize_layers if stacked else quant.quantize)(a, fmt, shape_of_scale)
     return (jax.lax.with_sharding_constraint(q.values, values_sharding),
             jax.lax.with_sharding_constraint(q.scale, scale_sharding))
 
@@ -58,12 +53,14 @@ class LeafQuantizer:
         self.fmt = cfg.quantize
         self.scales = scale_shapes(cfg, kv_repeat, form)
         self.shardings = P.flatten(P.shardings(cfg, layout, kv_repeat, replicate_kv, form)) if self.scales else {}
+        names = P.flatten(P.logical_names(cfg, kv_repeat, form)) if self.scales else {}
+        self.stacked = {k for k in self.scales if names[k][:1] == ("layers",)}  # quantized a layer at a time
 
     def __call__(self, name: str, a) -> dict:
         if name not in self.scales:
             return {name: a}
         values, scale = _quantize(a, self.fmt, self.scales[name], self.shardings[name],
-                                  self.shardings[name + "_scale"])
+                                  self.shardings[name + "_scale"], name in self.stacked)
         return {name: values, name + "_scale": scale}
 
 

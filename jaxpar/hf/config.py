@@ -181,7 +181,7 @@ def _deepseek(raw: dict, path: str) -> dict:
     return out
 
 
-def _fp8(quant, kind: str, path: str) -> dict:
+def _quantization(quant, kind: str, path: str) -> dict:
     """quantization_config -> the config's quantize and quant_block: FP8 checkpoints (quant_method fp8, e4m3
     weights with a float32 `weight_scale_inv` per square block of weight_block_size) load as they are;
     gpt-oss's MXFP4 experts are dequantized while loading (hf/mxfp4.py); anything else is refused."""
@@ -190,7 +190,7 @@ def _fp8(quant, kind: str, path: str) -> dict:
     method = quant.get("quant_method") if isinstance(quant, dict) else quant
     if kind == "gpt_oss" and method == "mxfp4":
         return {}
-    if method != "fp8":
+    if method != "fp8" or not isinstance(quant, dict):
         raise ConfigError(f"{path}: quantization_config {method!r}: quantized checkpoints are not supported (FP8 "
                           f"block-scaled ones are, and gpt-oss's MXFP4 experts, dequantized while loading)")
     block = quant.get("weight_block_size")
@@ -228,7 +228,7 @@ def read_hf_config(directory: str) -> ModelConfig:
             raise ConfigError(f"{path}: {dup}={raw[dup]} disagrees with {field}={raw[field]}")
         if raw.get(dup) is not None and raw.get(field) is None:
             raw = {**raw, field: raw[dup]}
-    fp8 = _fp8(raw.get("quantization_config"), kind, path)
+    quantized = _quantization(raw.get("quantization_config"), kind, path)
     from jaxpar.config import FIELDS, ALIASES
     unknown = sorted(k for k in raw if k not in FIELDS and k not in ALIASES and k not in READ and k not in IGNORED
                      and k not in REFUSED)
@@ -281,7 +281,7 @@ def read_hf_config(directory: str) -> ModelConfig:
     for name in ("head_dim", "num_key_value_heads"):
         if kw.get(name) is None:
             kw.pop(name, None)
-    kw.update(fp8)
+    kw.update(quantized)
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     kw["dtype"] = dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
     return config_from_dict(kw, path)

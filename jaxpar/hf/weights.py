@@ -17,7 +17,8 @@ import numpy as np
 from jaxpar.config import ModelConfig
 from jaxpar.errors import CheckpointError
 from jaxpar.engine import params as P
-from jaxpar.engine.quantize import LeafQuantizer, check_blocks, float_config
+from jaxpar.engine.quantize import LeafQuantizer, check_blocks
+from jaxpar.model.quant import float_config
 from jaxpar.hf.mxfp4 import MXFP4, HeadRows, Strided
 from jaxpar.hf.safetensors import WeightFiles
 from jaxpar.model.groups import CANONICAL, Form, layer_groups, moe_layers
@@ -295,6 +296,9 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int, form: Form = 
             out[path + "_scale"] = make(lambda n: _block_scales(files, n, cfg.quant_block, directory),
                                         _scale_view(path, view, scale.shape[-3:-1]), scale,
                                         stored_sh[path + "_scale"])
+        elif _is_fp8(files, names):
+            raise CheckpointError(f"{directory}: {_flat(names)[0]} is float8 but jaxpar reads {path} unquantized "
+                                  f"(config.json names no FP8 quantization_config for it); its scales would be lost")
         else:
             out.update(quantizer(path, make(lambda n: _array(files, n), view, shapes[path], shardings[path])))
         progress.step()
@@ -309,6 +313,9 @@ def _block_scales(files: WeightFiles, name: str, block: int, source: str) -> np.
     """An FP8 weight's `weight_scale_inv` [ceil(out / B), in / B] with each row repeated for the B outputs it
     covers: [out, in / B], which the weight's own view turns into jaxpar's layout of the scale (a scale per
     output channel and input block: model/quant.py)."""
+    if len(files.shape(name)) != 2:
+        raise CheckpointError(f"{source}: FP8 weight {name} has shape {list(files.shape(name))}; jaxpar reads FP8 "
+                              f"weights as [out, in] matrices with block scales (one tensor per expert)")
     out_dim, in_dim = files.shape(name)
     want = (-(-out_dim // block), in_dim // block)
     if name + "_scale_inv" not in files:

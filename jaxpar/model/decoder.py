@@ -56,7 +56,7 @@ class Decoder(nnx.Module):
         self.kv_repeat = kv_repeat
         self.layer_groups = layer_groups(cfg, form)
         # an FP8 checkpoint (block scales) ships its embedding and LM head unquantized: they stay as shipped
-        tables = cfg if cfg.quant_block is None else cfg.replace(quantize=None, quant_block=None)
+        tables = cfg if cfg.quant_block is None else quant.float_config(cfg)
         weight(self, "embed", rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), tables, reduced=(1,))
         for g, group in enumerate(self.layer_groups):
             setattr(self, f"group{g}", GroupLayers(cfg, group, cfg.kv_heads * kv_repeat, rngs))

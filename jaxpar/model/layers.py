@@ -135,18 +135,20 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        if self.kv_dtype:  # every attention path sees the keys and values as the 8-bit cache holds them
-            k, v = quant.roundtrip(k, self.kv_dtype), quant.roundtrip(v, self.kv_dtype)
+        kc, vc = k, v  # what the cache is given
+        if self.kv_dtype:  # quantized once: every attention path sees what the 8-bit cache will return
+            kc, vc = quant.quantize_vectors(k, self.kv_dtype), quant.quantize_vectors(v, self.kv_dtype)
+            k, v = kc.dequantize(k.dtype), vc.dequantize(v.dtype)
         pages = rows.pages
         table = None if pages is None else pages.get(self.table, pages["table"])
         sinks = self.sinks[...] if self.has_sinks else None
         if rows.paged:
-            out, cache = paged_attention(q, k, v, cache, table, rows.positions, rows.valid, self.spec,
+            out, cache = paged_attention(q, kc, vc, cache, table, rows.positions, rows.valid, self.spec,
                                          sinks)
         else:
             out = prefill_attention(q, k, v, rows.positions, self.spec, sinks)
             if cache is not None:
-                cache = write_pages(cache, k, v, table, pages["positions"], pages["valid"])
+                cache = write_pages(cache, kc, vc, table, pages["positions"], pages["valid"])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         y = row_parallel("bshk,hkd->bsd", out, quant.get(self, "wo"), ("batch", "seq", "heads", "head_dim"),
                          ("heads", "head_dim", "embed"))

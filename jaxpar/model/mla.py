@@ -62,22 +62,25 @@ class LatentAttention(nnx.Module):
             q = quant.einsum("bsr,rhk->bshk", q_a, quant.get(self, "wq_b"))
         else:
             q = quant.einsum("bsd,dhk->bshk", x, quant.get(self, "wq"))
-        q_lat = quant.einsum("bshn,hnc->bshc", q[..., :self.nope], quant.get(self, "w_uk"))  # W_uk absorbed into the query
+        # W_uk absorbed into the query
+        q_lat = quant.einsum("bshn,hnc->bshc", q[..., :self.nope], quant.get(self, "w_uk"))
         q = jnp.concatenate([q_lat, apply_rope(q[..., self.nope:], cos, sin)], axis=-1)
         kv = quant.einsum("bsd,dhk->bshk", x, quant.get(self, "wkv_a"))
         k = jnp.concatenate([self.kv_norm(kv[..., :self.lat]), apply_rope(kv[..., self.lat:], cos, sin)], axis=-1)
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
-        if self.kv_dtype:  # attention sees the latent as the 8-bit cache holds it
-            k = quant.roundtrip(k, self.kv_dtype)
+        kc = k  # what the cache is given
+        if self.kv_dtype:  # quantized once: attention sees the latent as the 8-bit cache will return it
+            kc = quant.quantize_vectors(k, self.kv_dtype)
+            k = kc.dequantize(k.dtype)
         pages = rows.pages
         table = None if pages is None else pages.get(self.table, pages["table"])
         if rows.paged:
-            out, cache = paged_attention(q, k, None, cache, table, rows.positions, rows.valid, self.spec)
+            out, cache = paged_attention(q, kc, None, cache, table, rows.positions, rows.valid, self.spec)
         else:
             out = prefill_attention(q, k, k, rows.positions, self.spec)
             if cache is not None:
-                cache = write_pages(cache, k, None, table, pages["positions"], pages["valid"])
+                cache = write_pages(cache, kc, None, table, pages["positions"], pages["valid"])
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         # W_uv absorbed into the output
         o = quant.einsum("bshc,hcv->bshv", out[..., :self.lat], quant.get(self, "w_uv"))

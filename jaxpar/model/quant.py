@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpar.errors import ConfigError
+
 _TYPES = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, 448.0)}
 SCALE_DTYPE = jnp.float32
 
@@ -81,10 +83,17 @@ def quantize(w, fmt: str, shape_of_scale: tuple, scale_dtype=SCALE_DTYPE) -> Qua
     for s, n in zip(shape_of_scale, w.shape):
         split += [s, n // s]
     amax = jnp.max(jnp.abs(w32.reshape(split)), axis=tuple(range(1, 2 * w.ndim, 2)))
-    scale = jnp.where(amax > 0, amax / top, 1.0).astype(scale_dtype)
+    scale = (amax / top).astype(scale_dtype)
+    scale = jnp.where(scale > 0, scale, jnp.ones((), scale_dtype))  # all zeros (or below the scale's range)
     q = w32 / expand(scale, w.shape).astype(jnp.float32)
     q = jnp.clip(jnp.round(q), -top, top) if fmt == "int8" else jnp.clip(q, -top, top)
     return Quantized(q.astype(dtype), scale)
+
+
+def quantize_layers(w, fmt: str, shape_of_scale: tuple) -> Quantized:
+    """quantize() of a parameter stacked on a leading layers axis, one layer at a time (the float32 working
+    copy is one layer's, not the whole stack's)."""
+    return jax.lax.map(lambda layer: quantize(layer, fmt, shape_of_scale[1:]), w)
 
 
 def quantize_vectors(x, fmt: str) -> Quantized:
@@ -93,17 +102,25 @@ def quantize_vectors(x, fmt: str) -> Quantized:
     return quantize(x, fmt, x.shape[:-1] + (1,), x.dtype)
 
 
-def roundtrip(x, fmt: str):
-    """x as the KV cache gives it back: attention reads the same keys and values whatever the path, so how a
-    prompt is chunked or batched never changes a result."""
-    return quantize_vectors(x, fmt).dequantize(x.dtype)
+def dense(w, dtype):
+    """A plain array as it is; a quantized one dequantized to dtype."""
+    return w.dequantize(dtype) if isinstance(w, Quantized) else w
+
+
+def format_of(dtype) -> str:
+    """The format name ("int8", "fp8") of a storage dtype."""
+    return next(f for f, (d, _) in _TYPES.items() if jnp.dtype(d) == jnp.dtype(dtype))
+
+
+def float_config(cfg):
+    """The same model with its weights unquantized (the form loaders read, and the embedding and LM head of a
+    block-scaled model)."""
+    return cfg.replace(quantize=None, quant_block=None)
 
 
 def einsum(eq: str, x, w, **kw):
     """jnp.einsum(eq, x, w) for a plain or quantized weight (dequantized to x's dtype first)."""
-    if isinstance(w, Quantized):
-        w = w.dequantize(x.dtype)
-    return jnp.einsum(eq, x, w, **kw)
+    return jnp.einsum(eq, x, dense(w, x.dtype), **kw)
 
 
 def take_rows(table, ids, dtype):
@@ -135,7 +152,10 @@ def weight(module: nnx.Module, name: str, rngs, shape: tuple, names: tuple, cfg,
         setattr(module, name, nnx.Param(init(rngs.params(), shape, cfg.dtype), out_sharding=names))
         return
     # only the shapes matter: parameters are made in float and quantized (engine/quantize.py)
-    sshape = scale_shape(shape, reduced, cfg.quant_block)
+    try:
+        sshape = scale_shape(shape, reduced, cfg.quant_block)
+    except ValueError as e:
+        raise ConfigError(f"weight {name} {list(shape)}: {e}") from None
     setattr(module, name, nnx.Param(jnp.zeros(shape, storage_dtype(cfg.quantize)), out_sharding=names))
     setattr(module, name + "_scale", nnx.Param(jnp.ones(sshape, SCALE_DTYPE),
                                                out_sharding=scale_names(names, shape, sshape)))

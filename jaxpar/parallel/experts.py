@@ -130,7 +130,8 @@ def expert_ffn(x, idx, weights, valid, w: dict, gate: Gate = SWIGLU):
     tok = lay.spec(("batch", "seq", "embed"))
     choice = lay.spec(("batch", "seq", None))
     out, stats = lay.shard_map(
-        body, in_specs=(tok, choice, choice, lay.spec(("batch", "seq")), {k: quant.spec(lay, w[k], NAMES[k]) for k in w}),
+        body, in_specs=(tok, choice, choice, lay.spec(("batch", "seq")),
+                        {k: quant.spec(lay, w[k], NAMES[k]) for k in w}),
         out_specs=(tok, lay.spec(())))(x, idx, weights, valid, w)
     return out, stats[:-1], stats[-1]
 

@@ -33,7 +33,6 @@ from jaxpar.model.quant import Quantized
 from jaxpar.parallel import decode_kernels
 
 POOL = ("pages", None, "kv_heads", "head_dim")
-_FORMAT = {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.float8_e4m3fn): "fp8"}  # an 8-bit pool's storage type
 Q = ("batch", "seq", "heads", "head_dim")
 KV = ("batch", "seq", "kv_heads", "head_dim")
 ROWS = ("batch", "seq")
@@ -61,24 +60,23 @@ def _write_local(pool, new, table, positions, valid, axis, n):
     idx = jnp.where(ok, idx, pool.shape[0])  # out of range: dropped
     b, s = positions.shape
     rows, slots = idx.reshape(b * s), (positions % page).reshape(b * s)
-    new = new.reshape((b * s,) + new.shape[2:])
-    if isinstance(pool, Quantized):  # an 8-bit cache: values and their scale per token and head
-        q = quant.quantize_vectors(new, _FORMAT[pool.values.dtype])
-        return Quantized(pool.values.at[rows, slots].set(q.values, mode="drop"),
-                         pool.scale.at[rows, slots].set(q.scale.astype(pool.scale.dtype), mode="drop"))
-    return pool.at[rows, slots].set(new.astype(pool.dtype), mode="drop")
+    # an 8-bit cache: the values and their scale per token and head, as the layer quantized them
+    return jax.tree.map(lambda p, x: p.at[rows, slots].set(x.reshape((b * s,) + x.shape[2:]).astype(p.dtype),
+                                                           mode="drop"), pool, new)
 
 
 def cache_entries(k, v, pool):
-    """New keys and values [b, s, KV, D] as `pool` holds them: [b, s, 2 * KV', D], interleaved by head, or
-    MLA's latent keys (v None) as they are. Under Ulysses the model's kv heads come repeated (consecutively)
-    for its all-to-all, and the pool keeps one copy of each (layout/plan.cache_kv_heads): KV' = KV / repeats."""
+    """New keys and values [b, s, KV, D] (an 8-bit cache's: Quantized, with their scales [b, s, KV, 1]) as
+    `pool` holds them: [b, s, 2 * KV', D], interleaved by head, or MLA's latent keys (v None) as they are.
+    Under Ulysses the model's kv heads come repeated (consecutively) for its all-to-all, and the pool keeps
+    one copy of each (layout/plan.cache_kv_heads): KV' = KV / repeats."""
     heads = pool.shape[2] // (1 if v is None else 2)
-    k = k[:, :, ::k.shape[2] // heads]
+    k = jax.tree.map(lambda a: a[:, :, ::a.shape[2] // heads], k)
     if v is None:
         return k
-    v = v[:, :, ::v.shape[2] // heads]
-    return jnp.stack([k, v], axis=3).reshape(k.shape[:2] + (2 * heads, k.shape[-1]))
+    v = jax.tree.map(lambda a: a[:, :, ::a.shape[2] // heads], v)
+    return jax.tree.map(lambda a, b: jnp.stack([a, b], axis=3).reshape(a.shape[:2] + (2 * heads, a.shape[-1])),
+                        k, v)
 
 
 def read_pages(pool, pages, latent: bool, dtype):
@@ -97,8 +95,9 @@ def read_pages(pool, pages, latent: bool, dtype):
 
 
 def _gather_seq(x, axis, n):
-    """A sequence-split [b, s/n, ...] block -> the whole sequence [b, s, ...] on every seq device."""
-    return jax.lax.all_gather(x, axis, axis=1, tiled=True) if n > 1 else x
+    """A sequence-split [b, s/n, ...] block (or a Quantized pair of them) -> the whole sequence [b, s, ...] on
+    every seq device."""
+    return jax.tree.map(lambda a: jax.lax.all_gather(a, axis, axis=1, tiled=True), x) if n > 1 else x
 
 
 def write_pages(pool, k, v, table, positions, valid):
@@ -115,9 +114,10 @@ def write_pages(pool, k, v, table, positions, valid):
                             axis, n)
     if lay is None or lay.mesh.size == 1:
         return body(pool, k, v, table, positions, valid)
-    kv, rows = lay.spec(KV), lay.spec(("batch", None))
+    rows = lay.spec(("batch", None))
     pool_spec = quant.spec(lay, pool, POOL)
-    return lay.shard_map(body, in_specs=(pool_spec, kv, None if v is None else kv, lay.spec(TABLE), rows, rows),
+    kv = None if v is None else quant.spec(lay, v, KV)
+    return lay.shard_map(body, in_specs=(pool_spec, quant.spec(lay, k, KV), kv, lay.spec(TABLE), rows, rows),
                          out_specs=pool_spec)(pool, k, v, table, positions, valid)
 
 
@@ -224,8 +224,9 @@ def paged_attention(q, k, v, pool, table, positions, valid, spec: AttentionSpec,
     args = (q, k, v, pool, table, positions, valid, sinks)
     if lay is None or lay.mesh.size == 1:
         return body(*args)
-    kv, rows = lay.spec(KV), lay.spec(ROWS)  # an absent v or sinks (None) takes the spec None
+    rows = lay.spec(ROWS)  # an absent v or sinks (None) takes the spec None
     pool_spec = quant.spec(lay, pool, POOL)
-    specs = (lay.spec(Q), kv, None if v is None else kv, pool_spec, lay.spec(TABLE), rows, rows,
+    specs = (lay.spec(Q), quant.spec(lay, k, KV), None if v is None else quant.spec(lay, v, KV), pool_spec,
+             lay.spec(TABLE), rows, rows,
              None if sinks is None else lay.spec(("heads",)))
     return lay.shard_map(body, in_specs=specs, out_specs=(lay.spec(Q), pool_spec), check_vma=not kernel)(*args)

@@ -91,7 +91,7 @@ def ragged_local(x, idx, weights, valid, w, *, axis, ep, tensor_axes, token_axes
     group_sizes = every[:, me].sum(axis=0)  # [E_l]
     xin = buf[perm]
     which = jnp.minimum(local[perm], e_local - 1)  # each grouped row's expert (for the biases)
-    w = {k: v.dequantize(x.dtype) if isinstance(v, quant.Quantized) else v for k, v in w.items()}
+    w = {k: quant.dense(v, x.dtype) for k, v in w.items()}  # ragged_dot takes plain weights
     g = jax.lax.ragged_dot(xin, w["w_gate"], group_sizes)
     u = jax.lax.ragged_dot(xin, w["w_up"], group_sizes)
     if "b_gate" in w:
