@@ -107,11 +107,6 @@ def dense(w, dtype):
     return w.dequantize(dtype) if isinstance(w, Quantized) else w
 
 
-def format_of(dtype) -> str:
-    """The format name ("int8", "fp8") of a storage dtype."""
-    return next(f for f, (d, _) in _TYPES.items() if jnp.dtype(d) == jnp.dtype(dtype))
-
-
 def float_config(cfg):
     """The same model with its weights unquantized (the form loaders read, and the embedding and LM head of a
     block-scaled model)."""
