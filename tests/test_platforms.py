@@ -80,7 +80,8 @@ def test_inspect_platform_reports_a_real_shape_without_its_devices(capsys):
     assert progs["decode"]["attention"] == "paged-gather" and progs["decode"]["custom_calls"] == {}
     inspect_cli.main(["--platform", "cuda", "--mesh", "tp2", "--dtype", "float32"])
     out = capsys.readouterr().out
-    assert out.startswith("lowered for cuda: mesh tensor=2 (2 devices), float32, layers scanned")
+    assert out.startswith("lowered for cuda: mesh tensor=2 (2 devices), float32 (weights float32, KV cache float32), "
+                          "layers scanned")
     wide = parse_mesh({"axes": {"data": -1, "tensor": 4}}, "dp_tp4")
     with pytest.raises(JaxparError, match=r"dp_tp4: axes: a -1 axis needs a device count to lower for tpu"):
         lower_for("tpu", wide, model_config(wide)[0])
