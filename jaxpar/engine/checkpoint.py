@@ -66,7 +66,8 @@ def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1
     # a float checkpoint loaded quantized: each parameter is quantized as it is read (engine/quantize.py)
     own = read_config(directory)
     source = cfg.replace(quantize=own.quantize, quant_block=own.quant_block)
-    quantizer = LeafQuantizer(cfg, layout, 1, stacked, replicate_kv=kv_repeat > 1)
+    quantizer = LeafQuantizer(cfg, layout, 1, stacked, replicate_kv=kv_repeat > 1) if (
+        source.quantize != cfg.quantize) else None
     target = P.flatten(P.abstract_params(source, layout, 1, replicate_kv=kv_repeat > 1, form=stacked))
     stored = P.flatten(P.shapes(source, 1))
     missing = sorted(set(target) - set(have_names))
@@ -97,7 +98,7 @@ def restore(directory: str, cfg: ModelConfig, layout: Layout, kv_repeat: int = 1
         except Exception as e:  # noqa: BLE001 - corrupt or truncated files surface as many exception types
             raise CheckpointError(f"{directory}: cannot read parameter {name}: "
                                   f"{str(e).splitlines()[0][:300]}") from None
-        pieces = quantizer(name, leaf) if source.quantize != cfg.quantize else {name: leaf}
+        pieces = quantizer(name, leaf) if quantizer else {name: leaf}
         del leaf
         for piece, leaf in pieces.items():
             flat.update(P.split_leaf(piece, leaf, cfg, layout) if form.split and kv_repeat == 1 else {piece: leaf})

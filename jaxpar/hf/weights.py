@@ -290,13 +290,14 @@ def load(directory: str, cfg: ModelConfig, layout, kv_repeat: int, form: Form = 
                      else view(array(n)) for n in names]
             read = _shard_reader(views, "{}" in template, kv_axis, kv_repeat, np.dtype(struct.dtype), struct.shape)
             return jax.make_array_from_callback(struct.shape, sharding, read)
-        if path + "_scale" in stored and _is_fp8(files, names):  # an FP8 checkpoint's weight: read as it is
+        fp8 = _is_fp8(files, names)
+        if fp8 and path + "_scale" in stored:  # an FP8 checkpoint's weight: read as it is
             scale = stored[path + "_scale"]
             out[path] = make(lambda n: _array(files, n), view, stored[path], stored_sh[path])
             out[path + "_scale"] = make(lambda n: _block_scales(files, n, cfg.quant_block, directory),
                                         _scale_view(path, view, scale.shape[-3:-1]), scale,
                                         stored_sh[path + "_scale"])
-        elif _is_fp8(files, names):
+        elif fp8:
             raise CheckpointError(f"{directory}: {_flat(names)[0]} is float8 but jaxpar reads {path} unquantized "
                                   f"(config.json names no FP8 quantization_config for it); its scales would be lost")
         else:

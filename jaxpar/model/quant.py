@@ -10,7 +10,7 @@ weight's per-output scale is whole on every device: partial sums over a split co
 
 Products dequantize first (`einsum`): values * scale in the compute dtype, then the plain product. On GPU and
 TPU XLA fuses that elementwise prologue into the matmul, so HBM reads only the 8-bit values (the choice qwix
-makes for weight-only quantization). On XLA:CPU neither order fuses: both run about 14x slower than
+makes for weight-only quantization). On XLA:CPU neither order fuses: both run 10-16x slower than
 float32 at batch 1 and equally so (BENCHMARKS.md, `bench quant`); float32 stays the CPU default."""
 from __future__ import annotations
 
